@@ -1,0 +1,17 @@
+"""CuPy backend (GPU): same in-place addmm as NumPy, cuBLAS underneath."""
+
+from ._inplace import addmm  # noqa: F401
+
+NAME = "cupy"
+
+
+def bfloat16(xp):
+    raise TypeError("cupy has no bfloat16 dtype; use compute_dtype='float32' (or float16) with cupy")
+
+
+def is_traced(x) -> bool:
+    return False
+
+
+def has_native_bf16(x) -> bool:
+    return False

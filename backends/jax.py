@@ -1,0 +1,45 @@
+"""JAX backend: single-rounding low-precision ``addmm``; tracing awareness."""
+
+import jax
+import jax.numpy as jnp
+
+NAME = "jax"
+
+_LOW = (jnp.bfloat16, jnp.float16)
+
+
+def addmm(C, A, B, *, beta: float, alpha: float):
+    # For bf16/f16, accumulate the product and the scaled sum in float32 and
+    # round once, as torch's addmm and a GPU GEMM epilogue do; rounding after
+    # each of matmul, scale and add costs ~4x the bf16 error (measured: the
+    # quintic band overshot by 0.023 instead of 0.004).  Under jit XLA fuses
+    # the scale-and-add into the dot, so float32 inputs pay nothing extra.
+    if A.dtype in _LOW:
+        out = jnp.matmul(A, B, preferred_element_type=jnp.float32)
+        if alpha != 1.0:
+            out = alpha * out
+        if beta != 0.0:
+            out = beta * C.astype(jnp.float32) + out
+        return out.astype(A.dtype)
+    out = jnp.matmul(A, B)
+    if alpha != 1.0:
+        out = alpha * out
+    if beta != 0.0:
+        out = beta * C + out
+    return out
+
+
+def bfloat16(xp):
+    return jnp.bfloat16
+
+
+def is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def has_native_bf16(x) -> bool:
+    try:
+        platforms = {d.platform for d in x.devices()}
+    except Exception:
+        return False
+    return bool(platforms - {"cpu"})

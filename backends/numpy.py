@@ -1,0 +1,27 @@
+"""NumPy backend: the float64 oracle and the CPU reference."""
+
+import numpy as np
+
+from ._inplace import addmm  # noqa: F401  (re-exported: part of the backend surface)
+
+NAME = "numpy"
+
+
+def bfloat16(xp):
+    # NumPy has no bfloat16; ml_dtypes (shipped with JAX) supplies one that is
+    # exact but slow (no BLAS), good enough as an emulation reference.
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(
+            "numpy has no bfloat16; install ml_dtypes, or use compute_dtype='float32'"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_traced(x) -> bool:
+    return False
+
+
+def has_native_bf16(x) -> bool:
+    return False

@@ -1,0 +1,55 @@
+"""PyTorch backend: fused BLAS ``addmm``/``baddbmm`` and bf16 capability."""
+
+import functools
+
+import torch
+
+NAME = "torch"
+
+
+def addmm(C, A, B, *, beta: float, alpha: float):
+    # addmm/baddbmm pass beta and alpha straight to GEMM, so the scaled sum
+    # costs no extra pass over memory (the reason this backend exists).
+    if A.ndim == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha)
+    batch = A.shape[:-2]
+    if A.ndim == 3:
+        return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    A3 = A.reshape(-1, *A.shape[-2:])
+    B3 = B.reshape(-1, *B.shape[-2:])
+    C3 = C.reshape(-1, *C.shape[-2:])
+    out = torch.baddbmm(C3, A3, B3, beta=beta, alpha=alpha)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+def bfloat16(xp):
+    return torch.bfloat16
+
+
+def is_traced(x) -> bool:
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_fast() -> bool:
+    # AMX / AVX512-BF16 give x86 CPUs native bf16 GEMM; without them torch
+    # emulates bf16 roughly 100x slower than float32 (measured on our CI CPUs).
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return False
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        pass
+    return "amx_bf16" in flags or "avx512_bf16" in flags or cap.startswith("AMX")
+
+
+def has_native_bf16(x) -> bool:
+    if x.device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if x.device.type == "cpu":
+        return _cpu_bf16_fast()
+    return True

@@ -1,0 +1,1 @@
+"""Pure optimizer math on array-API arrays.  No framework is imported here."""

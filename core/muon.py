@@ -1,0 +1,233 @@
+"""Muon: momentum, then Newton-Schulz orthogonalisation, then a shape-aware LR.
+
+Update rule for one matrix parameter ``W`` of shape ``(out, in, *spatial)``::
+
+    buf    = mu * buf + (1 - mu) * g            # form="ema"   (torch.optim, timm)
+    buf    = mu * buf + g                       # form="classic" (SGD momentum)
+    u      = g + mu * (buf - g)  if nesterov  (ema)   |  g + mu * buf (classic)
+    u      = buf                 otherwise
+    O      = orthogonalize(matrix(u))           # see to_matrix for N-D / conv
+    W      = W * (1 - lr * wd) - lr * lr_scale(out, in) * O
+
+Parameters are in torch layout ``(out, in, *spatial)``; adapters move other
+layouts (flax's ``(in, out)``) into it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from ._xp import namespace
+from .newton_schulz import orthogonalize
+
+__all__ = [
+    "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES",
+    "momentum_update", "lr_scale", "suitability", "matrix_shape", "to_matrix",
+    "from_matrix", "orthogonalized_updates", "muon_step",
+]
+
+MOMENTUM_FORMS = ("ema", "classic")
+ADJUST_LR_FNS = ("original", "match_rms_adamw", "rms_to_rms", "none")
+CONV_MODES = ("flatten", "batched")
+
+
+def _check_choice(value, choices, argname: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{argname}={value!r} is not valid; use one of {list(choices)}")
+
+
+def check_momentum(momentum) -> None:
+    if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+
+
+def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form: str = "ema"):
+    """Return ``(new_buf, update)``; see the module docstring for both forms.
+
+    The EMA form keeps the buffer on the gradient's scale (its fixed point is
+    ``g``); the classic form's is ``g / (1 - mu)``.  Orthogonalisation makes the
+    update scale-free, so the two differ only through nesterov's mix and the
+    relative weight of old gradients.
+    """
+    _check_choice(form, MOMENTUM_FORMS, "momentum_form")
+    if form == "ema":
+        buf = buf + (1.0 - momentum) * (grad - buf)
+        update = grad + momentum * (buf - grad) if nesterov else buf
+    else:
+        buf = momentum * buf + grad
+        update = grad + momentum * buf if nesterov else buf
+    return buf, update
+
+
+def lr_scale(fan_out: int, fan_in: int, adjust_lr_fn: str = "match_rms_adamw") -> float:
+    """Multiplier on ``lr`` for an orthogonalised ``(fan_out, fan_in)`` update.
+
+    ``original`` (Keller Jordan): ``sqrt(max(1, out/in))``.
+    ``match_rms_adamw`` (Moonshot/Kimi): ``0.2 * sqrt(max(out, in))`` so the
+    update's RMS matches AdamW's (~0.2) and one LR serves both.
+    ``rms_to_rms`` (Scion, Bernstein): ``sqrt(out/in)``, the spectral-norm
+    steepest-descent scale.  ``none``: 1.
+    """
+    _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
+    if adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, fan_out / fan_in))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(fan_out, fan_in))
+    if adjust_lr_fn == "rms_to_rms":
+        return math.sqrt(fan_out / fan_in)
+    return 1.0
+
+
+def suitability(shape, *, min_dim_size: int = 4, max_aspect_ratio: float = 128.0) -> tuple[bool, str]:
+    """``(ok, reason)``: should a parameter of ``shape`` be orthogonalised?
+
+    Rules (timm's, which cover the common vision and language models):
+    fewer than two non-unit dims -> ``insufficient_dims`` (biases, norms,
+    scalars); a unit first or second dim -> ``leading_unit_dims`` (position
+    embeddings ``(1, seq, d)``, depthwise convs ``(c, 1, kh, kw)``); after
+    flattening to ``(out, prod(rest))`` a side below ``min_dim_size`` ->
+    ``min_dim_too_small:N``; a ratio above ``max_aspect_ratio`` ->
+    ``extreme_aspect_ratio:R`` (e.g. a 4x2048 head).
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or sum(1 for d in shape if d > 1) < 2:
+        return False, "insufficient_dims"
+    if shape[0] == 1 or shape[1] == 1:
+        return False, "leading_unit_dims"
+    dims = (shape[0], math.prod(shape[1:]))
+    lo, hi = min(dims), max(dims)
+    if lo < min_dim_size:
+        return False, f"min_dim_too_small:{lo}"
+    if hi / lo > max_aspect_ratio:
+        return False, f"extreme_aspect_ratio:{hi / lo:.1f}"
+    return True, "ok"
+
+
+def _squeeze_leading(shape) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    while len(shape) > 2 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def matrix_shape(shape, conv_mode: str = "flatten") -> tuple[int, ...]:
+    """Shape that Newton-Schulz sees for a parameter of ``shape``.
+
+    Leading unit dims are dropped.  ``flatten``: ``(out, in*kh*kw...)``, one
+    orthogonalisation of the whole kernel.  ``batched``: ``(kh*kw..., out, in)``,
+    one orthogonalisation per spatial tap.
+    """
+    _check_choice(conv_mode, CONV_MODES, "conv_mode")
+    s = _squeeze_leading(shape)
+    if len(s) < 2:
+        raise ValueError(f"a Muon parameter needs at least 2 dimensions, got shape {tuple(shape)}")
+    if len(s) == 2:
+        return s
+    if conv_mode == "flatten":
+        return (s[0], math.prod(s[1:]))
+    return (math.prod(s[2:]), s[0], s[1])
+
+
+def to_matrix(x, conv_mode: str = "flatten"):
+    xp, _ = namespace(x, names=("x",))
+    s = _squeeze_leading(x.shape)
+    m = xp.reshape(x, s)
+    if len(s) <= 2:
+        return m
+    if conv_mode == "flatten":
+        return xp.reshape(m, matrix_shape(s, conv_mode))
+    m = xp.reshape(m, (s[0], s[1], math.prod(s[2:])))
+    return xp.permute_dims(m, (2, 0, 1))
+
+
+def from_matrix(m, shape, conv_mode: str = "flatten"):
+    """Inverse of ``to_matrix`` for a parameter of ``shape``."""
+    xp, _ = namespace(m, names=("m",))
+    shape = tuple(int(d) for d in shape)
+    s = _squeeze_leading(shape)
+    if len(s) > 2 and conv_mode == "batched":
+        m = xp.permute_dims(m, (1, 2, 0))
+    return xp.reshape(m, shape)
+
+
+def orthogonalized_updates(
+    updates,
+    *,
+    conv_mode: str = "flatten",
+    normalize_spatial: bool = True,
+    adjust_lr_fn: str = "match_rms_adamw",
+    batch: bool = True,
+    **ns_kwargs,
+):
+    """``lr_scale * orthogonalize(matrix(u))`` for each ``u``, in ``u``'s shape.
+
+    With ``batch=True`` the updates whose matrix shape and dtype agree are
+    stacked and orthogonalised in one batched call (one GEMM chain instead of
+    many small ones); results are identical to the per-matrix loop.
+    ``ns_kwargs`` go to :func:`orthogonalize`.
+    """
+    _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
+    updates = list(updates)
+    if not updates:
+        return []
+    xp, _ = namespace(*updates, names=tuple(f"updates[{i}]" for i in range(len(updates))))
+    mats = [to_matrix(u, conv_mode) for u in updates]
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        key = (tuple(m.shape), m.dtype) if batch else (i,)
+        groups.setdefault(key, []).append(i)
+
+    out = [None] * len(updates)
+    for idx in groups.values():
+        if len(idx) == 1:
+            orth = [orthogonalize(mats[idx[0]], **ns_kwargs)]
+        else:
+            stacked = orthogonalize(xp.stack([mats[i] for i in idx]), **ns_kwargs)
+            orth = [stacked[j, ...] for j in range(len(idx))]
+        for i, o in zip(idx, orth):
+            fan_out, fan_in = o.shape[-2], o.shape[-1]
+            scale = lr_scale(fan_out, fan_in, adjust_lr_fn)
+            if o.ndim == 3 and normalize_spatial:
+                # Batched taps: each tap's update has unit spectral norm, so the
+                # kernel's grows with sqrt(taps); normalise it back.
+                scale /= math.sqrt(o.shape[0])
+            out[i] = from_matrix(o * scale, updates[i].shape, conv_mode)
+    return out
+
+
+def muon_step(
+    params,
+    grads,
+    bufs,
+    *,
+    lr,
+    momentum: float = 0.95,
+    nesterov: bool = False,
+    momentum_form: str = "ema",
+    weight_decay: float = 0.0,
+    conv_mode: str = "flatten",
+    normalize_spatial: bool = True,
+    adjust_lr_fn: str = "match_rms_adamw",
+    batch: bool = True,
+    **ns_kwargs,
+):
+    """One Muon step over lists; returns ``(new_params, new_bufs)`` (pure).
+
+    ``lr`` may be a float or a 0-d array (a schedule value under jit).
+    """
+    check_momentum(momentum)
+    new_bufs, updates = [], []
+    for b, g in zip(bufs, grads):
+        b, u = momentum_update(b, g, momentum=momentum, nesterov=nesterov, form=momentum_form)
+        new_bufs.append(b)
+        updates.append(u)
+    dirs = orthogonalized_updates(
+        updates, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
+        adjust_lr_fn=adjust_lr_fn, batch=batch, **ns_kwargs,
+    )
+    new_params = [
+        (p * (1.0 - lr * weight_decay) if weight_decay else p) - lr * d
+        for p, d in zip(params, dirs)
+    ]
+    return new_params, new_bufs

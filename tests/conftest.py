@@ -1,0 +1,123 @@
+"""Shared fixtures: ``xp`` runs a core test once per installed backend.
+
+Each backend case converts NumPy float64 inputs (the oracle's) into its own
+arrays, so every comparison starts from bit-identical data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+def cuda_available() -> bool:
+    if not _has("cupy"):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    xp: Any
+    asarray: Callable[..., Any]     # (numpy array, dtype name) -> backend array
+    to_numpy: Callable[[Any], np.ndarray]
+    has_float64: bool = True
+
+    def __repr__(self) -> str:  # shows up in test ids and failure messages
+        return self.name
+
+
+def _numpy_case():
+    return Case("numpy", np, lambda a, dt="float32": np.asarray(a, dtype=dt), np.asarray)
+
+
+def _strict_case():
+    import array_api_strict as xs
+
+    return Case(
+        "array_api_strict",
+        xs,
+        lambda a, dt="float32": xs.asarray(np.asarray(a, dtype=dt)),
+        lambda x: np.asarray(x),  # __array__ / buffer protocol on CPU
+    )
+
+
+def _torch_case():
+    import array_api_compat.torch as xpt
+    import torch
+
+    return Case(
+        "torch",
+        xpt,
+        lambda a, dt="float32": torch.from_numpy(np.array(a, dtype=dt)),
+        lambda x: x.detach().float().cpu().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy(),
+    )
+
+
+def _jax_case():
+    import jax.numpy as jnp
+
+    # x64 stays off (JAX's default): users run float32, and so do we.
+    return Case(
+        "jax",
+        jnp,
+        lambda a, dt="float32": jnp.asarray(np.asarray(a, dtype=dt)),
+        lambda x: np.asarray(x, dtype=np.float32) if str(x.dtype) == "bfloat16" else np.asarray(x),
+        has_float64=False,
+    )
+
+
+def _cupy_case():
+    import cupy
+
+    return Case("cupy", cupy, lambda a, dt="float32": cupy.asarray(np.asarray(a, dtype=dt)), cupy.asnumpy)
+
+
+_CASES = {
+    "numpy": (_numpy_case, None),
+    "array_api_strict": (_strict_case, None if _has("array_api_strict") else "array_api_strict not installed"),
+    "torch": (_torch_case, None if _has("torch") else "torch not installed (pip install xpopt[torch])"),
+    "jax": (_jax_case, None if _has("jax") else "jax not installed (pip install xpopt[jax])"),
+    "cupy": (_cupy_case, None if cuda_available() else "cupy needs a CUDA GPU; none on this machine"),
+}
+
+
+@pytest.fixture(params=[
+    pytest.param(name, marks=[pytest.mark.gpu] if name == "cupy" else [])
+    for name in _CASES
+])
+def xp(request) -> Case:
+    """A backend :class:`Case` (``.xp``, ``.asarray``, ``.to_numpy``)."""
+    make, skip = _CASES[request.param]
+    if skip:
+        pytest.skip(skip)
+    return make()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def matrix_with_spectrum(rng, m: int, n: int, s) -> np.ndarray:
+    """Float64 ``U diag(s) V^T`` of shape (m, n) with the given singular values."""
+    k = min(m, n)
+    s = np.asarray(s, dtype=np.float64)
+    assert s.shape == (k,)
+    U, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return (U * s) @ V.T
