@@ -203,7 +203,7 @@ def muon_step(
     *,
     lr,
     momentum: float = 0.95,
-    nesterov: bool = False,
+    nesterov: bool = True,
     momentum_form: str = "ema",
     weight_decay: float = 0.0,
     conv_mode: str = "flatten",
