@@ -1,0 +1,110 @@
+"""Loading the peer optimizers that parity tests compare against.
+
+Each loader returns the peer's module or calls ``pytest.skip`` with the concrete
+reason (what is missing and the exact command that installs it), so a parity
+test never fails just because an optional peer is absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+# timm's own dependencies (torchvision, huggingface_hub, ...) are not needed by
+# its optimizer files, and a plain `pip install timm` pulls torchvision plus a
+# CUDA torch build: install timm alone.
+TIMM_PIP = "pip install --no-deps timm"
+
+_TIMM_PKG = "_xpopt_peer_timm_optim"   # private name: never shadows a real `timm`
+_TIMM_FILES = ("_types", "_helpers", "adamw", "nadamw", "muon")
+
+
+def load_torch_muon():
+    """``torch.optim.Muon`` (torch >= 2.9), or skip."""
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is not installed (pip install torch)")
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon (added in torch 2.9)")
+    return muon
+
+
+def load_optax_muon():
+    """``optax.contrib._muon`` (the module: tests also read its helpers), or skip."""
+    try:
+        import optax  # noqa: F401
+    except ImportError:
+        pytest.skip("optax is not installed (pip install optax)")
+    try:
+        return importlib.import_module("optax.contrib._muon")
+    except ImportError as e:
+        pytest.skip(f"this optax has no optax.contrib.muon ({e}); it appeared in optax 0.2.4")
+
+
+def _timm_optim_dir() -> Path | None:
+    # find_spec("timm") only locates the package: it does not run timm/__init__.py
+    # (which imports timm.layers -> torchvision and fails beside torch 2.13).
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "optim"
+
+
+def load_timm_muon():
+    """timm's ``optim/muon.py`` as a module, loaded WITHOUT ``import timm``.
+
+    ``timm/__init__.py`` imports the model zoo, which needs torchvision; the
+    optimizer files only need torch.  We register a synthetic package module
+    whose ``__path__`` is timm's ``optim`` directory (so ``from .adamw import
+    adamw`` resolves there) and execute just the files Muon needs.  The
+    package's own ``__init__.py`` is never run.
+    """
+    if _TIMM_PKG + ".muon" in sys.modules:
+        return sys.modules[_TIMM_PKG + ".muon"]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pytest.skip("torch is not installed; timm's Muon needs it")
+    optim_dir = _timm_optim_dir()
+    if optim_dir is None:
+        pytest.skip(f"timm is not installed (install with `{TIMM_PIP}`: --no-deps avoids torchvision)")
+    missing = [f for f in _TIMM_FILES if not (optim_dir / f"{f}.py").is_file()]
+    if missing:
+        pytest.skip(f"this timm ({optim_dir}) lacks optim/{', '.join(missing)}.py; "
+                    "timm >= 1.0.20 has Muon")
+
+    pkg = types.ModuleType(_TIMM_PKG)
+    pkg.__path__ = [str(optim_dir)]
+    pkg.__package__ = _TIMM_PKG
+    pkg.__file__ = None
+    pkg.__spec__ = importlib.util.spec_from_loader(_TIMM_PKG, loader=None, is_package=True)
+    pkg.__spec__.submodule_search_locations = [str(optim_dir)]
+    sys.modules[_TIMM_PKG] = pkg
+    try:
+        for name in _TIMM_FILES:
+            full = f"{_TIMM_PKG}.{name}"
+            if full in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(full, optim_dir / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[full] = mod
+            try:
+                spec.loader.exec_module(mod)
+            except Exception:
+                del sys.modules[full]
+                raise
+            setattr(pkg, name, mod)
+    except Exception as e:  # an incompatible timm/torch pair: say which and why
+        for name in _TIMM_FILES:
+            sys.modules.pop(f"{_TIMM_PKG}.{name}", None)
+        sys.modules.pop(_TIMM_PKG, None)
+        pytest.skip(f"timm's optim/muon.py from {optim_dir} does not load beside this torch: "
+                    f"{type(e).__name__}: {e}")
+    return sys.modules[_TIMM_PKG + ".muon"]
