@@ -200,3 +200,27 @@ class TestBadInput:
     def test_bad_scalars(self, kw):
         with pytest.raises(ValueError, match=next(iter(kw))):
             orthogonalize(np.ones((4, 4)), **kw)
+
+
+# Property tests over random shapes and scales (NumPy float64: the oracle's
+# own invariants; the per-backend tests above tie each backend to it).
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(2, 24), n=st.integers(2, 24), log_scale=st.floats(-30, 30),
+       seed=st.integers(0, 2**31 - 1), preset=st.sampled_from(sorted(COEFFICIENTS)))
+def test_properties_random_shapes(m, n, log_scale, seed, preset):
+    r = np.random.default_rng(seed)
+    G = r.standard_normal((m, n)) * 10.0**log_scale
+    steps = PRESET_STEPS[preset]
+    O = orthogonalize(G, coefficients=preset, steps=steps)
+    assert O.shape == G.shape and np.all(np.isfinite(O))
+    np.testing.assert_allclose(orthogonalize(G.T, coefficients=preset, steps=steps), O.T, atol=1e-12)
+    # The singular vectors are G's and the singular values are p(s): so
+    # O = U p(S) V^T exactly.  The eps floor only bites for ||G|| < 1e-7.
+    U, s, Vt = np.linalg.svd(G, full_matrices=False)
+    prescale = max(np.linalg.norm(s), 1e-7)
+    expected = (U * scalar_iteration(s / prescale, preset, steps)) @ Vt
+    np.testing.assert_allclose(O, expected, atol=1e-9)
