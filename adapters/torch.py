@@ -1,0 +1,513 @@
+"""``xpopt.adapters.torch.Muon``: Muon with an AdamW / NAdamW fallback as a ``torch.optim.Optimizer``.
+
+This module only translates torch conventions (param groups, per-parameter
+state, ``state_dict``, closures, in-place updates) into calls to
+``xpopt.core``; every formula lives there.
+
+Update rule, per parameter group (``lr``, ``wd`` = the group's values):
+
+* Muon parameters (matrices and conv kernels in torch layout
+  ``(out, in, *spatial)``)::
+
+      buf, u = core.muon.momentum_update(buf, g, momentum, nesterov, form)
+      #   ema:     buf = mu*buf + (1-mu)*g ;  u = g + mu*(buf - g) if nesterov else buf
+      #   classic: buf = mu*buf + g        ;  u = g + mu*buf       if nesterov else buf
+      D = core.muon.orthogonalized_updates([u, ...])   # lr_scale * NS(matrix(u)), one
+                                                       # batched NS call per shape
+      W = W * (1 - lr*wd) - lr * D
+
+* Fallback parameters (biases, norms, scalars, and whatever the routing sends
+  there) use ``core.adam.adam_update`` (AdamW; NAdamW look-ahead with
+  ``fallback="nadamw"``) with the step count starting at 1::
+
+      W = W * (1 - lr_f*wd_f) - lr_f * m_hat / (sqrt(v_hat) + fallback_eps)
+
+  where ``lr_f = fallback_lr`` (default: the group's live ``lr``, so LR
+  schedulers drive both) and ``wd_f = fallback_weight_decay`` (default
+  ``weight_decay``).
+
+Routing is decided once, when a parameter is added (construction or
+``add_param_group``): group flag ``use_fallback=True`` -> fallback; group flag
+``use_muon=True/False`` -> that; ``fallback_filter(name, param)`` returning
+True -> fallback; otherwise ``core.muon.suitability(shape)`` decides.
+``Muon.routes()`` lists every decision with its reason; ``verbose=True`` logs
+each one at INFO on the ``"xpopt"`` logger.
+
+Precision: bf16 / f16 parameters keep float32 state, their update is computed
+in float32 and rounded into the parameter once.  ``ns_dtype=None`` runs
+Newton-Schulz in the state dtype (float32 for bf16/f16 parameters, else the
+parameter's dtype).  ``state_dict()`` / ``load_state_dict()`` keep those
+dtypes (torch's default load would cast float32 state down to bf16).
+
+Non-finite gradients: there is no implicit check (it would force a device
+sync every step, which ``torch.optim`` avoids too).  A NaN or Inf in a
+gradient propagates into that parameter's state and value (for Muon, into
+every entry of that matrix, since Newton-Schulz mixes them); other
+parameters are unaffected.  Check ``torch.isfinite`` yourself or use a
+``GradScaler`` if your run can produce them.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import warnings
+from itertools import chain
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from ..backends import torch as _torch_backend
+from ..core.adam import adam_update, check_betas
+from ..core.muon import (
+    ADJUST_LR_FNS,
+    CONV_MODES,
+    MOMENTUM_FORMS,
+    check_momentum,
+    matrix_shape,
+    momentum_update,
+    orthogonalized_updates,
+    suitability,
+)
+from ..core.newton_schulz import resolve_coefficients
+
+__all__ = ["Muon", "Route"]
+
+_logger = logging.getLogger("xpopt")
+
+FALLBACKS = ("adamw", "nadamw")
+_NS_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Options used only when parameters are routed (construction / add_param_group).
+# ``fallback_filter`` is usually a lambda, which cannot be pickled, so it is left
+# out of ``state_dict()`` and kept from the live optimizer on ``load_state_dict()``.
+_CONSTRUCTION_ONLY = ("fallback_filter",)
+
+
+class Route(NamedTuple):
+    """One routing decision, as returned by :meth:`Muon.routes`.
+
+    ``name`` is the parameter's name when the optimizer was given names
+    (``model.named_parameters()``), else ``"group g, param i"``.
+    ``route`` is ``"muon"`` or ``"fallback"``; ``reason`` is ``core``'s
+    suitability reason (``"ok"``, ``"insufficient_dims"``,
+    ``"leading_unit_dims"``, ``"min_dim_too_small:N"``,
+    ``"extreme_aspect_ratio:R"``) or the override that decided it
+    (``"use_fallback_flag"``, ``"use_muon_flag"``, ``"fallback_filter"``).
+    """
+
+    name: str
+    shape: tuple
+    route: str
+    reason: str
+    group: int
+    index: int
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_bf16(ns_dtype) -> bool:
+    return ns_dtype == "bfloat16" or ns_dtype is torch.bfloat16
+
+
+def _check_options(o: dict, where: str) -> None:
+    """Validate one set of options (the defaults, or one param group)."""
+
+    def fail(msg: str, exc=ValueError):
+        raise exc(f"Muon: {msg} ({where})")
+
+    def nonneg(key: str, optional: bool = False, what: str = ">= 0"):
+        v = o[key]
+        if optional and v is None:
+            return
+        if not _is_real(v):
+            fail(f"{key}={v!r} must be a real number {what}"
+                 + (" or None" if optional else ""), TypeError)
+        if not v >= 0:  # also rejects NaN
+            fail(f"{key}={v!r} is invalid: it must be {what}")
+
+    def flag(key: str):
+        if not isinstance(o[key], bool):
+            fail(f"{key}={o[key]!r} must be True or False", TypeError)
+
+    def choice(key: str, choices):
+        if o[key] not in choices:
+            fail(f"{key}={o[key]!r} is not valid; use one of {list(choices)}")
+
+    nonneg("lr")
+    nonneg("fallback_lr", optional=True)
+    try:
+        check_momentum(o["momentum"])
+    except ValueError as e:
+        fail(f"momentum={o['momentum']!r} is invalid: {e}; 0.95 is the usual value")
+    flag("nesterov")
+    choice("momentum_form", MOMENTUM_FORMS)
+    nonneg("weight_decay")
+    nonneg("fallback_weight_decay", optional=True)
+    steps = o["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        fail(f"ns_steps={steps!r} is invalid: it must be an integer >= 1 (5 is the usual value)")
+    try:
+        resolve_coefficients(o["ns_coefficients"], int(steps))
+    except ValueError as e:
+        fail(f"ns_coefficients={o['ns_coefficients']!r} is invalid: {e}")
+    nonneg("eps")
+    sf = o["safety_factor"]
+    if not _is_real(sf) or not sf > 0:
+        fail(f"safety_factor={sf!r} is invalid: it must be a real number > 0 (1.0, or 1.01 for Polar Express)")
+    choice("adjust_lr_fn", ADJUST_LR_FNS)
+    choice("conv_mode", CONV_MODES)
+    flag("normalize_spatial")
+    nd = o["ns_dtype"]
+    if not (nd is None or nd in _NS_DTYPE_NAMES
+            or (isinstance(nd, torch.dtype) and nd.is_floating_point and not nd.is_complex)):
+        fail(f"ns_dtype={nd!r} is invalid: use None, one of {list(_NS_DTYPE_NAMES)} or a floating torch.dtype")
+    flag("batched")
+    choice("fallback", FALLBACKS)
+    try:
+        check_betas(o["betas"])
+    except ValueError as e:
+        fail(f"betas={o['betas']!r} is invalid: {e}; (0.9, 0.95) is the default")
+    nonneg("fallback_eps")
+    mds = o["min_dim_size"]
+    if isinstance(mds, bool) or not isinstance(mds, numbers.Integral) or mds < 1:
+        fail(f"min_dim_size={mds!r} is invalid: it must be an integer >= 1")
+    mar = o["max_aspect_ratio"]
+    if not _is_real(mar) or not mar >= 1:
+        fail(f"max_aspect_ratio={mar!r} is invalid: it must be a real number >= 1")
+    flag("verbose")
+    if o["fallback_filter"] is not None and not callable(o["fallback_filter"]):
+        fail(f"fallback_filter={o['fallback_filter']!r} must be None or a callable (name, param) -> bool",
+             TypeError)
+    for key in ("use_fallback", "use_muon"):
+        if o.get(key) is not None and not isinstance(o[key], bool):
+            fail(f"{key}={o[key]!r} must be True or False", TypeError)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for matrices / conv kernels, AdamW or NAdamW for everything else.
+
+    Args:
+      params: an iterable of tensors, of ``(name, tensor)`` pairs
+        (``model.named_parameters()``), or of group dicts. A group may set any
+        option below, plus ``use_fallback=True`` (send the whole group to the
+        fallback) or ``use_muon=True/False`` (force the route; timm-compatible).
+      lr: Muon learning rate (also the fallback's unless ``fallback_lr``).
+      momentum, nesterov, momentum_form: momentum coefficient in [0, 1),
+        Nesterov look-ahead, ``"ema"`` (torch.optim / timm lerp form) or
+        ``"classic"`` (``buf = mu*buf + g``).
+      weight_decay: decoupled, ``W *= 1 - lr*wd``.
+      ns_coefficients, ns_steps, eps, safety_factor: Newton-Schulz preset name
+        (``original``, ``quintic``, ``polar_express``, ``polar_express_safer``)
+        or ``(a, b, c)`` triple(s); iterations; prescale floor; prescale factor.
+      adjust_lr_fn: ``original``, ``match_rms_adamw``, ``rms_to_rms``, ``none``.
+      conv_mode, normalize_spatial: ``flatten`` (one NS per kernel) or
+        ``batched`` (one per spatial tap, normalised by sqrt(taps)).
+      ns_dtype: Newton-Schulz compute dtype; ``None`` = float32 for bf16/f16
+        params, else the param dtype. ``"bfloat16"`` is a GPU speed choice; on
+        a CPU without native bf16 it warns once (about 100x slower).
+      batched: orthogonalise same-shape matrices of a group in one call.
+      fallback, fallback_lr, betas, fallback_eps, fallback_weight_decay: the
+        AdamW / NAdamW used for non-Muon params. ``fallback_lr`` is a fixed
+        number: LR schedulers only change ``lr``; to schedule a separate
+        fallback LR, put those params in their own group (``use_fallback=True``)
+        with its own ``lr``.
+      min_dim_size, max_aspect_ratio: ``core.muon.suitability`` thresholds.
+      verbose: log one INFO line per parameter (name, shape, route, reason) on
+        the ``"xpopt"`` logger when it is routed.
+      fallback_filter: ``(name, param) -> bool``; True sends the parameter to
+        the fallback (embeddings, LM heads). ``name`` is None for unnamed params.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        momentum_form: str = "ema",
+        weight_decay: float = 0.0,
+        ns_coefficients: Any = "quintic",
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        safety_factor: float = 1.0,
+        adjust_lr_fn: str = "match_rms_adamw",
+        conv_mode: str = "flatten",
+        normalize_spatial: bool = True,
+        ns_dtype: Any = None,
+        batched: bool = True,
+        fallback: str = "adamw",
+        fallback_lr: Optional[float] = None,
+        betas: tuple = (0.9, 0.95),
+        fallback_eps: float = 1e-8,
+        fallback_weight_decay: Optional[float] = None,
+        min_dim_size: int = 4,
+        max_aspect_ratio: float = 128.0,
+        verbose: bool = False,
+        fallback_filter: Optional[Callable[[Optional[str], torch.Tensor], bool]] = None,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
+            weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
+            eps=eps, safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn,
+            conv_mode=conv_mode, normalize_spatial=normalize_spatial, ns_dtype=ns_dtype,
+            batched=batched, fallback=fallback, fallback_lr=fallback_lr, betas=betas,
+            fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
+            min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio, verbose=verbose,
+            fallback_filter=fallback_filter,
+        )
+        _check_options(defaults, "Muon(...) arguments")
+        self._routes: dict[torch.Tensor, Route] = {}
+        self._device: Optional[torch.device] = None
+        self._device_owner: str = ""
+        self._warned_bf16 = False
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ routing
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (torch semantics), validate its options and route its params."""
+        super().add_param_group(param_group)
+        g = len(self.param_groups) - 1
+        group = self.param_groups[g]
+        try:
+            _check_options(group, f"param group {g}")
+            names = group.get("param_names")
+            device, owner = self._device, self._device_owner
+            routes = []
+            for i, p in enumerate(group["params"]):
+                name = names[i] if names is not None else None
+                label = repr(name) if name is not None else f"group {g}, param {i}"
+                if p.is_complex() or not p.is_floating_point():
+                    raise TypeError(
+                        f"Muon: parameter {label} has dtype {p.dtype}; Muon and its AdamW fallback "
+                        "need a real floating dtype (float32, float64, bfloat16, float16): cast it, "
+                        "or leave it out of the optimizer")
+                if device is None:
+                    device, owner = p.device, label
+                elif p.device != device:
+                    raise ValueError(
+                        f"Muon: parameter {label} is on device {p.device} but parameter {owner} is on "
+                        f"{device}; move the model to one device (model.to(device)) before "
+                        "building the optimizer")
+                routes.append(self._decide(group, g, i, p, name, label))
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._device, self._device_owner = device, owner
+        for p, r in zip(group["params"], routes):
+            self._routes[p] = r
+            if group["verbose"]:
+                _logger.info("xpopt Muon: %s shape=%s -> %s (%s)", r.name, r.shape, r.route, r.reason)
+
+    @staticmethod
+    def _decide(group, g, i, p, name, label) -> Route:
+        shape = tuple(p.shape)
+        if group.get("use_fallback"):
+            route, reason = "fallback", "use_fallback_flag"
+        elif group.get("use_muon") is not None:
+            route, reason = ("muon" if group["use_muon"] else "fallback"), "use_muon_flag"
+        elif group["fallback_filter"] is not None and group["fallback_filter"](name, p):
+            route, reason = "fallback", "fallback_filter"
+        else:
+            ok, reason = suitability(shape, min_dim_size=group["min_dim_size"],
+                                     max_aspect_ratio=group["max_aspect_ratio"])
+            route = "muon" if ok else "fallback"
+        if route == "muon":
+            try:
+                matrix_shape(shape, group["conv_mode"])
+            except ValueError as e:
+                raise ValueError(
+                    f"Muon: parameter {label} of shape {shape} was forced to Muon ({reason}) but "
+                    f"cannot be orthogonalised: {e}; route it to the fallback instead") from None
+        return Route(name if name is not None else f"group {g}, param {i}", shape, route, reason, g, i)
+
+    def routes(self) -> list[Route]:
+        """Every parameter's routing decision, in param-group order."""
+        return [self._routes[p] for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimisation step; returns the closure's loss (None without one)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every gradient before touching any parameter, so an error
+        # leaves the model and the state as they were.
+        plan = []
+        for group in self.param_groups:
+            muon, fallback = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                r = self._routes.get(p)
+                if r is None:
+                    raise RuntimeError(
+                        "Muon: a parameter in param_groups was never routed; add parameters with "
+                        "add_param_group(), not by editing param_groups")
+                if p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"Muon: parameter {r.name!r} has a sparse gradient ({p.grad.layout}); Muon and "
+                        "its AdamW fallback need dense gradients (e.g. nn.Embedding(sparse=False))")
+                (muon if r.route == "muon" else fallback).append(p)
+            plan.append((group, muon, fallback))
+        for group, muon, fallback in plan:
+            if muon:
+                self._muon_group(group, muon)
+            if fallback:
+                self._fallback_group(group, fallback)
+        return loss
+
+    def _state(self, p: torch.Tensor, keys: tuple[str, ...]) -> dict:
+        state = self.state[p]
+        if not state:
+            for k in keys:
+                state[k] = 0 if k == "step" else torch.zeros_like(
+                    p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _apply(p: torch.Tensor, direction: torch.Tensor, lr: float, wd: float) -> None:
+        # W <- W * (1 - lr*wd) - lr * direction, in the direction's (state)
+        # dtype; a bf16/f16 param is updated in float32 and rounded once.
+        target = p if p.dtype == direction.dtype else p.to(direction.dtype)
+        if wd:
+            target.mul_(1.0 - lr * wd)
+        target.add_(direction, alpha=-lr)
+        if target is not p:
+            p.copy_(target)
+
+    def _muon_group(self, group: dict, params: list) -> None:
+        updates = []
+        for p in params:
+            buf = self._state(p, ("momentum_buffer",))["momentum_buffer"]
+            new_buf, u = momentum_update(buf, p.grad.to(buf.dtype), momentum=group["momentum"],
+                                         nesterov=group["nesterov"], form=group["momentum_form"])
+            buf.copy_(new_buf)
+            updates.append(u)
+        ns_dtype = group["ns_dtype"]
+        if _is_bf16(ns_dtype) and not self._warned_bf16 \
+                and not _torch_backend.has_native_bf16(params[0]):
+            self._warned_bf16 = True
+            warnings.warn(
+                f"Muon: ns_dtype=bfloat16 on {params[0].device.type}, which has no native bf16 matmul "
+                "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
+                "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
+                UserWarning, stacklevel=3)
+        directions = orthogonalized_updates(
+            updates, conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
+            adjust_lr_fn=group["adjust_lr_fn"], batch=group["batched"],
+            coefficients=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"],
+            safety_factor=group["safety_factor"], compute_dtype=ns_dtype,
+        )
+        for p, d in zip(params, directions):
+            self._apply(p, d, group["lr"], group["weight_decay"])
+
+    def _fallback_group(self, group: dict, params: list) -> None:
+        beta1, beta2 = check_betas(group["betas"])
+        lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
+        wd = group["weight_decay"] if group["fallback_weight_decay"] is None else group["fallback_weight_decay"]
+        for p in params:
+            state = self._state(p, ("step", "exp_avg", "exp_avg_sq"))
+            state["step"] += 1
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            direction, new_m, new_v = adam_update(
+                p.grad.to(m.dtype), m, v, state["step"], beta1=beta1, beta2=beta2,
+                eps=group["fallback_eps"], nesterov=group["fallback"] == "nadamw")
+            m.copy_(new_m)
+            v.copy_(new_v)
+            self._apply(p, direction, lr, wd)
+
+    # ------------------------------------------------------------ state_dict
+
+    def state_dict(self) -> dict:
+        """torch's state_dict, without the (usually unpicklable) ``fallback_filter``."""
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            for k in _CONSTRUCTION_ONLY:
+                g.pop(k, None)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, but state keeps its own dtype (float32 for bf16/f16 params).
+
+        torch's ``Optimizer._process_value_according_to_param_policy`` casts
+        floating state to the param dtype, and is called through the base class
+        (``Optimizer._process_...``), so overriding it has no effect.  Instead a
+        pre-hook, registered last for this call so that it sees the state dict
+        every user pre-hook produced, validates it against this optimizer's
+        routing and keeps it; a post-hook, run first, re-copies its floating
+        tensors in the right dtype.  Loaded state is copied, never shared with
+        ``state_dict``.  An int ``step`` (ours) or 0-d tensor (torch/timm) is
+        kept as an int.
+        """
+        kept = [{k: g[k] for k in _CONSTRUCTION_ONLY if k in g} for g in self.param_groups]
+        box: dict = {}
+
+        def pre(opt, sd):
+            box["sd"] = sd
+            opt._validate_loaded(sd)
+
+        def post(opt):
+            opt._recast_loaded(box["sd"])
+            for g, kv in zip(opt.param_groups, kept):
+                g.update(kv)
+
+        h_pre = self.register_load_state_dict_pre_hook(pre)
+        h_post = self.register_load_state_dict_post_hook(post, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            h_pre.remove()
+            h_post.remove()
+
+    def _loaded_pairs(self, sd):
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)):
+            return None  # torch raises its own error for this right after the pre-hooks
+        ids = chain.from_iterable(s["params"] for s in saved_groups)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        return [(i, p, sd["state"][i]) for i, p in zip(ids, params) if i in sd["state"]]
+
+    def _validate_loaded(self, sd) -> None:
+        for _, p, st in self._loaded_pairs(sd) or ():
+            r = self._routes[p]
+            want = ("momentum_buffer",) if r.route == "muon" else ("step", "exp_avg", "exp_avg_sq")
+            if set(st) != set(want):
+                raise ValueError(
+                    f"Muon.load_state_dict: state for parameter {r.name!r} has keys {sorted(st)}, but this "
+                    f"optimizer routes it to {r.route} (needs {list(want)}); build the optimizer with "
+                    "the same routing options (fallback_filter, use_fallback/use_muon, min_dim_size, "
+                    "max_aspect_ratio) as the one that saved the state")
+            for k, v in st.items():
+                if k != "step" and (not isinstance(v, torch.Tensor) or tuple(v.shape) != r.shape):
+                    raise ValueError(
+                        f"Muon.load_state_dict: state {k!r} of parameter {r.name!r} has shape "
+                        f"{tuple(getattr(v, 'shape', ()))}, expected {r.shape}; the state dict comes "
+                        "from a different model")
+
+    def _recast_loaded(self, sd) -> None:
+        for _, p, st in self._loaded_pairs(sd) or ():
+            live = self.state[p]
+            for k, v in st.items():
+                if k == "step":
+                    live[k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                elif isinstance(v, torch.Tensor):
+                    live[k] = v.to(device=p.device, dtype=_state_dtype(p), copy=True)
+
+    # torch pickles only defaults/state/param_groups; keep the routing too.
+    def __getstate__(self) -> dict:
+        s = super().__getstate__()
+        s.update(_routes=self._routes, _device=self._device, _device_owner=self._device_owner,
+                 _warned_bf16=self._warned_bf16)
+        return s
