@@ -1,4 +1,9 @@
-"""The ``xpopt`` command."""
+"""The ``xpopt`` command.
+
+Subcommands live in their own modules, imported here; those modules import
+no array framework at import time (each framework is imported inside the
+command that runs it), so ``import xpopt.cli`` and ``xpopt --help`` stay fast.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,43 @@ import sys
 from ._version import __version__
 
 
+def _add_validate(sub) -> None:
+    from . import validate
+
+    p = sub.add_parser(
+        "validate",
+        help="train one small model on every installed backend and check they agree",
+        description=validate.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_arguments(p)
+    p.set_defaults(func=validate.run_validate, _parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpopt",
         description="Muon and friends with the same numbers in PyTorch, JAX, CuPy and NumPy.",
+        epilog="Run 'xpopt COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"xpopt {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_validate(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (argparse's 2 for bad arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return args.func(args)
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except SystemExit as e:  # argparse: --help/--version (0), usage errors (2)
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
 
 
 if __name__ == "__main__":  # pragma: no cover
