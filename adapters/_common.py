@@ -1,0 +1,418 @@
+"""Framework-free helpers shared by ``adapters/optax.py`` and ``adapters/arrays.py``.
+
+Option validation (one set of names, defaults and messages, see
+``docs/adapters.md``), parameter layout ("dimension numbers": which axes are
+fan-in and fan-out) and routing (Muon or the AdamW fallback).  Nothing here
+imports an array framework: arrays are handled through
+``array_api_compat.array_namespace`` and their ``shape``/``dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import array_api_compat
+
+from ..core.adam import adam_update, check_betas
+from ..core.muon import (
+    ADJUST_LR_FNS,
+    CONV_MODES,
+    MOMENTUM_FORMS,
+    check_momentum,
+    momentum_update,
+    orthogonalized_updates,
+    suitability,
+)
+from ..core.newton_schulz import resolve_coefficients
+
+__all__ = [
+    "DimensionNumbers", "FLAX", "TORCH", "FALLBACKS", "LABELS",
+    "MuonOptions", "FallbackOptions", "Layout", "LeafPlan",
+    "muon_options", "fallback_options", "check_lr", "check_nonnegative",
+    "resolve_dim_spec", "is_dim_numbers", "plan_leaf", "check_label",
+    "check_leaf_dtype", "is_low_precision", "warn_bf16_once",
+]
+
+FALLBACKS = ("adamw", "nadamw")
+LABELS = ("muon", "fallback")
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+class DimensionNumbers(NamedTuple):
+    """Which axes of a weight are its fan-in and fan-out (optax's convention).
+
+    Same fields and defaults as ``optax.contrib.MuonDimensionNumbers`` (and any
+    NamedTuple with these two fields is accepted in its place):
+    ``reduction_axis`` are the axes summed over in ``y = x @ W`` (fan-in),
+    ``output_axis`` the axes of ``y`` (fan-out).  Each is an int or a sequence
+    of ints (merged into one matrix dimension, in the order given).  All other
+    axes are *spatial* axes (conv taps), handled by ``conv_mode`` exactly as the
+    trailing axes of a torch ``(out, in, kh, kw)`` kernel: merged into fan-in
+    with ``"flatten"``, orthogonalised per tap with ``"batched"``.  (optax's own
+    Muon vmaps over them instead; use ``conv_mode="batched",
+    normalize_spatial=False`` for that behaviour, e.g. scanned layer stacks.)
+    """
+
+    reduction_axis: Union[int, Sequence[int]] = 0
+    output_axis: Union[int, Sequence[int]] = 1
+
+
+#: flax layout: Dense ``(in, out)``, Conv ``(kh, kw, in, out)``.
+FLAX = DimensionNumbers(reduction_axis=-2, output_axis=-1)
+#: torch layout: Linear ``(out, in)``, Conv ``(out, in, kh, kw)`` (core's layout).
+TORCH = DimensionNumbers(reduction_axis=1, output_axis=0)
+
+
+def is_dim_numbers(x) -> bool:
+    """True for ours, optax's ``MuonDimensionNumbers`` or any look-alike NamedTuple."""
+    return isinstance(x, tuple) and getattr(x, "_fields", None) == ("reduction_axis", "output_axis")
+
+
+def resolve_dim_spec(spec, argname: str = "dimension_numbers"):
+    """``"flax"``/``"torch"``/dimension numbers -> :class:`DimensionNumbers`; None stays None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec in ("flax", "torch"):
+            spec = FLAX if spec == "flax" else TORCH
+        else:
+            raise ValueError(
+                f"{argname}={spec!r} is not valid; use 'flax', 'torch', a MuonDimensionNumbers"
+                "(reduction_axis=..., output_axis=...), a pytree of those (None = fallback) or a callable"
+            )
+    if is_dim_numbers(spec):
+        return DimensionNumbers(_axes(spec.reduction_axis, argname), _axes(spec.output_axis, argname))
+    raise TypeError(
+        f"{argname} leaf {spec!r} is not valid; use 'flax', 'torch', MuonDimensionNumbers(...) or None"
+    )
+
+
+def _axes(ax, argname) -> tuple[int, ...]:
+    if isinstance(ax, numbers.Integral) and not isinstance(ax, bool):
+        return (int(ax),)
+    if isinstance(ax, Sequence) and not isinstance(ax, str) and len(ax) > 0 and all(
+            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in ax):
+        return tuple(int(a) for a in ax)
+    raise TypeError(f"{argname}: an axis spec must be an int or a non-empty sequence of ints, got {ax!r}")
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _check_real(value, argname: str, *, minimum: float = 0.0, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argname} must be a real number, got {value!r}")
+    bad = value <= minimum if strict else value < minimum
+    if bad or math.isnan(value):
+        op = ">" if strict else ">="
+        raise ValueError(f"{argname} must be {op} {minimum}, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(value, argname: str) -> float:
+    return _check_real(value, argname, minimum=0.0)
+
+
+def _check_bool(value, argname: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{argname} must be True or False, got {value!r}")
+    return value
+
+
+def _check_choice(value, choices, argname: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{argname}={value!r} is not valid; use one of {list(choices)}")
+    return value
+
+
+def check_lr(value, argname: str):
+    """A float >= 0 or a schedule (callable step -> float); returned unchanged."""
+    if callable(value):
+        return value
+    return check_nonnegative(value, argname)
+
+
+def _check_dtype_spec(spec, argname: str):
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec not in _FLOAT_NAMES:
+            raise ValueError(f"{argname}={spec!r} is not a floating dtype name; use one of {list(_FLOAT_NAMES)}")
+        return spec
+    name = dtype_name(spec)
+    if name not in _FLOAT_NAMES:
+        raise TypeError(f"{argname}={spec!r} is not a floating dtype; use float32, float64 or bfloat16")
+    return spec
+
+
+def dtype_name(dtype) -> str:
+    """``"bfloat16"``, ``"float32"``, ... for a dtype object, dtype class or name."""
+    if isinstance(dtype, str):
+        return dtype
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        name = getattr(dtype, "__name__", None) or str(dtype)
+    return name.rsplit(".", 1)[-1]
+
+
+def is_low_precision(dtype) -> bool:
+    return dtype_name(dtype) in ("bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonOptions:
+    momentum: float
+    nesterov: bool
+    momentum_form: str
+    ns_coefficients: Any
+    ns_steps: int
+    eps: float
+    safety_factor: float
+    adjust_lr_fn: str
+    conv_mode: str
+    normalize_spatial: bool
+    ns_dtype: Any
+    batched: bool
+
+    @property
+    def ns_is_bf16(self) -> bool:
+        return self.ns_dtype is not None and dtype_name(self.ns_dtype) == "bfloat16"
+
+    def momentum_step(self, buf, grad):
+        """Core ``momentum_update``: ``(new_buf, update)``."""
+        return momentum_update(buf, grad, momentum=self.momentum, nesterov=self.nesterov,
+                               form=self.momentum_form)
+
+    def orthogonalize(self, updates: list) -> list:
+        """Core ``orthogonalized_updates`` on torch-layout arrays (lr_scale included)."""
+        return orthogonalized_updates(
+            updates, conv_mode=self.conv_mode, normalize_spatial=self.normalize_spatial,
+            adjust_lr_fn=self.adjust_lr_fn, batch=self.batched, coefficients=self.ns_coefficients,
+            steps=self.ns_steps, eps=self.eps, safety_factor=self.safety_factor,
+            compute_dtype=self.ns_dtype,
+        )
+
+
+def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps, eps,
+                 safety_factor, adjust_lr_fn, conv_mode, normalize_spatial, ns_dtype,
+                 batched) -> MuonOptions:
+    """Validate the Muon options (docs/adapters.md); errors name the argument."""
+    if isinstance(momentum, bool):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    check_momentum(momentum)
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
+    try:
+        coeffs = resolve_coefficients(ns_coefficients, int(ns_steps))
+    except ValueError as e:
+        raise ValueError(f"ns_coefficients={ns_coefficients!r} is not valid: {e}") from None
+    return MuonOptions(
+        momentum=float(momentum),
+        nesterov=_check_bool(nesterov, "nesterov"),
+        momentum_form=_check_choice(momentum_form, MOMENTUM_FORMS, "momentum_form"),
+        ns_coefficients=coeffs,
+        ns_steps=int(ns_steps),
+        eps=check_nonnegative(eps, "eps"),
+        safety_factor=_check_real(safety_factor, "safety_factor", minimum=0.0, strict=True),
+        adjust_lr_fn=_check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn"),
+        conv_mode=_check_choice(conv_mode, CONV_MODES, "conv_mode"),
+        normalize_spatial=_check_bool(normalize_spatial, "normalize_spatial"),
+        ns_dtype=_check_dtype_spec(ns_dtype, "ns_dtype"),
+        batched=_check_bool(batched, "batched"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackOptions:
+    fallback: str
+    beta1: float
+    beta2: float
+    eps: float
+
+    def direction(self, grad, m, v, step):
+        """Core ``adam_update``: ``(direction, m, v)``; the step is ``-lr * direction``."""
+        return adam_update(grad, m, v, step, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                           nesterov=self.fallback == "nadamw")
+
+
+def fallback_options(*, fallback, betas, fallback_eps) -> FallbackOptions:
+    _check_choice(fallback, FALLBACKS, "fallback")
+    b1, b2 = check_betas(betas)
+    return FallbackOptions(fallback, b1, b2, check_nonnegative(fallback_eps, "fallback_eps"))
+
+
+def check_routing_options(min_dim_size, max_aspect_ratio) -> tuple[int, float]:
+    if isinstance(min_dim_size, bool) or not isinstance(min_dim_size, numbers.Integral) or min_dim_size < 1:
+        raise ValueError(f"min_dim_size must be an integer >= 1, got {min_dim_size!r}")
+    ratio = _check_real(max_aspect_ratio, "max_aspect_ratio", minimum=1.0)
+    return int(min_dim_size), ratio
+
+
+def warn_bf16_once(opts: MuonOptions, native: bool, flag: list) -> None:
+    """One ``UserWarning`` per optimizer when bf16 Newton-Schulz is emulated."""
+    if opts.ns_is_bf16 and not native and not flag:
+        flag.append(True)
+        warnings.warn(
+            "ns_dtype=bfloat16 on a device without native bf16 matmuls (CPU without AMX/"
+            "AVX512-BF16): Newton-Schulz will be emulated, ~100x slower than float32; "
+            "use ns_dtype=None (float32) here and keep bfloat16 for GPUs/TPUs",
+            UserWarning, stacklevel=4,
+        )
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Moves one parameter between its own layout and core's ``(out, in, *spatial)``."""
+
+    shape: tuple[int, ...]
+    perm: Optional[tuple[int, ...]]         # None: already in torch order
+    permuted_shape: tuple[int, ...]
+    torch_shape: tuple[int, ...]
+
+    def to_torch(self, x):
+        xp = array_api_compat.array_namespace(x)
+        if self.perm is not None:
+            x = xp.permute_dims(x, self.perm)
+        if self.torch_shape != self.permuted_shape:
+            x = xp.reshape(x, self.torch_shape)
+        return x
+
+    def from_torch(self, y):
+        xp = array_api_compat.array_namespace(y)
+        if self.torch_shape != self.permuted_shape:
+            y = xp.reshape(y, self.permuted_shape)
+        if self.perm is not None:
+            inv = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
+            y = xp.permute_dims(y, inv)
+        return y
+
+
+def layout_for(shape, dims: DimensionNumbers, where: str) -> Layout:
+    """Layout of a ``shape`` parameter whose fan-in/fan-out axes are ``dims``."""
+    shape = tuple(int(d) for d in shape)
+    nd = len(shape)
+    norm = []
+    for field in ("reduction_axis", "output_axis"):
+        axes = getattr(dims, field)
+        for a in axes:
+            if not -nd <= a < nd:
+                raise ValueError(
+                    f"dimension_numbers for {where}: {field}={axes} is out of range for shape {shape}"
+                )
+        norm.append(tuple(a % nd for a in axes))
+    red, out = norm
+    if len(set(red)) != len(red) or len(set(out)) != len(out) or set(red) & set(out):
+        raise ValueError(
+            f"dimension_numbers for {where}: reduction_axis {red} and output_axis {out} must be "
+            f"distinct axes of shape {shape}"
+        )
+    other = tuple(i for i in range(nd) if i not in red and i not in out)
+    perm = out + red + other
+    permuted = tuple(shape[i] for i in perm)
+    torch_shape = (math.prod(shape[i] for i in out), math.prod(shape[i] for i in red)) + tuple(
+        shape[i] for i in other)
+    return Layout(shape, None if perm == tuple(range(nd)) else perm, permuted, torch_shape)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class LeafPlan(NamedTuple):
+    """``layout`` is a :class:`Layout` for a Muon leaf, None for a fallback leaf."""
+
+    layout: Optional[Layout]
+    decay: bool
+
+
+def check_label(label, where: str):
+    if label is None or (isinstance(label, str) and label in LABELS):
+        return label
+    raise ValueError(f"labels for {where} is {label!r}; use 'muon', 'fallback' (or None: automatic)")
+
+
+def check_leaf_dtype(x, where: str) -> None:
+    """TypeError unless ``x`` has a real floating dtype (float16/bfloat16/32/64)."""
+    dtype = getattr(x, "dtype", None)
+    ok = False
+    if dtype is not None:
+        if is_low_precision(dtype):
+            ok = True
+        else:
+            try:
+                ok = array_api_compat.array_namespace(x).isdtype(dtype, "real floating")
+            except Exception:
+                ok = dtype_name(dtype) in _FLOAT_NAMES
+    if not ok:
+        raise TypeError(
+            f"{where} has dtype {dtype}; xpopt optimises real floating parameters only "
+            "(float16, bfloat16, float32, float64): cast it, or keep it out of the optimiser "
+            "(integer counters, complex weights are not supported)"
+        )
+
+
+def plan_leaf(x, where: str, *, label, dims, decay, min_dim_size: int,
+              max_aspect_ratio: float) -> LeafPlan:
+    """Route one parameter: Muon (with its :class:`Layout`) or the fallback.
+
+    ``label``: None (automatic), ``"muon"`` or ``"fallback"``.  ``dims``: the
+    leaf's :class:`DimensionNumbers`, or None (from a user's dimension-numbers
+    pytree) for "not a matrix": fallback.
+    Automatic routing asks core ``suitability`` about the torch-layout shape.
+    """
+    check_leaf_dtype(x, where)
+    label = check_label(label, where)
+    shape = tuple(int(d) for d in x.shape)
+    if label == "fallback":
+        return LeafPlan(None, decay)
+    if dims is None:
+        if label == "muon":
+            raise ValueError(
+                f"labels marks {where} as 'muon' but dimension_numbers gives it None (not a matrix); "
+                "give it MuonDimensionNumbers(...) or label it 'fallback'"
+            )
+        return LeafPlan(None, decay)
+    if len(shape) < 2:
+        if label == "muon":
+            raise ValueError(
+                f"labels marks {where} (shape {shape}) as 'muon', but Muon needs a parameter with "
+                "at least 2 dimensions; label it 'fallback'"
+            )
+        return LeafPlan(None, decay)
+    layout = layout_for(shape, dims, where)
+    if label == "muon":
+        return LeafPlan(layout, decay)
+    ok, _ = suitability(layout.torch_shape, min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio)
+    return LeafPlan(layout if ok else None, decay)
+
+
+def muon_leaf_plan(x, where: str, dims) -> Layout:
+    """For ``scale_by_muon``: every leaf is a Muon matrix (errors otherwise)."""
+    check_leaf_dtype(x, where)
+    if dims is None:
+        raise ValueError(
+            f"scale_by_muon orthogonalises every leaf it sees, but dimension_numbers gives {where} None; "
+            "route non-matrix leaves elsewhere (optax.partition) or use muon(), which has a fallback"
+        )
+    shape = tuple(int(d) for d in x.shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"scale_by_muon got {where} with shape {shape}; Muon needs at least 2 dimensions "
+            "(use muon(), which sends vectors to its AdamW fallback, or optax.partition)"
+        )
+    return layout_for(shape, dims, where)
+
+
+def check_decay_flag(flag, where: str) -> bool:
+    if isinstance(flag, bool):
+        return flag
+    # numpy / jax boolean scalars (concrete: routing is decided outside jit's values)
+    if getattr(flag, "shape", None) == () and dtype_name(getattr(flag, "dtype", "")) == "bool":
+        return bool(flag)
+    raise TypeError(f"weight_decay_mask for {where} is {flag!r}; use True or False")

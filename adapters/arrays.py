@@ -1,0 +1,378 @@
+"""Muon for NumPy and CuPy arrays, functional (optax-style, no framework needed).
+
+::
+
+    from xpopt.adapters import arrays
+
+    opt = arrays.muon(lr=0.02, weight_decay=0.01)
+    state = opt.init(params)                 # params: list, tuple or flat dict of arrays
+    for batch in data:
+        grads = compute_grads(params, batch)
+        updates, state = opt.update(grads, state, params)
+        params = arrays.apply_updates(params, updates)
+
+Update rule (the maths is ``xpopt.core``): matrix parameters get Muon,
+``W <- W - lr * lr_scale * orthogonalize(momentum(g)) - lr * wd * W``, the rest
+(vectors, unsuitable shapes, entries labelled ``"fallback"``) AdamW/NAdamW with
+``fallback_lr``.  ``update`` returns the *deltas* (optax convention); add them
+with :func:`apply_updates`.  Options, defaults and errors are those of
+``docs/adapters.md`` and of :func:`xpopt.adapters.optax.muon`, with torch's
+spellings (``lr``, ``fallback_lr``).
+
+Layout defaults to torch's ``(out, in, *spatial)`` (``dimension_numbers="torch"``);
+pass ``"flax"`` for ``(in, out)`` / ``(kh, kw, in, out)`` weights, a
+:class:`DimensionNumbers`, a container of them matching ``params`` (None =
+fallback), or a callable ``params -> such a container``.
+
+Routing: ``labels=None`` asks core ``suitability`` about each weight's
+torch-layout shape; else a container like ``params`` of ``"muon"`` /
+``"fallback"`` / None (automatic), or a callable returning one.
+
+State (:class:`MuonState`) holds plain arrays of the params' library (None where
+a field does not apply) and a Python int ``step``: picklable, ``np.savez``-able.
+float16 params keep float32 state and get float32 updates, which
+:func:`apply_updates` rounds into the param once.
+
+NaN policy: no implicit finiteness check; a NaN/Inf gradient propagates into
+that parameter's state and update, as in torch.optim and optax.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import array_api_compat
+
+from ..backends import backend_name, get_backend
+from . import _common as C
+from ._common import DimensionNumbers
+
+__all__ = ["muon", "apply_updates", "MuonState", "Muon", "DimensionNumbers", "FLAX", "TORCH"]
+
+FLAX = C.FLAX
+TORCH = C.TORCH
+_LIBS = ("numpy", "cupy")
+
+
+class MuonState(NamedTuple):
+    """Optimizer state; the containers have the params' type (list/tuple/dict)."""
+
+    step: int        # updates taken so far
+    mu: Any          # Muon momentum buffers (None for fallback entries)
+    exp_avg: Any     # fallback first moments (None for Muon entries)
+    exp_avg_sq: Any  # fallback second moments (None for Muon entries)
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def _flatten(container, argname: str):
+    """``(keys, values, names, kind)`` for a list, tuple or flat dict."""
+    if isinstance(container, dict):
+        keys = list(container)
+        return keys, [container[k] for k in keys], [f"{argname}[{k!r}]" for k in keys], dict
+    if isinstance(container, (list, tuple)):
+        n = len(container)
+        return list(range(n)), list(container), [f"{argname}[{i}]" for i in range(n)], type(container)
+    raise TypeError(
+        f"{argname} must be a list, tuple or flat dict of arrays, got {type(container).__name__}"
+    )
+
+
+def _rebuild(kind, keys, values):
+    if kind is dict:
+        return dict(zip(keys, values))
+    return kind(values) if kind in (list, tuple) else list(values)
+
+
+def _matching(container, keys, kind, argname: str, ref: str = "params") -> list:
+    """Values of ``container`` in ``keys`` order; ValueError unless it matches ``ref``."""
+    if isinstance(container, dict) != (kind is dict) or not isinstance(container, (dict, list, tuple)):
+        raise ValueError(
+            f"{argname} must be a {'dict' if kind is dict else 'list/tuple'} matching {ref}, "
+            f"got {type(container).__name__}")
+    k2, vals, _, _ = _flatten(container, argname)
+    if (kind is dict and set(k2) != set(keys)) or len(k2) != len(keys):
+        raise ValueError(
+            f"{argname} does not match {ref}: expected {'keys ' + str(sorted(map(str, keys))) if kind is dict else str(len(keys)) + ' entries'}, "
+            f"got {'keys ' + str(sorted(map(str, k2))) if kind is dict else str(len(k2)) + ' entries'}")
+    if kind is dict:
+        return [container[k] for k in keys]
+    return vals
+
+
+def _per_leaf(spec, params, keys, kind, argname: str, is_value) -> list:
+    if callable(spec) and not is_value(spec):
+        spec = spec(params)
+    if is_value(spec):
+        return [spec] * len(keys)
+    return _matching(spec, keys, kind, argname)
+
+
+def _check_arrays(values, names, argname: str) -> str:
+    """The library (numpy/cupy) shared by ``values``; TypeError on anything else or a mix."""
+    libs = []
+    for x, nm in zip(values, names):
+        try:
+            lib = backend_name(x)
+        except TypeError:
+            lib = None
+        if lib not in _LIBS:
+            what = type(x).__module__ + "." + type(x).__name__
+            hint = {"torch": " (use xpopt.adapters.torch)", "jax": " (use xpopt.adapters.optax)"}.get(lib or "", "")
+            raise TypeError(f"{nm} is a {what}; xpopt.adapters.arrays takes NumPy or CuPy arrays{hint}")
+        libs.append(lib)
+    if len(set(libs)) > 1:
+        i = next(j for j, lib in enumerate(libs) if lib != libs[0])
+        raise TypeError(
+            f"{argname} mixes array libraries ({names[0]}: {libs[0]}, {names[i]}: {libs[i]}); "
+            "move them all to one (numpy or cupy) first")
+    return libs[0] if libs else "numpy"
+
+
+def _compute_dtype(x):
+    xp = array_api_compat.array_namespace(x)
+    return xp.float32 if C.is_low_precision(x.dtype) else x.dtype
+
+
+def _cast(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _zeros(x, dtype):
+    return array_api_compat.array_namespace(x).zeros_like(x, dtype=dtype)
+
+
+def _is_label_value(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_dims_value(v) -> bool:
+    return isinstance(v, str) or C.is_dim_numbers(v)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class Muon:
+    """Returned by :func:`muon`: ``init(params)`` and ``update(grads, state, params)``."""
+
+    def __init__(self, *, lr, fallback_lr, weight_decay, fallback_weight_decay, weight_decay_mask,
+                 opts: C.MuonOptions, fb: C.FallbackOptions, mu_dtype, min_dim_size, max_aspect_ratio,
+                 labels, dimension_numbers):
+        self.lr = lr
+        self.fallback_lr = fallback_lr
+        self.weight_decay = weight_decay
+        self.fallback_weight_decay = fallback_weight_decay
+        self.weight_decay_mask = weight_decay_mask
+        self.options = opts
+        self.fallback = fb
+        self.mu_dtype = mu_dtype
+        self.min_dim_size = min_dim_size
+        self.max_aspect_ratio = max_aspect_ratio
+        self.labels = labels
+        self.dimension_numbers = dimension_numbers
+        self._warned: list = []
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (f"arrays.Muon(lr={self.lr!r}, momentum={o.momentum}, nesterov={o.nesterov}, "
+                f"weight_decay={self.weight_decay}, fallback={self.fallback.fallback!r})")
+
+    # routing ------------------------------------------------------------------
+    def _plan(self, params, argname: str = "params"):
+        keys, values, names, kind = _flatten(params, argname)
+        lib = _check_arrays(values, names, argname)
+        n = len(keys)
+        labels = ([None] * n if self.labels is None else
+                  _per_leaf(self.labels, params, keys, kind, "labels", _is_label_value))
+        dspec = "torch" if self.dimension_numbers is None else self.dimension_numbers
+        dims = [C.resolve_dim_spec(d) for d in
+                _per_leaf(dspec, params, keys, kind, "dimension_numbers", _is_dims_value)]
+        if self.weight_decay_mask is None:
+            decay = [True] * n
+        else:
+            flags = _per_leaf(self.weight_decay_mask, params, keys, kind, "weight_decay_mask",
+                              lambda v: isinstance(v, bool))
+            decay = [C.check_decay_flag(f, nm) for f, nm in zip(flags, names)]
+        plans = [
+            C.plan_leaf(x, nm, label=lab, dims=d, decay=dc, min_dim_size=self.min_dim_size,
+                        max_aspect_ratio=self.max_aspect_ratio)
+            for x, nm, lab, d, dc in zip(values, names, labels, dims, decay)
+        ]
+        return keys, values, names, kind, lib, plans
+
+    def _state_dtype(self, x):
+        return _compute_dtype(x) if self.mu_dtype is None else self.mu_dtype
+
+    # API ------------------------------------------------------------------------
+    def init(self, params) -> MuonState:
+        """Zero state for ``params`` (a list, tuple or flat dict of NumPy/CuPy arrays)."""
+        keys, values, _, kind, _, plans = self._plan(params)
+        muon_vals = [x for x, p in zip(values, plans) if p.layout is not None]
+        if muon_vals:
+            x0 = muon_vals[0]
+            C.warn_bf16_once(self.options, get_backend(x0).has_native_bf16(x0), self._warned)
+        mu, m, v = [], [], []
+        for x, p in zip(values, plans):
+            if p.layout is not None:
+                mu.append(_zeros(x, self._state_dtype(x)))
+                m.append(None)
+                v.append(None)
+            else:
+                mu.append(None)
+                m.append(_zeros(x, self._state_dtype(x)))
+                v.append(_zeros(x, _compute_dtype(x)))
+        return MuonState(0, _rebuild(kind, keys, mu), _rebuild(kind, keys, m), _rebuild(kind, keys, v))
+
+    def update(self, grads, state: MuonState, params=None):
+        """``(updates, new_state)``; ``params`` is needed when weight decay is on.
+
+        ``updates`` are deltas (add them with :func:`apply_updates`), in float32
+        for float16 params and in the param dtype otherwise.
+        """
+        if not isinstance(state, MuonState):
+            raise TypeError(f"state must be the MuonState returned by init(), got {type(state).__name__}")
+        gkeys, gvals, gnames, gkind = _flatten(grads, "grads")
+        _check_arrays(gvals, gnames, "grads")
+        if params is not None:
+            keys, pvals, names, kind, lib, plans = self._plan(params)
+            gvals = _matching(grads, keys, kind, "grads")
+            glib = backend_name(gvals[0]) if gvals else lib
+            if glib != lib:
+                raise TypeError(f"grads are {glib} arrays but params are {lib} arrays")
+            for g, x, nm in zip(gvals, pvals, names):
+                if tuple(g.shape) != tuple(x.shape):
+                    raise ValueError(f"grad for {nm} has shape {tuple(g.shape)}, param has {tuple(x.shape)}")
+        else:
+            keys, _, names, kind, lib, plans = self._plan(grads, "grads")
+            pvals = None
+        wd, fwd = self.weight_decay, self.fallback_weight_decay
+        if pvals is None and any(p.decay and (wd if p.layout is not None else fwd) for p in plans):
+            raise ValueError("weight decay needs the current parameters: call update(grads, state, params)")
+        bufs = _matching(state.mu, keys, kind, "state.mu", "grads")
+        ms = _matching(state.exp_avg, keys, kind, "state.exp_avg", "grads")
+        vs = _matching(state.exp_avg_sq, keys, kind, "state.exp_avg_sq", "grads")
+        for nm, p, b, m in zip(names, plans, bufs, ms):
+            if (b if p.layout is not None else m) is None:
+                raise ValueError(
+                    f"{nm} is routed to {'Muon' if p.layout is not None else 'the fallback'} now but was "
+                    "not at init: labels/dimension_numbers must route the same way on every call")
+
+        step = int(state.step)
+        lr_t = self.lr(step) if callable(self.lr) else self.lr
+        flr_t = self.fallback_lr(step) if callable(self.fallback_lr) else self.fallback_lr
+        out: list = [None] * len(keys)
+        new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
+
+        idx, mats = [], []
+        for i, (g, p, b) in enumerate(zip(gvals, plans, bufs)):
+            if p.layout is None:
+                continue
+            cdt = _compute_dtype(g)
+            nb, u = self.options.momentum_step(_cast(b, cdt), _cast(g, cdt))
+            new_mu[i] = _cast(nb, b.dtype)
+            idx.append(i)
+            mats.append(p.layout.to_torch(u))
+        for i, d in zip(idx, self.options.orthogonalize(mats)):
+            d = plans[i].layout.from_torch(d)
+            delta = -lr_t * d
+            if wd and plans[i].decay:
+                delta = delta - (lr_t * wd) * _cast(pvals[i], d.dtype)
+            out[i] = delta
+
+        for i, (g, p, m, v) in enumerate(zip(gvals, plans, ms, vs)):
+            if p.layout is not None:
+                continue
+            cdt = _compute_dtype(g)
+            direction, m2, v2 = self.fallback.direction(_cast(g, cdt), _cast(m, cdt), _cast(v, cdt), step + 1)
+            new_m[i], new_v[i] = _cast(m2, m.dtype), _cast(v2, v.dtype)
+            delta = -flr_t * direction
+            if fwd and p.decay:
+                delta = delta - (flr_t * fwd) * _cast(pvals[i], direction.dtype)
+            out[i] = delta
+
+        new_state = MuonState(step + 1, _rebuild(kind, keys, new_mu), _rebuild(kind, keys, new_m),
+                              _rebuild(kind, keys, new_v))
+        return _rebuild(kind, keys, out), new_state
+
+
+def muon(
+    lr: Union[float, Callable[[int], float]] = 0.02,
+    *,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    momentum_form: str = "ema",
+    weight_decay: float = 0.0,
+    weight_decay_mask=None,
+    ns_coefficients="quintic",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    safety_factor: float = 1.0,
+    adjust_lr_fn: str = "match_rms_adamw",
+    conv_mode: str = "flatten",
+    normalize_spatial: bool = True,
+    ns_dtype=None,
+    batched: bool = True,
+    mu_dtype=None,
+    fallback: str = "adamw",
+    fallback_lr: Optional[Union[float, Callable[[int], float]]] = None,
+    betas=(0.9, 0.95),
+    fallback_eps: float = 1e-8,
+    fallback_weight_decay: Optional[float] = None,
+    min_dim_size: int = 4,
+    max_aspect_ratio: float = 128.0,
+    labels=None,
+    dimension_numbers="torch",
+) -> Muon:
+    """Muon (matrices) + AdamW/NAdamW (the rest) for NumPy/CuPy params.
+
+    ``lr`` and ``fallback_lr`` (None = ``lr``) are floats >= 0 or callables
+    ``step -> float`` (``step`` = updates taken so far, 0 at the first).
+    ``weight_decay_mask``: None (decay all), True/False, a container like params
+    of bools, or a callable ``params -> such a container``.  ``mu_dtype``: dtype of
+    Muon's momentum and the fallback's first moment (None: float32 for float16
+    params, else the param dtype).  Every other option is documented in
+    ``docs/adapters.md`` and :func:`xpopt.adapters.optax.muon`.
+    """
+    opts = C.muon_options(
+        momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
+        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
+        adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
+        ns_dtype=ns_dtype, batched=batched,
+    )
+    fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
+    lr = C.check_lr(lr, "lr")
+    flr = lr if fallback_lr is None else C.check_lr(fallback_lr, "fallback_lr")
+    wd = C.check_nonnegative(weight_decay, "weight_decay")
+    fwd = wd if fallback_weight_decay is None else C.check_nonnegative(fallback_weight_decay, "fallback_weight_decay")
+    min_dim, max_ratio = C.check_routing_options(min_dim_size, max_aspect_ratio)
+    if mu_dtype is not None:
+        mu_dtype = C._check_dtype_spec(mu_dtype, "mu_dtype")
+        if isinstance(mu_dtype, str):
+            import numpy as np  # a dtype name -> a numpy dtype, which cupy accepts too
+
+            try:
+                mu_dtype = np.dtype(mu_dtype)
+            except TypeError:
+                raise TypeError(f"mu_dtype={mu_dtype!r} is not available for numpy/cupy state") from None
+    if isinstance(dimension_numbers, str) or C.is_dim_numbers(dimension_numbers):
+        C.resolve_dim_spec(dimension_numbers)
+    if isinstance(labels, str):
+        C.check_label(labels, "every entry")
+    return Muon(lr=lr, fallback_lr=flr, weight_decay=wd, fallback_weight_decay=fwd,
+                weight_decay_mask=weight_decay_mask, opts=opts, fb=fb, mu_dtype=mu_dtype,
+                min_dim_size=min_dim, max_aspect_ratio=max_ratio, labels=labels,
+                dimension_numbers=dimension_numbers)
+
+
+def apply_updates(params, updates):
+    """``params + updates`` entry by entry, cast back to each param's dtype (one rounding)."""
+    keys, pvals, names, kind = _flatten(params, "params")
+    uvals = _matching(updates, keys, kind, "updates")
+    out = []
+    for p, u, nm in zip(pvals, uvals, names):
+        if tuple(p.shape) != tuple(u.shape):
+            raise ValueError(f"update for {nm} has shape {tuple(u.shape)}, param has {tuple(p.shape)}")
+        out.append(_cast(p + u, p.dtype))
+    return _rebuild(kind, keys, out)

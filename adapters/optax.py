@@ -1,0 +1,462 @@
+"""Muon for JAX as optax transforms: ``from xpopt.adapters import optax as xo``.
+
+Update rule (the maths is ``xpopt.core``; this module only moves pytrees and
+layouts).  For a Muon leaf ``W`` with gradient ``g``, step ``t = 1, 2, ...``::
+
+    buf = mu * buf + (1 - mu) * g                  # momentum_form="ema" (default)
+    u   = g + mu * (buf - g)  if nesterov else buf # "classic": buf = mu*buf + g
+    O   = lr_scale(out, in) * orthogonalize(matrix(u))   # Newton-Schulz, core
+    W  <- W - lr * O - lr * weight_decay * W       # decoupled, like optax.adamw
+
+and for every other leaf (vectors, unsuitable shapes, leaves labelled
+``"fallback"``) AdamW, or NAdamW with ``fallback="nadamw"``, with
+``fallback_learning_rate``, ``betas``, ``fallback_eps`` and
+``fallback_weight_decay``.  ``lr_scale`` follows ``adjust_lr_fn``
+(``"match_rms_adamw"``: ``0.2 * sqrt(max(out, in))``, so one learning rate
+serves both halves).
+
+Two transforms:
+
+* :func:`muon` -- the whole optimiser (Muon + fallback, weight decay,
+  learning rates or schedules); its updates are the deltas to add with
+  ``optax.apply_updates``.
+* :func:`scale_by_muon` -- only ``lr_scale * orthogonalize(momentum)`` (a
+  positive direction) for a tree of matrices; chain it with
+  ``optax.scale_by_learning_rate`` (and anything else) yourself.
+
+Layout.  flax stores a Dense kernel as ``(in, out)`` and a Conv kernel as
+``(kh, kw, in, out)``; core works in torch's ``(out, in, kh, kw)``.
+``dimension_numbers`` says which axes are fan-in and fan-out, in optax's
+``MuonDimensionNumbers(reduction_axis=..., output_axis=...)`` style (other
+axes are conv taps, handled by ``conv_mode``): ``None``/``"flax"`` (default:
+last axis = out, second-to-last = in, leading axes spatial), ``"torch"``,
+one ``MuonDimensionNumbers``, a pytree of them matching the params (``None``
+leaf = not a matrix: fallback) or a callable ``params -> such a pytree``.
+Each leaf is moved into core's layout and back, so fan-in/fan-out, the LR
+scale and conv handling agree with the torch adapter.  A 3-D kernel such as
+flax's ``DenseGeneral`` ``(in, heads, head_dim)`` needs explicit dimension
+numbers (``reduction_axis=0, output_axis=(1, 2)``).
+
+Routing.  ``labels=None`` sends a leaf to Muon iff core ``suitability`` accepts
+its torch-layout shape (at least two non-unit dims, no unit out/in dim,
+sides >= ``min_dim_size``, aspect ratio <= ``max_aspect_ratio``).  Otherwise
+``labels`` is a pytree (or prefix) of ``"muon"`` / ``"fallback"`` / ``None``
+(automatic) or a callable ``params -> such a pytree``.  Embeddings and output
+heads are usually labelled ``"fallback"``.
+
+Precision.  bf16/f16 leaves keep float32 state (``mu_dtype=None``) and get
+float32 updates, which ``optax.apply_updates`` adds and rounds into the param
+once.  ``ns_dtype=None`` runs Newton-Schulz in float32 for them and in the leaf
+dtype otherwise; ``ns_dtype="bfloat16"`` is the GPU/TPU speed choice and warns
+once on a CPU, where bf16 matmuls are emulated (~100x slower).
+
+NaN policy.  No implicit finiteness check (it would cost a device sync per step):
+a NaN/Inf in a gradient propagates into that leaf's state and update, as in
+optax itself.  Wrap with ``optax.apply_if_finite`` or ``optax.zero_nans`` if
+you want to skip or zero such steps.
+
+Example (flax nnx; embeddings and the head go to AdamW)::
+
+    import jax, optax
+    from flax import nnx
+    from xpopt.adapters import optax as xo
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(256, 64, rngs=rngs)
+            self.hidden = nnx.Linear(64, 64, rngs=rngs)     # kernel (in, out): Muon
+            self.head = nnx.Linear(64, 256, rngs=rngs)
+        def __call__(self, tokens):
+            return self.head(jax.nn.gelu(self.hidden(self.embed(tokens))))
+
+    def labels(params):   # a pytree of "muon" / "fallback" / None (automatic)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "fallback" if path[0].key in ("embed", "head") else None, params)
+
+    model = MLP(nnx.Rngs(0))
+    tx = xo.muon(optax.cosine_decay_schedule(0.02, 1000), weight_decay=0.01, labels=labels)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, tokens, targets):
+        def loss_fn(model):
+            logits = model(tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+With plain pytrees (linen, equinox, hand-written): ``state = tx.init(params)``;
+``updates, state = tx.update(grads, state, params)``;
+``params = optax.apply_updates(params, updates)``, all inside ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from ..backends import jax as _jax_backend
+from . import _common as C
+
+__all__ = [
+    "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
+    "FLAX", "TORCH",
+]
+
+#: ``MuonDimensionNumbers`` of flax's layout (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
+FLAX = MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+#: ``MuonDimensionNumbers`` of torch's layout (``(out, in, *spatial)``, core's own).
+TORCH = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
+
+ScalarOrSchedule = Union[float, Callable[[Any], Any]]
+
+
+class MuonState(NamedTuple):
+    """State of :func:`scale_by_muon`."""
+
+    count: jax.Array    # int32 scalar: steps taken
+    mu: optax.Updates   # momentum buffer per leaf (mu_dtype)
+
+
+class MuonAdamWState(NamedTuple):
+    """State of :func:`muon`; ``optax.MaskedNode()`` where a field does not apply."""
+
+    count: jax.Array         # int32 scalar: steps taken (schedules see it before the increment)
+    mu: optax.Updates        # Muon momentum buffers (Muon leaves)
+    exp_avg: optax.Updates   # fallback first moments (fallback leaves)
+    exp_avg_sq: optax.Updates  # fallback second moments (fallback leaves)
+
+
+# --------------------------------------------------------------------------- pytrees
+
+
+def _is_spec_leaf(x) -> bool:
+    return x is None or isinstance(x, (str, bool)) or C.is_dim_numbers(x)
+
+
+def _flatten(tree):
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [f"params{jax.tree_util.keystr(p)}" if p else "params" for p, _ in path_leaves]
+    return [leaf for _, leaf in path_leaves], treedef, names
+
+
+def _per_leaf(spec, tree, treedef, argname: str) -> list:
+    """One value of ``spec`` (a value, a pytree/prefix or a callable) per leaf of ``tree``."""
+    if callable(spec):
+        spec = spec(tree)
+    try:
+        full = jax.tree.broadcast(spec, tree, is_leaf=_is_spec_leaf)
+        return treedef.flatten_up_to(full)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{argname} does not match the params tree: give one value per leaf (the same pytree "
+            f"structure as params, or a prefix of it). Details: {e}"
+        ) from None
+
+
+def _flatten_up_to(treedef, tree, argname: str) -> list:
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{argname} does not match the structure of the updates tree: {e}") from None
+
+
+def _compute_dtype(dtype):
+    return jnp.dtype(jnp.float32) if C.is_low_precision(dtype) else jnp.dtype(dtype)
+
+
+def _check_mu_dtype(mu_dtype):
+    if mu_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(mu_dtype)
+    except TypeError:
+        raise TypeError(f"mu_dtype={mu_dtype!r} is not a dtype; use e.g. jnp.float32 or 'bfloat16'") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"mu_dtype={mu_dtype!r} is not a floating dtype")
+    return dt
+
+
+def _native_bf16(x) -> bool:
+    if _jax_backend.is_traced(x):  # init under jit: ask where computations will run
+        return jax.default_backend() != "cpu"
+    return _jax_backend.has_native_bf16(x)
+
+
+def _dims_per_leaf(dimension_numbers, tree, treedef, n):
+    """(list of DimensionNumbers-or-None, given_by_user_as_tree)."""
+    if dimension_numbers is None or isinstance(dimension_numbers, str) or C.is_dim_numbers(dimension_numbers):
+        d = C.resolve_dim_spec("flax" if dimension_numbers is None else dimension_numbers)
+        return [d] * n
+    raw = _per_leaf(dimension_numbers, tree, treedef, "dimension_numbers")
+    return [C.resolve_dim_spec(d) for d in raw]
+
+
+def _check_dims_arg(dimension_numbers):
+    if dimension_numbers is None or callable(dimension_numbers):
+        return
+    if isinstance(dimension_numbers, str) or C.is_dim_numbers(dimension_numbers):
+        C.resolve_dim_spec(dimension_numbers)  # validate now
+
+
+def _lr_value(lr, count):
+    return lr(count) if callable(lr) else lr
+
+
+# --------------------------------------------------------------------------- scale_by_muon
+
+
+def scale_by_muon(
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    momentum_form: str = "ema",
+    ns_coefficients="quintic",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    safety_factor: float = 1.0,
+    adjust_lr_fn: str = "match_rms_adamw",
+    conv_mode: str = "flatten",
+    normalize_spatial: bool = True,
+    ns_dtype=None,
+    batched: bool = True,
+    mu_dtype=None,
+    dimension_numbers=None,
+) -> optax.GradientTransformation:
+    """Muon's direction ``lr_scale * orthogonalize(momentum_update(g))`` for every leaf.
+
+    Every leaf is treated as a Muon matrix (a vector is an error: use
+    :func:`muon`, or ``optax.partition``).  The updates are a *positive*
+    direction: chain with ``optax.scale_by_learning_rate(lr)`` (which negates)
+    and, for decoupled weight decay, ``optax.add_decayed_weights(wd)`` before it.
+    Options and ``dimension_numbers`` as in :func:`muon`.  State: :class:`MuonState`.
+    """
+    opts = C.muon_options(
+        momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
+        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
+        adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
+        ns_dtype=ns_dtype, batched=batched,
+    )
+    mu_dt = _check_mu_dtype(mu_dtype)
+    _check_dims_arg(dimension_numbers)
+    warned: list = []
+
+    def layouts(tree):
+        leaves, treedef, names = _flatten(tree)
+        dims = _dims_per_leaf(dimension_numbers, tree, treedef, len(leaves))
+        return [C.muon_leaf_plan(x, n, d) for x, n, d in zip(leaves, names, dims)]
+
+    def init_fn(params):
+        leaves, treedef, _ = _flatten(params)
+        layouts(params)  # validate early
+        if leaves:
+            C.warn_bf16_once(opts, _native_bf16(leaves[0]), warned)
+        mu = [jnp.zeros(x.shape, mu_dt or _compute_dtype(x.dtype)) for x in leaves]
+        return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
+
+    def update_fn(updates, state, params=None):
+        leaves, treedef, _ = _flatten(updates)
+        lays = layouts(params if params is not None else updates)
+        if len(lays) != len(leaves):
+            raise ValueError("params and updates have different tree structures")
+        bufs = _flatten_up_to(treedef, state.mu, "state.mu")
+        new_bufs, mats = [], []
+        for g, b, lay in zip(leaves, bufs, lays):
+            cdt = _compute_dtype(g.dtype)
+            nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
+            new_bufs.append(nb.astype(b.dtype))
+            mats.append(lay.to_torch(u))
+        dirs = opts.orthogonalize(mats)
+        out = [lay.from_torch(d) for lay, d in zip(lays, dirs)]
+        return treedef.unflatten(out), MuonState(
+            count=optax.safe_increment(state.count), mu=treedef.unflatten(new_bufs))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- muon
+
+
+def muon(
+    learning_rate: ScalarOrSchedule,
+    *,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    momentum_form: str = "ema",
+    weight_decay: float = 0.0,
+    weight_decay_mask=None,
+    ns_coefficients="quintic",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    safety_factor: float = 1.0,
+    adjust_lr_fn: str = "match_rms_adamw",
+    conv_mode: str = "flatten",
+    normalize_spatial: bool = True,
+    ns_dtype=None,
+    batched: bool = True,
+    mu_dtype=None,
+    fallback: str = "adamw",
+    fallback_learning_rate: Optional[ScalarOrSchedule] = None,
+    betas=(0.9, 0.95),
+    fallback_eps: float = 1e-8,
+    fallback_weight_decay: Optional[float] = None,
+    min_dim_size: int = 4,
+    max_aspect_ratio: float = 128.0,
+    labels=None,
+    dimension_numbers=None,
+) -> optax.GradientTransformation:
+    """Muon for matrix leaves, AdamW/NAdamW for the rest, as one optax transform.
+
+    Args:
+      learning_rate: Muon learning rate, a float >= 0 or an optax schedule
+        (called with the step count, 0 at the first update).
+      momentum, nesterov, momentum_form: Muon momentum (``"ema"`` or ``"classic"``).
+      weight_decay: decoupled, ``W -= lr * weight_decay * W`` (Muon and fallback,
+        unless ``fallback_weight_decay`` is set).
+      weight_decay_mask: None (decay every leaf), or a pytree/prefix of bools,
+        or a callable ``params -> such a pytree`` (True = decay), as in optax.
+      ns_coefficients, ns_steps, eps, safety_factor: Newton-Schulz (core presets
+        ``"quintic"``, ``"original"``, ``"polar_express"``, ``"polar_express_safer"``
+        or ``(a, b, c)`` triples).
+      adjust_lr_fn: ``"match_rms_adamw"``, ``"original"``, ``"rms_to_rms"`` or ``"none"``.
+      conv_mode, normalize_spatial: conv kernels, ``"flatten"`` (one matrix
+        ``(out, in*kh*kw)``) or ``"batched"`` (one per tap).
+      ns_dtype: Newton-Schulz compute dtype; None = float32 for bf16/f16 leaves,
+        else the leaf dtype.
+      batched: stack same-shape matrices into one Newton-Schulz call.
+      mu_dtype: dtype of Muon's momentum and the fallback's first moment
+        (None: float32 for bf16/f16 leaves, else the leaf dtype).
+      fallback: ``"adamw"`` or ``"nadamw"``.
+      fallback_learning_rate: float or schedule; None = ``learning_rate``.
+      betas, fallback_eps, fallback_weight_decay: the fallback's hyperparameters.
+      min_dim_size, max_aspect_ratio: thresholds of automatic routing.
+      labels: None (automatic), or a pytree/prefix of ``"muon"``/``"fallback"``/None,
+        or a callable ``params -> such a pytree``.
+      dimension_numbers: None/``"flax"`` (default), ``"torch"``, a
+        ``MuonDimensionNumbers``, a pytree of them (None leaf = fallback) or a
+        callable ``params -> such a pytree``.
+
+    Returns an ``optax.GradientTransformation`` with state :class:`MuonAdamWState`;
+    ``update`` needs ``params`` when weight decay is on.
+    """
+    opts = C.muon_options(
+        momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
+        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
+        adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
+        ns_dtype=ns_dtype, batched=batched,
+    )
+    fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
+    lr = C.check_lr(learning_rate, "learning_rate")
+    flr = lr if fallback_learning_rate is None else C.check_lr(fallback_learning_rate, "fallback_learning_rate")
+    wd = C.check_nonnegative(weight_decay, "weight_decay")
+    fwd = wd if fallback_weight_decay is None else C.check_nonnegative(fallback_weight_decay, "fallback_weight_decay")
+    min_dim, max_ratio = C.check_routing_options(min_dim_size, max_aspect_ratio)
+    mu_dt = _check_mu_dtype(mu_dtype)
+    _check_dims_arg(dimension_numbers)
+    if isinstance(labels, str):
+        C.check_label(labels, "every leaf")
+    warned: list = []
+
+    def plan(tree):
+        leaves, treedef, names = _flatten(tree)
+        n = len(leaves)
+        labs = [None] * n if labels is None else _per_leaf(labels, tree, treedef, "labels")
+        dims = _dims_per_leaf(dimension_numbers, tree, treedef, n)
+        if weight_decay_mask is None:
+            decay = [True] * n
+        else:
+            decay = [C.check_decay_flag(f, nm) for f, nm in
+                     zip(_per_leaf(weight_decay_mask, tree, treedef, "weight_decay_mask"), names)]
+        return [
+            C.plan_leaf(x, nm, label=lab, dims=d, decay=dc, min_dim_size=min_dim,
+                        max_aspect_ratio=max_ratio)
+            for x, nm, lab, d, dc in zip(leaves, names, labs, dims, decay)
+        ]
+
+    def init_fn(params):
+        leaves, treedef, _ = _flatten(params)
+        plans = plan(params)
+        muon_leaves = [x for x, p in zip(leaves, plans) if p.layout is not None]
+        if muon_leaves:
+            C.warn_bf16_once(opts, _native_bf16(muon_leaves[0]), warned)
+        masked = optax.MaskedNode()
+        mu, m, v = [], [], []
+        for x, p in zip(leaves, plans):
+            cdt = _compute_dtype(x.dtype)
+            if p.layout is not None:
+                mu.append(jnp.zeros(x.shape, mu_dt or cdt))
+                m.append(masked)
+                v.append(masked)
+            else:
+                mu.append(masked)
+                m.append(jnp.zeros(x.shape, mu_dt or cdt))
+                v.append(jnp.zeros(x.shape, cdt))
+        return MuonAdamWState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu),
+                              exp_avg=treedef.unflatten(m), exp_avg_sq=treedef.unflatten(v))
+
+    def update_fn(updates, state, params=None):
+        grads, treedef, names = _flatten(updates)
+        if params is not None:
+            p_leaves = _flatten_up_to(treedef, params, "params")
+            plans = plan(params)
+        else:
+            p_leaves = None
+            plans = plan(updates)
+        needs_params = any(p.decay and (wd if p.layout is not None else fwd) for p in plans)
+        if needs_params and p_leaves is None:
+            raise ValueError(
+                "weight decay needs the current parameters: call update(grads, state, params)")
+        bufs = _flatten_up_to(treedef, state.mu, "state.mu")
+        ms = _flatten_up_to(treedef, state.exp_avg, "state.exp_avg")
+        vs = _flatten_up_to(treedef, state.exp_avg_sq, "state.exp_avg_sq")
+        for nm, p, b, m in zip(names, plans, bufs, ms):
+            if isinstance(b if p.layout is not None else m, optax.MaskedNode):
+                raise ValueError(
+                    f"{nm} is routed to {'Muon' if p.layout is not None else 'the fallback'} now but "
+                    "was not at init: labels/dimension_numbers must route the same way on every call")
+
+        count = state.count
+        count_inc = optax.safe_increment(count)
+        lr_t = _lr_value(lr, count)
+        flr_t = _lr_value(flr, count)
+        out: list = [None] * len(grads)
+        new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
+
+        # Muon leaves: momentum (elementwise, own layout), then one core call.
+        idx, mats = [], []
+        for i, (g, p, b) in enumerate(zip(grads, plans, bufs)):
+            if p.layout is None:
+                continue
+            cdt = _compute_dtype(g.dtype)
+            nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
+            new_mu[i] = nb.astype(b.dtype)
+            idx.append(i)
+            mats.append(p.layout.to_torch(u))
+        for i, d in zip(idx, opts.orthogonalize(mats)):
+            d = plans[i].layout.from_torch(d)
+            delta = -lr_t * d
+            if wd and plans[i].decay:
+                delta = delta - (lr_t * wd) * p_leaves[i].astype(d.dtype)
+            out[i] = delta
+
+        # Fallback leaves: core AdamW/NAdamW direction, 1-based step.
+        for i, (g, p, m, v) in enumerate(zip(grads, plans, ms, vs)):
+            if p.layout is not None:
+                continue
+            cdt = _compute_dtype(g.dtype)
+            direction, m2, v2 = fb.direction(g.astype(cdt), m.astype(cdt), v.astype(cdt), count_inc)
+            new_m[i], new_v[i] = m2.astype(m.dtype), v2.astype(v.dtype)
+            delta = -flr_t * direction
+            if fwd and p.decay:
+                delta = delta - (flr_t * fwd) * p_leaves[i].astype(direction.dtype)
+            out[i] = delta
+
+        new_state = MuonAdamWState(count=count_inc, mu=treedef.unflatten(new_mu),
+                                   exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
