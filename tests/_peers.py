@@ -108,3 +108,26 @@ def load_timm_muon():
         pytest.skip(f"timm's optim/muon.py from {optim_dir} does not load beside this torch: "
                     f"{type(e).__name__}: {e}")
     return sys.modules[_TIMM_PKG + ".muon"]
+
+
+@pytest.fixture(scope="module", autouse=False)
+def torch_one_thread():
+    """Run torch on one intra-op thread for the module, then restore.
+
+    The parity problems are tiny (<= 64x64 matrices): on a shared 2-core
+    machine torch's thread pool only adds contention (measured: the same
+    float32 parity runs took 3.9 s on one thread and 29 s on two while other
+    jobs were running).  Import it into a test module and list it in
+    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``.
+    """
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
