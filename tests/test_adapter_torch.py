@@ -30,6 +30,17 @@ from xpopt.core.muon import muon_step  # noqa: E402
 KJ = (3.4445, -4.7750, 2.0315)  # Keller Jordan's published NS quintic
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The matrices here are tiny (<= 16 x 32): with torch's default intra-op
+    # threads on a busy 2-core machine, OpenMP barriers made an 8x8 addmm take
+    # ~7 ms (measured 0.3 s per step vs 2 ms with one thread). Restored after.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------ helpers
 
 def f32(a) -> np.ndarray:
