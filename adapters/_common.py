@@ -129,11 +129,28 @@ def _check_choice(value, choices, argname: str) -> str:
     return value
 
 
+def is_array_scalar(x) -> bool:
+    """A 0-d array (e.g. a value injected by ``optax.inject_hyperparams``, maybe traced)."""
+    return not isinstance(x, numbers.Number) and getattr(x, "shape", None) == () and hasattr(x, "dtype")
+
+
 def check_lr(value, argname: str):
-    """A float >= 0 or a schedule (callable step -> float); returned unchanged."""
-    if callable(value):
+    """A float >= 0, a 0-d array, or a schedule (callable step -> float); returned unchanged."""
+    if callable(value) or is_array_scalar(value):
         return value
     return check_nonnegative(value, argname)
+
+
+def check_hyper(value, argname: str):
+    """A float >= 0 or a 0-d array (weight decays); returned as float or unchanged."""
+    if is_array_scalar(value):
+        return value
+    return check_nonnegative(value, argname)
+
+
+def is_on(value) -> bool:
+    """False only for a Python/NumPy zero; an array (maybe traced) counts as on."""
+    return True if is_array_scalar(value) else bool(value)
 
 
 def _check_dtype_spec(spec, argname: str):

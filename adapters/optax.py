@@ -89,10 +89,13 @@ Example (flax nnx; embeddings and the head go to AdamW)::
 With plain pytrees (linen, equinox, hand-written): ``state = tx.init(params)``;
 ``updates, state = tx.update(grads, state, params)``;
 ``params = optax.apply_updates(params, updates)``, all inside ``jax.jit``.
+To change the learning rate or weight decay at run time, use
+``optax.inject_hyperparams(xo.muon, static_args=xo.STATIC_ARGS)(learning_rate=0.02)``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -105,7 +108,7 @@ from . import _common as C
 
 __all__ = [
     "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
-    "FLAX", "TORCH",
+    "FLAX", "TORCH", "STATIC_ARGS",
 ]
 
 #: ``MuonDimensionNumbers`` of flax's layout (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
@@ -352,8 +355,8 @@ def muon(
     fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
     lr = C.check_lr(learning_rate, "learning_rate")
     flr = lr if fallback_learning_rate is None else C.check_lr(fallback_learning_rate, "fallback_learning_rate")
-    wd = C.check_nonnegative(weight_decay, "weight_decay")
-    fwd = wd if fallback_weight_decay is None else C.check_nonnegative(fallback_weight_decay, "fallback_weight_decay")
+    wd = C.check_hyper(weight_decay, "weight_decay")
+    fwd = wd if fallback_weight_decay is None else C.check_hyper(fallback_weight_decay, "fallback_weight_decay")
     min_dim, max_ratio = C.check_routing_options(min_dim_size, max_aspect_ratio)
     mu_dt = _check_mu_dtype(mu_dtype)
     _check_dims_arg(dimension_numbers)
@@ -406,7 +409,7 @@ def muon(
         else:
             p_leaves = None
             plans = plan(updates)
-        needs_params = any(p.decay and (wd if p.layout is not None else fwd) for p in plans)
+        needs_params = any(p.decay and C.is_on(wd if p.layout is not None else fwd) for p in plans)
         if needs_params and p_leaves is None:
             raise ValueError(
                 "weight decay needs the current parameters: call update(grads, state, params)")
@@ -439,7 +442,7 @@ def muon(
         for i, d in zip(idx, opts.orthogonalize(mats)):
             d = plans[i].layout.from_torch(d)
             delta = -lr_t * d
-            if wd and plans[i].decay:
+            if C.is_on(wd) and plans[i].decay:
                 delta = delta - (lr_t * wd) * p_leaves[i].astype(d.dtype)
             out[i] = delta
 
@@ -451,7 +454,7 @@ def muon(
             direction, m2, v2 = fb.direction(g.astype(cdt), m.astype(cdt), v.astype(cdt), count_inc)
             new_m[i], new_v[i] = m2.astype(m.dtype), v2.astype(v.dtype)
             delta = -flr_t * direction
-            if fwd and p.decay:
+            if C.is_on(fwd) and p.decay:
                 delta = delta - (flr_t * fwd) * p_leaves[i].astype(direction.dtype)
             out[i] = delta
 
@@ -460,3 +463,13 @@ def muon(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+#: Every :func:`muon` argument except the learning rates and weight decays, which
+#: may be 0-d (traced) arrays: ``optax.inject_hyperparams(xo.muon,
+#: static_args=xo.STATIC_ARGS)(learning_rate=0.02)`` makes those four adjustable
+#: at run time; the rest shape the computation and must stay Python values.
+STATIC_ARGS = tuple(
+    n for n in inspect.signature(muon).parameters
+    if n not in ("learning_rate", "fallback_learning_rate", "weight_decay", "fallback_weight_decay")
+)
