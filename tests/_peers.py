@@ -131,3 +131,39 @@ def torch_one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def trajectory_error(ours, theirs) -> float:
+    """How far two parameter trajectories are apart, relative to how far they moved.
+
+    ``ours`` and ``theirs``: sequences over steps (step 0 = the shared start)
+    of sequences of arrays in the same order (anything ``np.asarray`` takes).
+    Returns ``max over t >= 1 and tensors of max|a_t - b_t| / max|b_t - b_0|``.
+    Dividing by the displacement rather than by the params keeps the measure
+    honest: params of size ~0.5 that moved by ~1e-2 would hide a 1% error in
+    the optimiser behind a 2e-4 "relative" one.
+    """
+    import numpy as np
+
+    worst = 0.0
+    start = [np.asarray(x, dtype=np.float64) for x in theirs[0]]
+    for a_t, b_t in list(zip(ours, theirs))[1:]:
+        for a, b, b0 in zip(a_t, b_t, start):
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            moved = float(np.max(np.abs(b - b0)))
+            assert moved > 0, "a tensor did not move: the comparison would be vacuous"
+            worst = max(worst, float(np.max(np.abs(a - b))) / moved)
+    return worst
+
+
+# Tolerance of ``trajectory_error`` for two float32 implementations of the
+# same rule, used by every parity file.  Its floor is float32 *storage*: a
+# param of size ~0.5 has ulp 6e-8, while one step moves it by lr * |O| ~ 5e-3,
+# so one rounding of the param is already ~1e-5 of the first step's
+# displacement; NS computed in a different op order adds ~1e-6 relative per
+# call (amplified at small singular values), fed back through the gradients.
+# Measured worst cases: torch.optim.Muon rule 6.9e-6, timm 2.1e-5 (8-step
+# Polar Express), optax 5.0e-6.  1e-4 keeps a 5x margin over the worst; a
+# wrongly mapped option (LR rule, sqrt(taps), NAdamW vs AdamW, fallback
+# lr/eps/wd, momentum bias correction) is >= 1e-2 of the displacement.
+F32_TRAJ_TOL = 1e-4
