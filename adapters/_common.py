@@ -32,9 +32,10 @@ from ..core.newton_schulz import resolve_coefficients
 __all__ = [
     "DimensionNumbers", "FLAX", "TORCH", "FALLBACKS", "LABELS",
     "MuonOptions", "FallbackOptions", "Layout", "LeafPlan",
-    "muon_options", "fallback_options", "check_lr", "check_nonnegative",
-    "resolve_dim_spec", "is_dim_numbers", "plan_leaf", "check_label",
-    "check_leaf_dtype", "is_low_precision", "warn_bf16_once",
+    "muon_options", "fallback_options", "check_routing_options", "check_lr", "check_hyper",
+    "check_nonnegative", "is_array_scalar", "is_on", "dtype_name", "is_low_precision",
+    "resolve_dim_spec", "is_dim_numbers", "layout_for", "plan_leaf", "muon_leaf_plan",
+    "check_label", "check_leaf_dtype", "check_decay_flag", "warn_bf16_once",
 ]
 
 FALLBACKS = ("adamw", "nadamw")
@@ -163,7 +164,9 @@ def _check_dtype_spec(spec, argname: str):
     name = dtype_name(spec)
     if name not in _FLOAT_NAMES:
         raise TypeError(f"{argname}={spec!r} is not a floating dtype; use float32, float64 or bfloat16")
-    return spec
+    # Hand core the name: it resolves names for every backend, while dtype *classes*
+    # such as jnp.bfloat16 / np.float32 are not understood by backends.resolve_dtype.
+    return name
 
 
 def dtype_name(dtype) -> str:
@@ -277,7 +280,7 @@ def warn_bf16_once(opts: MuonOptions, native: bool, flag: list) -> None:
             "ns_dtype=bfloat16 on a device without native bf16 matmuls (CPU without AMX/"
             "AVX512-BF16): Newton-Schulz will be emulated, ~100x slower than float32; "
             "use ns_dtype=None (float32) here and keep bfloat16 for GPUs/TPUs",
-            UserWarning, stacklevel=4,
+            UserWarning, stacklevel=3,
         )
 
 

@@ -263,6 +263,16 @@ def test_bad_options(kwargs, exc, match):
         arrays.muon(**kwargs)
 
 
+def test_numpy_and_cupy_arrays_are_not_mixed():
+    class FakeCupyArray:   # identified as cupy by its module, as backends.backend_name does
+        __module__ = "cupy._core.core"
+        shape = (8, 8)
+        dtype = np.dtype("float32")
+
+    with pytest.raises(TypeError, match=r"params mixes array libraries \(params\[0\]: numpy, params\[1\]: cupy\)"):
+        arrays.muon().init([np.ones((8, 8), np.float32), FakeCupyArray()])
+
+
 def test_bad_params():
     torch = pytest.importorskip("torch")
     good = np.ones((8, 8), np.float32)
