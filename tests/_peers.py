@@ -39,13 +39,14 @@ def load_torch_muon():
 def load_optax_muon():
     """``optax.contrib._muon`` (the module: tests also read its helpers), or skip."""
     try:
-        import optax  # noqa: F401
+        import optax
     except ImportError:
         pytest.skip("optax is not installed (pip install optax)")
     try:
         return importlib.import_module("optax.contrib._muon")
     except ImportError as e:
-        pytest.skip(f"this optax has no optax.contrib.muon ({e}); it appeared in optax 0.2.4")
+        pytest.skip(f"this optax ({optax.__version__}) has no optax.contrib._muon ({e}); "
+                    "the parity tests were written against optax 0.2.8")
 
 
 def _timm_optim_dir() -> Path | None:
@@ -78,7 +79,7 @@ def load_timm_muon():
     missing = [f for f in _TIMM_FILES if not (optim_dir / f"{f}.py").is_file()]
     if missing:
         pytest.skip(f"this timm ({optim_dir}) lacks optim/{', '.join(missing)}.py; "
-                    "timm >= 1.0.20 has Muon")
+                    f"the parity tests were written against timm 1.0.31 (`{TIMM_PIP}`)")
 
     pkg = types.ModuleType(_TIMM_PKG)
     pkg.__path__ = [str(optim_dir)]
