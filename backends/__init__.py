@@ -80,7 +80,9 @@ def resolve_dtype(xp, backend: ModuleType, spec, *, argname: str = "dtype"):
         if not hasattr(xp, spec):
             raise TypeError(f"{argname}={spec!r} is not available in {getattr(xp, '__name__', xp)}")
         return getattr(xp, spec)
-    name = getattr(spec, "name", None) or str(spec).rsplit(".", 1)[-1]
+    # dtype instances carry .name (np.dtype, torch via str); dtype *classes*
+    # such as jnp.bfloat16 or np.float32 carry __name__.
+    name = getattr(spec, "name", None) or getattr(spec, "__name__", None) or str(spec).rsplit(".", 1)[-1]
     if name.endswith("bfloat16") or name in _FLOAT_NAMES:
         return spec
     raise TypeError(f"{argname}={spec!r} is not a floating dtype; use float32, float64 or bfloat16")

@@ -46,9 +46,12 @@ def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form:
     """Return ``(new_buf, update)``; see the module docstring for both forms.
 
     The EMA form keeps the buffer on the gradient's scale (its fixed point is
-    ``g``); the classic form's is ``g / (1 - mu)``.  Orthogonalisation makes the
-    update scale-free, so the two differ only through nesterov's mix and the
-    relative weight of old gradients.
+    ``g``); the classic form's is ``g / (1 - mu)``.  By induction the EMA buffer
+    is exactly ``(1 - mu)`` times the classic one, and so is the update, with or
+    without nesterov.  Newton-Schulz removes that scale, so for Muon the two
+    forms give the same step (up to the ``eps`` floor); they differ in what the
+    stored state means, which matters when exchanging state with a peer that
+    keeps the classic buffer.
     """
     _check_choice(form, MOMENTUM_FORMS, "momentum_form")
     if form == "ema":

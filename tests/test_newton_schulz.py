@@ -106,6 +106,16 @@ def test_bf16_compute_stays_in_band(xp, rng, preset):
     assert lo - BF16_BAND_MARGIN <= sv.min() and sv.max() <= hi + BF16_BAND_MARGIN, (sv.min(), sv.max())
 
 
+def test_compute_dtype_accepts_dtype_objects_and_classes(rng):
+    jnp = pytest.importorskip("jax.numpy")
+    G = jnp.asarray(rng.standard_normal((8, 16)).astype(np.float32))
+    by_name = orthogonalize(G, compute_dtype="bfloat16")
+    for spec in (jnp.bfloat16, jnp.dtype("bfloat16")):
+        np.testing.assert_array_equal(np.asarray(orthogonalize(G, compute_dtype=spec)), np.asarray(by_name))
+    np.testing.assert_array_equal(orthogonalize(np.eye(4), compute_dtype=np.float32),
+                                  orthogonalize(np.eye(4), compute_dtype="float32"))
+
+
 def test_zero_matrix_maps_to_zero(xp):
     out = xp.to_numpy(orthogonalize(xp.asarray(np.zeros((8, 12)))))
     assert np.all(out == 0)
