@@ -17,6 +17,10 @@ same hyperparameters:
            default) and transposed back for the comparison;
 ``cupy``   like ``numpy``, only where a CUDA GPU is present.
 
+The LR decays linearly to 0 over the run (:func:`lr_multiplier` says why),
+through each adapter's own schedule mechanism (a callable ``lr``, an optax
+schedule, torch's ``LambdaLR``).
+
 The weight matrices go to Muon; the biases and the embedding go to the AdamW
 fallback (the embedding by an explicit label / ``fallback_filter``, the biases
 by Muon's suitability rule, spelled out in the labels too so that every
@@ -378,10 +382,7 @@ def _run_arrays(name: str, problem: Problem, dtype: str, spec: OptimizerSpec, pr
     if name == "cupy":
         import cupy as mod
 
-        def to_host(a):
-            return cupy.asnumpy(a)
-
-        cupy = mod
+        to_host = mod.asnumpy
         sync = mod.cuda.Device().synchronize
     else:
         mod = np
@@ -665,6 +666,17 @@ def plot_losses(results: list[RunResult], path: str, title: str) -> None:
 # ------------------------------------------------------------------------------ run
 
 
+def _json_safe(obj):
+    """Strict JSON: non-finite floats (a failed or diverged run) become null."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 class UsageError(ValueError):
     """Bad command-line input (exit code 2)."""
 
@@ -721,28 +733,37 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
     t_start = time.perf_counter()
     problem = make_problem(steps, seed)
     plan = [("numpy", "float64")] + [(n, dtype) for n in names]
-    results: list[RunResult] = []
-    errors: dict[tuple[str, str], str] = {}
+    outcomes: list = []     # RunResult, or the error message of a run that raised
     for name, dt in plan:
         bar = _progress(steps, f"{name} {dt}")
         try:
-            results.append(_run_backend(name, problem, dt, spec, bar))
-        except Exception as e:  # report, keep going with the other backends
-            if (name, dt) == ("numpy", "float64"):
-                bar.close()
-                raise
-            errors[(name, dt)] = f"{type(e).__name__}: {e}"
+            outcomes.append(_run_backend(name, problem, dt, spec, bar))
+        except Exception as e:  # report it, keep going with the other backends
             import traceback
 
             traceback.print_exc(file=sys.stderr)
+            outcomes.append(f"{type(e).__name__}: {e}")
         finally:
             bar.close()
     elapsed = time.perf_counter() - t_start
 
-    ref = results[0]
+    p = lambda *a: print(*a, file=stdout)  # noqa: E731
+    ref = outcomes[0]
+    if isinstance(ref, str):
+        p(f"FAILED: the numpy float64 oracle raised {ref}; nothing to compare with")
+        return 1
+    results = [r for r in outcomes if not isinstance(r, str)]
     rows, diverged = [], []
     oracle_ok = bool(all(math.isfinite(v) for v in ref.losses))
-    for i, r in enumerate(results):
+    for i, ((name, dt), r) in enumerate(zip(plan, outcomes)):
+        if isinstance(r, str):
+            diverged.append(f"{name} {dt}: failed: {r}")
+            rows.append({
+                "backend": name, "dtype": dt, "oracle": False, "final_loss": float("nan"),
+                "max_rel_diff": float("nan"), "worst_param": "", "steps_per_s": float("nan"),
+                "ok": False, "status": "FAILED", "error": r,
+            })
+            continue
         diff, worst = (0.0, "") if i == 0 else max_relative_difference(r.params, ref.params)
         finite = all(math.isfinite(v) for v in r.losses)
         ok = finite and (i == 0 or diff <= tol)
@@ -753,13 +774,6 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
             "backend": r.backend, "dtype": r.dtype, "oracle": i == 0,
             "final_loss": float(r.losses[-1]), "max_rel_diff": diff, "worst_param": worst,
             "steps_per_s": r.steps_per_s, "ok": ok, "status": "ok" if ok else "DIVERGED",
-        })
-    for (name, dt), msg in errors.items():
-        diverged.append(f"{name} {dt}: failed: {msg}")
-        rows.append({
-            "backend": name, "dtype": dt, "oracle": False, "final_loss": float("nan"),
-            "max_rel_diff": float("nan"), "worst_param": "", "steps_per_s": float("nan"),
-            "ok": False, "status": "FAILED", "error": msg,
         })
 
     os.makedirs(out, exist_ok=True)
@@ -783,9 +797,8 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
         "wall_s": elapsed, "png": png,
     }
     with open(jpath, "w") as f:
-        json.dump(report, f, indent=1, default=float)
+        json.dump(_json_safe(report), f, indent=1)
 
-    p = lambda *a: print(*a, file=stdout)  # noqa: E731
     p("")
     p(format_table(rows))
     p("")

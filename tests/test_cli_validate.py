@@ -129,7 +129,8 @@ def test_backend_that_raises_is_reported_as_failed(tmp_path, capsys, monkeypatch
     rc, out = _validate(tmp_path, "--backends", "jax")
     printed = capsys.readouterr().out
     assert rc == 1 and "jax float32: failed: RuntimeError: adapter exploded" in printed
-    assert _report(out)["rows"][-1]["status"] == "FAILED"
+    row = _report(out)["rows"][-1]   # strict JSON: the missing numbers are null
+    assert row["status"] == "FAILED" and row["final_loss"] is None
 
 
 # ----------------------------------------------------------------- bad arguments
@@ -265,6 +266,19 @@ def test_manual_backprop_matches_finite_differences():
             assert abs(fd - grads[n][idx]) <= 1e-7, (n, idx, fd, grads[n][idx])
 
 
+def test_manual_backprop_is_array_api_standard_only():
+    """What cupy runs: the same function under array_api_strict, which rejects
+    anything outside the standard, gives the NumPy result."""
+    xs = pytest.importorskip("array_api_strict")
+    p = _problem()
+    loss, grads = _manual(p)
+    sl, sg = V.loss_and_grads(xs, {n: xs.asarray(a) for n, a in p.params.items()},
+                              xs.asarray(p.x[0]), xs.asarray(p.y[0]), len(p.vocab))
+    assert abs(float(sl) - loss) <= GRAD_RTOL * abs(loss)
+    for n in V.PARAM_NAMES:
+        assert _close(np.asarray(sg[n]), grads[n]), n
+
+
 def test_problem_is_deterministic_and_independent_of_steps():
     a, b = V.make_problem(5, seed=11), V.make_problem(9, seed=11)
     for n in V.PARAM_NAMES:
@@ -302,3 +316,10 @@ def test_importing_validate_imports_no_framework():
             "('numpy', 'torch', 'jax', 'optax', 'cupy', 'matplotlib', 'tqdm'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_progress_bar_without_tqdm(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)   # makes `from tqdm import tqdm` raise ImportError
+    rc = cli.main(["validate", "--steps", "3", "--backends", "numpy", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 0 and "numpy float32" in captured.err and "3/3" in captured.err
