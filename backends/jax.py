@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from .generic import addmm as _generic_addmm
+
 NAME = "jax"
 
 _LOW = (jnp.bfloat16, jnp.float16)
@@ -21,12 +23,7 @@ def addmm(C, A, B, *, beta: float, alpha: float):
         if beta != 0.0:
             out = beta * C.astype(jnp.float32) + out
         return out.astype(A.dtype)
-    out = jnp.matmul(A, B)
-    if alpha != 1.0:
-        out = alpha * out
-    if beta != 0.0:
-        out = beta * C + out
-    return out
+    return _generic_addmm(C, A, B, beta=beta, alpha=alpha)
 
 
 def bfloat16(xp):
