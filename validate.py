@@ -328,14 +328,9 @@ def _has(module: str) -> bool:
 
 
 def _cuda_available() -> bool:
-    if not _has("cupy"):
-        return False
-    try:
-        import cupy
+    from .backends.cupy import cuda_available
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    return cuda_available()
 
 
 _ADAPTER = {"numpy": "arrays", "cupy": "arrays", "torch": "torch", "jax": "optax"}

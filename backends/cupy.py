@@ -15,3 +15,17 @@ def is_traced(x) -> bool:
 
 def has_native_bf16(x) -> bool:
     return False
+
+
+def cuda_available() -> bool:
+    """True when cupy is installed and sees at least one CUDA device (imports cupy lazily)."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False

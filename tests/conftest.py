@@ -18,15 +18,7 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-def cuda_available() -> bool:
-    if not _has("cupy"):
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+from xpopt.backends.cupy import cuda_available  # noqa: E402  (one probe, shared with validate)
 
 
 @dataclasses.dataclass(frozen=True)
