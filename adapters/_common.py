@@ -21,13 +21,15 @@ from ..core.adam import adam_update, check_betas
 from ..core.muon import (
     ADJUST_LR_FNS,
     CONV_MODES,
+    DEFAULT_RMS,
     MOMENTUM_FORMS,
     check_momentum,
+    debias_factor,
     momentum_update,
     orthogonalized_updates,
     suitability,
 )
-from ..core.newton_schulz import resolve_coefficients
+from ..core.newton_schulz import PRECONDITIONINGS, resolve_coefficients
 
 __all__ = [
     "DimensionNumbers", "FLAX", "TORCH", "FALLBACKS", "LABELS",
@@ -35,7 +37,8 @@ __all__ = [
     "muon_options", "fallback_options", "check_routing_options", "check_lr", "check_hyper",
     "check_nonnegative", "is_array_scalar", "is_on", "dtype_name", "is_low_precision",
     "resolve_dim_spec", "is_dim_numbers", "layout_for", "plan_leaf", "muon_leaf_plan",
-    "check_label", "check_leaf_dtype", "check_decay_flag", "warn_bf16_once",
+    "check_label", "check_leaf_dtype", "check_decay_flag", "warn_bf16_once", "resolve_ns_dtype",
+    "ns_dtype_label", "check_consistent_rms",
 ]
 
 FALLBACKS = ("adamw", "nadamw")
@@ -154,9 +157,11 @@ def is_on(value) -> bool:
     return True if is_array_scalar(value) else bool(value)
 
 
-def _check_dtype_spec(spec, argname: str):
+def _check_dtype_spec(spec, argname: str, *, auto: bool = False):
     if spec is None:
         return None
+    if auto and isinstance(spec, str) and spec == "auto":
+        return spec
     if isinstance(spec, str):
         if spec not in _FLOAT_NAMES:
             raise ValueError(f"{argname}={spec!r} is not a floating dtype name; use one of {list(_FLOAT_NAMES)}")
@@ -197,52 +202,88 @@ class MuonOptions:
     normalize_spatial: bool
     ns_dtype: Any
     batched: bool
+    preconditioning: str = "frobenius"
+    adaptive: bool = False
+    consistent_rms: Any = None
 
     @property
     def ns_is_bf16(self) -> bool:
         return self.ns_dtype is not None and dtype_name(self.ns_dtype) == "bfloat16"
+
+    @property
+    def rms(self):
+        return DEFAULT_RMS if self.consistent_rms is None else self.consistent_rms
+
+    def debias(self, step):
+        """Bias correction of the momentum for ``adaptive`` (1.0 when off); ``step`` 1-based."""
+        if not self.adaptive:
+            return 1.0
+        return debias_factor(self.momentum, step, nesterov=self.nesterov, form=self.momentum_form)
 
     def momentum_step(self, buf, grad):
         """Core ``momentum_update``: ``(new_buf, update)``."""
         return momentum_update(buf, grad, momentum=self.momentum, nesterov=self.nesterov,
                                form=self.momentum_form)
 
-    def orthogonalize(self, updates: list) -> list:
-        """Core ``orthogonalized_updates`` on torch-layout arrays (lr_scale included)."""
+    def orthogonalize(self, updates: list, step=None) -> list:
+        """Core ``orthogonalized_updates`` on torch-layout arrays (lr_scale included).
+
+        ``step`` (1-based, this update included) is needed with ``adaptive``.
+        """
         return orthogonalized_updates(
             updates, conv_mode=self.conv_mode, normalize_spatial=self.normalize_spatial,
-            adjust_lr_fn=self.adjust_lr_fn, batch=self.batched, coefficients=self.ns_coefficients,
+            adjust_lr_fn=self.adjust_lr_fn, rms=self.rms, batch=self.batched,
+            adaptive=self.adaptive, debias=self.debias(step), coefficients=self.ns_coefficients,
             steps=self.ns_steps, eps=self.eps, safety_factor=self.safety_factor,
-            compute_dtype=self.ns_dtype,
+            compute_dtype=self.ns_dtype, preconditioning=self.preconditioning,
         )
+
+
+def check_consistent_rms(consistent_rms, adjust_lr_fn):
+    """None, a float > 0 or a 0-d array; only meaningful with ``match_rms_adamw``."""
+    if consistent_rms is None:
+        return None
+    if adjust_lr_fn != "match_rms_adamw":
+        raise ValueError(
+            f"consistent_rms={consistent_rms!r} sets the RMS constant of adjust_lr_fn='match_rms_adamw' "
+            f"(update RMS = consistent_rms), but adjust_lr_fn={adjust_lr_fn!r}; drop one of the two")
+    if is_array_scalar(consistent_rms):
+        return consistent_rms
+    return _check_real(consistent_rms, "consistent_rms", minimum=0.0, strict=True)
 
 
 def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps, eps,
                  safety_factor, adjust_lr_fn, conv_mode, normalize_spatial, ns_dtype,
-                 batched) -> MuonOptions:
+                 batched, preconditioning="frobenius", adaptive=False,
+                 consistent_rms=None) -> MuonOptions:
     """Validate the Muon options (docs/adapters.md); errors name the argument."""
     if isinstance(momentum, bool):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     check_momentum(momentum)
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
+    if ns_steps is not None and (
+            isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1):
+        raise ValueError(f"ns_steps must be an integer >= 1 or None (the preset's own count), got {ns_steps!r}")
     try:
-        coeffs = resolve_coefficients(ns_coefficients, int(ns_steps))
+        coeffs = resolve_coefficients(ns_coefficients, None if ns_steps is None else int(ns_steps))
     except ValueError as e:
         raise ValueError(f"ns_coefficients={ns_coefficients!r} is not valid: {e}") from None
+    adjust_lr_fn = _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
     return MuonOptions(
         momentum=float(momentum),
         nesterov=_check_bool(nesterov, "nesterov"),
         momentum_form=_check_choice(momentum_form, MOMENTUM_FORMS, "momentum_form"),
         ns_coefficients=coeffs,
-        ns_steps=int(ns_steps),
+        ns_steps=len(coeffs),
         eps=check_nonnegative(eps, "eps"),
         safety_factor=_check_real(safety_factor, "safety_factor", minimum=0.0, strict=True),
-        adjust_lr_fn=_check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn"),
+        adjust_lr_fn=adjust_lr_fn,
         conv_mode=_check_choice(conv_mode, CONV_MODES, "conv_mode"),
         normalize_spatial=_check_bool(normalize_spatial, "normalize_spatial"),
-        ns_dtype=_check_dtype_spec(ns_dtype, "ns_dtype"),
+        ns_dtype=_check_dtype_spec(ns_dtype, "ns_dtype", auto=True),
         batched=_check_bool(batched, "batched"),
+        preconditioning=_check_choice(preconditioning, PRECONDITIONINGS, "preconditioning"),
+        adaptive=_check_bool(adaptive, "adaptive"),
+        consistent_rms=check_consistent_rms(consistent_rms, adjust_lr_fn),
     )
 
 
@@ -270,6 +311,21 @@ def check_routing_options(min_dim_size, max_aspect_ratio) -> tuple[int, float]:
         raise ValueError(f"min_dim_size must be an integer >= 1, got {min_dim_size!r}")
     ratio = _check_real(max_aspect_ratio, "max_aspect_ratio", minimum=1.0)
     return int(min_dim_size), ratio
+
+
+def resolve_ns_dtype(opts: MuonOptions, native: bool) -> MuonOptions:
+    """``ns_dtype="auto"`` made concrete: bfloat16 where it is native, else None (float32)."""
+    if opts.ns_dtype != "auto":
+        return opts
+    return dataclasses.replace(opts, ns_dtype="bfloat16" if native else None)
+
+
+def ns_dtype_label(opts: MuonOptions, dtype) -> str:
+    """The dtype Newton-Schulz runs in for a parameter of ``dtype`` (for routing logs)."""
+    if opts.ns_dtype is not None:
+        return dtype_name(opts.ns_dtype)
+    name = dtype_name(dtype)
+    return {"bfloat16": "float32", "float16": "float32"}.get(name, name)
 
 
 def warn_bf16_once(opts: MuonOptions, native: bool, flag: list) -> None:
@@ -358,7 +414,7 @@ def check_label(label, where: str):
 
 
 def check_leaf_dtype(x, where: str) -> None:
-    """TypeError unless ``x`` has a real floating dtype (float16/bfloat16/32/64)."""
+    """TypeError unless ``x`` has a floating dtype (float16/bfloat16/32/64, complex64/128)."""
     dtype = getattr(x, "dtype", None)
     ok = False
     if dtype is not None:
@@ -366,14 +422,14 @@ def check_leaf_dtype(x, where: str) -> None:
             ok = True
         else:
             try:
-                ok = array_api_compat.array_namespace(x).isdtype(dtype, "real floating")
+                ok = array_api_compat.array_namespace(x).isdtype(dtype, ("real floating", "complex floating"))
             except Exception:
-                ok = dtype_name(dtype) in _FLOAT_NAMES
+                ok = dtype_name(dtype) in _FLOAT_NAMES + ("complex64", "complex128")
     if not ok:
         raise TypeError(
-            f"{where} has dtype {dtype}; xpopt optimises real floating parameters only "
-            "(float16, bfloat16, float32, float64): cast it, or keep it out of the optimiser "
-            "(integer counters, complex weights are not supported)"
+            f"{where} has dtype {dtype}; xpopt optimises floating parameters only "
+            "(float16, bfloat16, float32, float64, complex64, complex128): cast it, or keep it "
+            "out of the optimiser (integer counters are not trainable)"
         )
 
 

@@ -135,6 +135,14 @@ def _compute_dtype(x):
     return xp.float32 if C.is_low_precision(x.dtype) else x.dtype
 
 
+def _real_dtype(x, dtype):
+    """Adam's second moment is real: float32 for complex64, float64 for complex128."""
+    xp = array_api_compat.array_namespace(x)
+    if xp.isdtype(dtype, "complex floating"):
+        return xp.float32 if dtype == xp.complex64 else xp.float64
+    return dtype
+
+
 def _cast(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
@@ -203,7 +211,12 @@ class Muon:
         return keys, values, names, kind, lib, plans
 
     def _state_dtype(self, x):
-        return _compute_dtype(x) if self.mu_dtype is None else self.mu_dtype
+        if self.mu_dtype is None:
+            return _compute_dtype(x)
+        xp = array_api_compat.array_namespace(x)
+        if xp.isdtype(x.dtype, "complex floating") and not xp.isdtype(self.mu_dtype, "complex floating"):
+            return xp.complex128 if self.mu_dtype == xp.float64 else xp.complex64
+        return self.mu_dtype
 
     # API ------------------------------------------------------------------------
     def init(self, params) -> MuonState:
@@ -222,7 +235,7 @@ class Muon:
             else:
                 mu.append(None)
                 m.append(_zeros(x, self._state_dtype(x)))
-                v.append(_zeros(x, _compute_dtype(x)))
+                v.append(_zeros(x, _real_dtype(x, _compute_dtype(x))))
         return MuonState(0, _rebuild(kind, keys, mu), _rebuild(kind, keys, m), _rebuild(kind, keys, v))
 
     def update(self, grads, state: MuonState, params=None):
@@ -274,7 +287,10 @@ class Muon:
             new_mu[i] = _cast(nb, b.dtype)
             idx.append(i)
             mats.append(p.layout.to_torch(u))
-        for i, d in zip(idx, self.options.orthogonalize(mats)):
+        opts = self.options
+        if opts.ns_dtype == "auto" and mats:
+            opts = C.resolve_ns_dtype(opts, get_backend(mats[0]).has_native_bf16(mats[0]))
+        for i, d in zip(idx, opts.orthogonalize(mats, step=step + 1)):
             d = plans[i].layout.from_torch(d)
             delta = -lr_t * d
             if wd and plans[i].decay:
@@ -285,7 +301,8 @@ class Muon:
             if p.layout is not None:
                 continue
             cdt = _compute_dtype(g)
-            direction, m2, v2 = self.fallback.direction(_cast(g, cdt), _cast(m, cdt), _cast(v, cdt), step + 1)
+            direction, m2, v2 = self.fallback.direction(_cast(g, cdt), _cast(m, cdt),
+                                                         _cast(v, _real_dtype(g, cdt)), step + 1)
             new_m[i], new_v[i] = _cast(m2, m.dtype), _cast(v2, v.dtype)
             delta = -flr_t * direction
             if fwd and p.decay:
@@ -306,7 +323,7 @@ def muon(
     weight_decay: float = 0.0,
     weight_decay_mask=None,
     ns_coefficients="quintic",
-    ns_steps: int = 5,
+    ns_steps: Optional[int] = None,
     eps: float = 1e-7,
     safety_factor: float = 1.0,
     adjust_lr_fn: str = "match_rms_adamw",
@@ -324,6 +341,9 @@ def muon(
     max_aspect_ratio: float = 128.0,
     labels=None,
     dimension_numbers="torch",
+    preconditioning: str = "frobenius",
+    adaptive: bool = False,
+    consistent_rms: Optional[float] = None,
 ) -> Muon:
     """Muon (matrices) + AdamW/NAdamW (the rest) for NumPy/CuPy params.
 
@@ -339,7 +359,8 @@ def muon(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
         adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=ns_dtype, batched=batched,
+        ns_dtype=ns_dtype, batched=batched, preconditioning=preconditioning, adaptive=adaptive,
+        consistent_rms=consistent_rms,
     )
     fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
     lr = C.check_lr(lr, "lr")

@@ -173,6 +173,28 @@ def _compute_dtype(dtype):
     return jnp.dtype(jnp.float32) if C.is_low_precision(dtype) else jnp.dtype(dtype)
 
 
+def _real_dtype(dtype):
+    """float32 for complex64 (Adam's second moment is real), else ``dtype``."""
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.dtype(dtype)
+
+
+def _state_dtype(x, mu_dt):
+    """Momentum dtype of leaf ``x``: ``mu_dtype`` if given (complex for complex leaves)."""
+    cdt = _compute_dtype(x.dtype)
+    if mu_dt is None:
+        return cdt
+    if jnp.issubdtype(cdt, jnp.complexfloating) and not jnp.issubdtype(mu_dt, jnp.complexfloating):
+        return jnp.result_type(mu_dt, jnp.complex64)
+    return mu_dt
+
+
+def _resolved(opts, leaves):
+    """``ns_dtype="auto"`` made concrete for the device the leaves live on."""
+    if opts.ns_dtype != "auto" or not leaves:
+        return opts
+    return C.resolve_ns_dtype(opts, _native_bf16(leaves[0]))
+
+
 def _check_mu_dtype(mu_dtype):
     if mu_dtype is None:
         return None
@@ -219,7 +241,7 @@ def scale_by_muon(
     nesterov: bool = True,
     momentum_form: str = "ema",
     ns_coefficients="quintic",
-    ns_steps: int = 5,
+    ns_steps: Optional[int] = None,
     eps: float = 1e-7,
     safety_factor: float = 1.0,
     adjust_lr_fn: str = "match_rms_adamw",
@@ -229,6 +251,9 @@ def scale_by_muon(
     batched: bool = True,
     mu_dtype=None,
     dimension_numbers=None,
+    preconditioning: str = "frobenius",
+    adaptive: bool = False,
+    consistent_rms=None,
 ) -> optax.GradientTransformation:
     """Muon's direction ``lr_scale * orthogonalize(momentum_update(g))`` for every leaf.
 
@@ -242,7 +267,8 @@ def scale_by_muon(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
         adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=ns_dtype, batched=batched,
+        ns_dtype=ns_dtype, batched=batched, preconditioning=preconditioning, adaptive=adaptive,
+        consistent_rms=consistent_rms,
     )
     mu_dt = _check_mu_dtype(mu_dtype)
     _check_dims_arg(dimension_numbers)
@@ -257,8 +283,8 @@ def scale_by_muon(
         leaves, treedef, _ = _flatten(params)
         layouts(params)  # validate early
         if leaves:
-            C.warn_bf16_once(opts, _native_bf16(leaves[0]), warned)
-        mu = [jnp.zeros(x.shape, mu_dt or _compute_dtype(x.dtype)) for x in leaves]
+            C.warn_bf16_once(_resolved(opts, leaves), _native_bf16(leaves[0]), warned)
+        mu = [jnp.zeros(x.shape, _state_dtype(x, mu_dt)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
     def update_fn(updates, state, params=None):
@@ -273,10 +299,10 @@ def scale_by_muon(
             nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
             new_bufs.append(nb.astype(b.dtype))
             mats.append(lay.to_torch(u))
-        dirs = opts.orthogonalize(mats)
+        count_inc = optax.safe_increment(state.count)
+        dirs = _resolved(opts, leaves).orthogonalize(mats, step=count_inc)
         out = [lay.from_torch(d) for lay, d in zip(lays, dirs)]
-        return treedef.unflatten(out), MuonState(
-            count=optax.safe_increment(state.count), mu=treedef.unflatten(new_bufs))
+        return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -293,7 +319,7 @@ def muon(
     weight_decay: float = 0.0,
     weight_decay_mask=None,
     ns_coefficients="quintic",
-    ns_steps: int = 5,
+    ns_steps: Optional[int] = None,
     eps: float = 1e-7,
     safety_factor: float = 1.0,
     adjust_lr_fn: str = "match_rms_adamw",
@@ -311,6 +337,9 @@ def muon(
     max_aspect_ratio: float = 128.0,
     labels=None,
     dimension_numbers=None,
+    preconditioning: str = "frobenius",
+    adaptive: bool = False,
+    consistent_rms=None,
 ) -> optax.GradientTransformation:
     """Muon for matrix leaves, AdamW/NAdamW for the rest, as one optax transform.
 
@@ -324,12 +353,22 @@ def muon(
         or a callable ``params -> such a pytree`` (True = decay), as in optax.
       ns_coefficients, ns_steps, eps, safety_factor: Newton-Schulz (core presets
         ``"quintic"``, ``"original"``, ``"polar_express"``, ``"polar_express_safer"``
-        or ``(a, b, c)`` triples).
+        or ``(a, b, c)`` triples; ``ns_steps=None``: the preset's own count, 8
+        for Polar Express, else 5).
+      preconditioning: Newton-Schulz prescale, optax's names: ``"frobenius"``
+        (default), ``"spectral"`` (exact top singular value: an SVD),
+        ``"aol"`` (row scaling, often saves one step), ``"schatten"``.
+      adaptive: scale each Muon update by ``<g_hat, O>`` (the bias-corrected
+        momentum's inner product with its orthogonalisation: a nuclear-norm
+        estimate, Bernstein & Newhouse), as optax's ``adaptive``.
+      consistent_rms: RMS constant of ``adjust_lr_fn="match_rms_adamw"``
+        (None = 0.2), optax's name.
       adjust_lr_fn: ``"match_rms_adamw"``, ``"original"``, ``"rms_to_rms"`` or ``"none"``.
       conv_mode, normalize_spatial: conv kernels, ``"flatten"`` (one matrix
         ``(out, in*kh*kw)``) or ``"batched"`` (one per tap).
       ns_dtype: Newton-Schulz compute dtype; None = float32 for bf16/f16 leaves,
-        else the leaf dtype.
+        else the leaf dtype; ``"auto"`` = bfloat16 where the backend multiplies
+        it natively (GPU/TPU), else as None.
       batched: stack same-shape matrices into one Newton-Schulz call.
       mu_dtype: dtype of Muon's momentum and the fallback's first moment
         (None: float32 for bf16/f16 leaves, else the leaf dtype).
@@ -350,7 +389,8 @@ def muon(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
         adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=ns_dtype, batched=batched,
+        ns_dtype=ns_dtype, batched=batched, preconditioning=preconditioning, adaptive=adaptive,
+        consistent_rms=consistent_rms,
     )
     fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
     lr = C.check_lr(learning_rate, "learning_rate")
@@ -385,19 +425,18 @@ def muon(
         plans = plan(params)
         muon_leaves = [x for x, p in zip(leaves, plans) if p.layout is not None]
         if muon_leaves:
-            C.warn_bf16_once(opts, _native_bf16(muon_leaves[0]), warned)
+            C.warn_bf16_once(_resolved(opts, muon_leaves), _native_bf16(muon_leaves[0]), warned)
         masked = optax.MaskedNode()
         mu, m, v = [], [], []
         for x, p in zip(leaves, plans):
-            cdt = _compute_dtype(x.dtype)
             if p.layout is not None:
-                mu.append(jnp.zeros(x.shape, mu_dt or cdt))
+                mu.append(jnp.zeros(x.shape, _state_dtype(x, mu_dt)))
                 m.append(masked)
                 v.append(masked)
             else:
                 mu.append(masked)
-                m.append(jnp.zeros(x.shape, mu_dt or cdt))
-                v.append(jnp.zeros(x.shape, cdt))
+                m.append(jnp.zeros(x.shape, _state_dtype(x, mu_dt)))
+                v.append(jnp.zeros(x.shape, _real_dtype(_compute_dtype(x.dtype))))
         return MuonAdamWState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu),
                               exp_avg=treedef.unflatten(m), exp_avg_sq=treedef.unflatten(v))
 
@@ -439,7 +478,7 @@ def muon(
             new_mu[i] = nb.astype(b.dtype)
             idx.append(i)
             mats.append(p.layout.to_torch(u))
-        for i, d in zip(idx, opts.orthogonalize(mats)):
+        for i, d in zip(idx, _resolved(opts, grads).orthogonalize(mats, step=count_inc)):
             d = plans[i].layout.from_torch(d)
             delta = -lr_t * d
             if C.is_on(wd) and plans[i].decay:
@@ -451,7 +490,7 @@ def muon(
             if p.layout is not None:
                 continue
             cdt = _compute_dtype(g.dtype)
-            direction, m2, v2 = fb.direction(g.astype(cdt), m.astype(cdt), v.astype(cdt), count_inc)
+            direction, m2, v2 = fb.direction(g.astype(cdt), m.astype(cdt), v.astype(_real_dtype(cdt)), count_inc)
             new_m[i], new_v[i] = m2.astype(m.dtype), v2.astype(v.dtype)
             delta = -flr_t * direction
             if C.is_on(fwd) and p.decay:

@@ -62,14 +62,17 @@ from ..core.adam import adam_update, check_betas
 from ..core.muon import (
     ADJUST_LR_FNS,
     CONV_MODES,
+    DEFAULT_RMS,
     MOMENTUM_FORMS,
     check_momentum,
+    debias_factor,
     matrix_shape,
     momentum_update,
     orthogonalized_updates,
     suitability,
 )
-from ..core.newton_schulz import resolve_coefficients
+from ..core.newton_schulz import PRECONDITIONINGS, resolve_coefficients
+from . import _common as C
 
 __all__ = ["Muon", "Route"]
 
@@ -82,6 +85,19 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # ``fallback_filter`` is usually a lambda, which cannot be pickled, so it is left
 # out of ``state_dict()`` and kept from the live optimizer on ``load_state_dict()``.
 _CONSTRUCTION_ONLY = ("fallback_filter",)
+
+
+#: ``step`` given to a Muon momentum buffer loaded without one (an older xpopt,
+#: torch.optim.Muon): its age is unknown, so ``adaptive``'s bias correction is 1.
+_WARM_STEP = 10**6
+
+
+def _ns_dtype_label(ns_dtype, p: torch.Tensor) -> str:
+    if ns_dtype == "auto":
+        ns_dtype = "bfloat16" if _torch_backend.has_native_bf16(p) else None
+    if ns_dtype is None:
+        return str(_state_dtype(p)).replace("torch.", "")
+    return ns_dtype if isinstance(ns_dtype, str) else str(ns_dtype).replace("torch.", "")
 
 
 class Route(NamedTuple):
@@ -102,10 +118,14 @@ class Route(NamedTuple):
     reason: str
     group: int
     index: int
+    ns_dtype: Optional[str] = None  # Muon params: the dtype Newton-Schulz runs in
 
 
-def _state_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+def _state_dtype(p: torch.Tensor, key: str = "") -> torch.dtype:
+    dt = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+    if key == "exp_avg_sq" and dt.is_complex:  # |g|^2 is real
+        return torch.float32 if dt == torch.complex64 else torch.float64
+    return dt
 
 
 def _is_real(v) -> bool:
@@ -151,12 +171,18 @@ def _check_options(o: dict, where: str) -> None:
     nonneg("weight_decay")
     nonneg("fallback_weight_decay", optional=True)
     steps = o["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        fail(f"ns_steps={steps!r} is invalid: it must be an integer >= 1 (5 is the usual value)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+        fail(f"ns_steps={steps!r} is invalid: it must be an integer >= 1, or None for the preset's own count")
     try:
-        resolve_coefficients(o["ns_coefficients"], int(steps))
+        resolve_coefficients(o["ns_coefficients"], None if steps is None else int(steps))
     except ValueError as e:
         fail(f"ns_coefficients={o['ns_coefficients']!r} is invalid: {e}")
+    choice("preconditioning", PRECONDITIONINGS)
+    flag("adaptive")
+    try:
+        C.check_consistent_rms(o["consistent_rms"], o["adjust_lr_fn"])
+    except (TypeError, ValueError) as e:
+        fail(str(e), type(e))
     nonneg("eps")
     sf = o["safety_factor"]
     if not _is_real(sf) or not sf > 0:
@@ -165,9 +191,10 @@ def _check_options(o: dict, where: str) -> None:
     choice("conv_mode", CONV_MODES)
     flag("normalize_spatial")
     nd = o["ns_dtype"]
-    if not (nd is None or nd in _NS_DTYPE_NAMES
+    if not (nd is None or nd in _NS_DTYPE_NAMES or nd == "auto"
             or (isinstance(nd, torch.dtype) and nd.is_floating_point and not nd.is_complex)):
-        fail(f"ns_dtype={nd!r} is invalid: use None, one of {list(_NS_DTYPE_NAMES)} or a floating torch.dtype")
+        fail(f"ns_dtype={nd!r} is invalid: use None, 'auto', one of {list(_NS_DTYPE_NAMES)} or a "
+             "floating torch.dtype")
     flag("batched")
     choice("fallback", FALLBACKS)
     try:
@@ -205,13 +232,24 @@ class Muon(torch.optim.Optimizer):
       weight_decay: decoupled, ``W *= 1 - lr*wd``.
       ns_coefficients, ns_steps, eps, safety_factor: Newton-Schulz preset name
         (``original``, ``quintic``, ``polar_express``, ``polar_express_safer``)
-        or ``(a, b, c)`` triple(s); iterations; prescale floor; prescale factor.
+        or ``(a, b, c)`` triple(s); iterations (None: the preset's own count,
+        8 for Polar Express, else 5); prescale floor; prescale factor.
+      preconditioning: Newton-Schulz prescale (optax's names): ``"frobenius"``,
+        ``"spectral"`` (exact top singular value: an SVD), ``"aol"`` (row
+        scaling, often saves one step) or ``"schatten"``.
+      adaptive: scale each Muon update by ``<g_hat, O>``, the bias-corrected
+        momentum's inner product with its orthogonalisation (optax's
+        ``adaptive``, a nuclear-norm estimate).
+      consistent_rms: the RMS constant of ``adjust_lr_fn="match_rms_adamw"``
+        (None = 0.2), optax's name.
       adjust_lr_fn: ``original``, ``match_rms_adamw``, ``rms_to_rms``, ``none``.
       conv_mode, normalize_spatial: ``flatten`` (one NS per kernel) or
         ``batched`` (one per spatial tap, normalised by sqrt(taps)).
       ns_dtype: Newton-Schulz compute dtype; ``None`` = float32 for bf16/f16
         params, else the param dtype. ``"bfloat16"`` is a GPU speed choice; on
         a CPU without native bf16 it warns once (about 100x slower).
+        ``"auto"``: bfloat16 where the device multiplies it natively (CUDA,
+        AMX / AVX512-BF16 CPUs), else as None; ``routes()`` shows the choice.
       batched: orthogonalise same-shape matrices of a group in one call.
       fallback, fallback_lr, betas, fallback_eps, fallback_weight_decay: the
         AdamW / NAdamW used for non-Muon params. ``fallback_lr`` is a fixed
@@ -234,7 +272,7 @@ class Muon(torch.optim.Optimizer):
         momentum_form: str = "ema",
         weight_decay: float = 0.0,
         ns_coefficients: Any = "quintic",
-        ns_steps: int = 5,
+        ns_steps: Optional[int] = None,
         eps: float = 1e-7,
         safety_factor: float = 1.0,
         adjust_lr_fn: str = "match_rms_adamw",
@@ -251,6 +289,9 @@ class Muon(torch.optim.Optimizer):
         max_aspect_ratio: float = 128.0,
         verbose: bool = False,
         fallback_filter: Optional[Callable[[Optional[str], torch.Tensor], bool]] = None,
+        preconditioning: str = "frobenius",
+        adaptive: bool = False,
+        consistent_rms: Optional[float] = None,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
@@ -260,7 +301,8 @@ class Muon(torch.optim.Optimizer):
             batched=batched, fallback=fallback, fallback_lr=fallback_lr, betas=betas,
             fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
             min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio, verbose=verbose,
-            fallback_filter=fallback_filter,
+            fallback_filter=fallback_filter, preconditioning=preconditioning, adaptive=adaptive,
+            consistent_rms=consistent_rms,
         )
         _check_options(defaults, "Muon(...) arguments")
         self._routes: dict[torch.Tensor, Route] = {}
@@ -284,11 +326,11 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 name = names[i] if names is not None else None
                 label = repr(name) if name is not None else f"group {g}, param {i}"
-                if p.is_complex() or not p.is_floating_point():
+                if not (p.is_complex() or p.is_floating_point()):
                     raise TypeError(
                         f"Muon: parameter {label} has dtype {p.dtype}; Muon and its AdamW fallback "
-                        "need a real floating dtype (float32, float64, bfloat16, float16): cast it, "
-                        "or leave it out of the optimizer")
+                        "need a floating dtype (float32, float64, bfloat16, float16, complex64, "
+                        "complex128): cast it, or leave it out of the optimizer")
                 if device is None:
                     device, owner = p.device, label
                 elif p.device != device:
@@ -304,7 +346,8 @@ class Muon(torch.optim.Optimizer):
         for p, r in zip(group["params"], routes):
             self._routes[p] = r
             if group["verbose"]:
-                _logger.info("xpopt Muon: %s shape=%s -> %s (%s)", r.name, r.shape, r.route, r.reason)
+                _logger.info("xpopt Muon: %s shape=%s -> %s (%s)%s", r.name, r.shape, r.route, r.reason,
+                             f" ns_dtype={r.ns_dtype}" if r.ns_dtype else "")
 
     @staticmethod
     def _decide(group, g, i, p, name, label) -> Route:
@@ -326,7 +369,9 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(
                     f"Muon: parameter {label} of shape {shape} was forced to Muon ({reason}) but "
                     f"cannot be orthogonalised: {e}; route it to the fallback instead") from None
-        return Route(name if name is not None else f"group {g}, param {i}", shape, route, reason, g, i)
+        ns_dtype = _ns_dtype_label(group["ns_dtype"], p) if route == "muon" else None
+        return Route(name if name is not None else f"group {g}, param {i}", shape, route, reason, g, i,
+                     ns_dtype)
 
     def routes(self) -> list[Route]:
         """Every parameter's routing decision, in param-group order."""
@@ -372,7 +417,11 @@ class Muon(torch.optim.Optimizer):
         if not state:
             for k in keys:
                 state[k] = 0 if k == "step" else torch.zeros_like(
-                    p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                    p, dtype=_state_dtype(p, k), memory_format=torch.preserve_format)
+        elif "step" in keys and "step" not in state:
+            # A momentum buffer from an older xpopt or torch.optim.Muon: its
+            # age is unknown, so treat it as warmed up (bias correction 1).
+            state["step"] = _WARM_STEP
         return state
 
     @staticmethod
@@ -387,14 +436,19 @@ class Muon(torch.optim.Optimizer):
             p.copy_(target)
 
     def _muon_group(self, group: dict, params: list) -> None:
-        updates = []
+        updates, steps = [], []
         for p in params:
-            buf = self._state(p, ("momentum_buffer",))["momentum_buffer"]
+            state = self._state(p, ("step", "momentum_buffer"))
+            state["step"] += 1
+            steps.append(state["step"])
+            buf = state["momentum_buffer"]
             new_buf, u = momentum_update(buf, p.grad.to(buf.dtype), momentum=group["momentum"],
                                          nesterov=group["nesterov"], form=group["momentum_form"])
             buf.copy_(new_buf)
             updates.append(u)
         ns_dtype = group["ns_dtype"]
+        if ns_dtype == "auto":
+            ns_dtype = "bfloat16" if _torch_backend.has_native_bf16(params[0]) else None
         if _is_bf16(ns_dtype) and not self._warned_bf16 \
                 and not _torch_backend.has_native_bf16(params[0]):
             self._warned_bf16 = True
@@ -403,14 +457,27 @@ class Muon(torch.optim.Optimizer):
                 "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
                 "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
                 UserWarning, stacklevel=3)
-        directions = orthogonalized_updates(
-            updates, conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
-            adjust_lr_fn=group["adjust_lr_fn"], batch=group["batched"],
-            coefficients=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"],
-            safety_factor=group["safety_factor"], compute_dtype=ns_dtype,
-        )
+        rms = DEFAULT_RMS if group["consistent_rms"] is None else group["consistent_rms"]
+        common = dict(
+            conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
+            adjust_lr_fn=group["adjust_lr_fn"], rms=rms, coefficients=group["ns_coefficients"],
+            steps=group["ns_steps"], eps=group["eps"], safety_factor=group["safety_factor"],
+            compute_dtype=ns_dtype, preconditioning=group["preconditioning"])
+        if group["adaptive"] and len(set(steps)) > 1:
+            # parameters added at different times have different bias corrections
+            directions = [orthogonalized_updates(
+                [u], batch=False, adaptive=True, debias=self._debias(group, t), **common)[0]
+                for u, t in zip(updates, steps)]
+        else:
+            directions = orthogonalized_updates(
+                updates, batch=group["batched"], adaptive=group["adaptive"],
+                debias=self._debias(group, steps[0]) if group["adaptive"] else 1.0, **common)
         for p, d in zip(params, directions):
             self._apply(p, d, group["lr"], group["weight_decay"])
+
+    @staticmethod
+    def _debias(group: dict, step: int) -> float:
+        return debias_factor(group["momentum"], step, nesterov=group["nesterov"], form=group["momentum_form"])
 
     def _fallback_group(self, group: dict, params: list) -> None:
         beta1, beta2 = check_betas(group["betas"])
@@ -482,8 +549,8 @@ class Muon(torch.optim.Optimizer):
     def _validate_loaded(self, sd) -> None:
         for _, p, st in self._loaded_pairs(sd) or ():
             r = self._routes[p]
-            want = ("momentum_buffer",) if r.route == "muon" else ("step", "exp_avg", "exp_avg_sq")
-            if set(st) != set(want):
+            want = ("step", "momentum_buffer") if r.route == "muon" else ("step", "exp_avg", "exp_avg_sq")
+            if set(st) != set(want) and not (r.route == "muon" and set(st) == {"momentum_buffer"}):
                 raise ValueError(
                     f"Muon.load_state_dict: state for parameter {r.name!r} has keys {sorted(st)}, but this "
                     f"optimizer routes it to {r.route} (needs {list(want)}); build the optimizer with "
@@ -503,7 +570,7 @@ class Muon(torch.optim.Optimizer):
                 if k == "step":
                     live[k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
                 elif isinstance(v, torch.Tensor):
-                    live[k] = v.to(device=p.device, dtype=_state_dtype(p), copy=True)
+                    live[k] = v.to(device=p.device, dtype=_state_dtype(p, k), copy=True)
 
     # torch pickles only defaults/state/param_groups; keep the routing too.
     def __getstate__(self) -> dict:

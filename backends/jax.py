@@ -35,6 +35,10 @@ def is_traced(x) -> bool:
 
 
 def has_native_bf16(x) -> bool:
+    # A tracer has no devices: ask where jit will run.  XLA's CPU backend has
+    # no native bf16 dot (it converts), so only accelerators count.
+    if is_traced(x):
+        return jax.default_backend() != "cpu"
     try:
         platforms = {d.platform for d in x.devices()}
     except Exception:

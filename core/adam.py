@@ -4,44 +4,66 @@ Decoupled weight decay (Loshchilov & Hutter) and bias correction, with the
 step count ``t`` starting at 1::
 
     m  = b1 * m + (1 - b1) * g
-    v  = b2 * v + (1 - b2) * g^2
+    v  = b2 * v + ((1 - b2) * |g|) * |g|
     m' = b1 * m + (1 - b1) * g       if nesterov (NAdamW), else m
-    W  = W * (1 - lr * wd) - lr * (m' / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    W  = W * (1 - lr * wd) - lr * (m' / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 The NAdamW look-ahead is the one in timm's ``nadamw`` (from MLCommons
 AlgoPerf), not torch.optim.NAdam's momentum-decay schedule.
+
+Overflow: ``g * g`` overflows float32 for ``|g| > 1.8e19`` and an infinite
+``v`` freezes that entry for good; ``((1 - b2) |g|) |g|`` (torch's
+``addcmul`` order) and ``sqrt(v) / sqrt(1 - b2^t)`` keep every finite ``v``
+finite, as in ``torch.optim.AdamW``.  Complex gradients use ``|g|^2`` (one
+second moment per complex entry, optax's convention; torch.optim views a
+complex tensor as pairs of reals instead).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+
+from ._xp import is_complex, is_number, namespace
 
 __all__ = ["check_betas", "adam_update", "adamw_step"]
 
 
-def check_betas(betas) -> tuple[float, float]:
+def check_betas(betas) -> tuple:
+    """``(b1, b2)``: Python numbers in [0, 1) (returned as floats) or 0-d arrays (unchecked)."""
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    out = []
     for name, b in (("betas[0]", b1), ("betas[1]", b2)):
-        if not isinstance(b, numbers.Real) or not 0.0 <= b < 1.0:
+        if is_number(b) and 0.0 <= b < 1.0:
+            out.append(float(b))
+        elif not isinstance(b, (numbers.Number, bool)) and getattr(b, "shape", None) == ():
+            out.append(b)
+        else:
             raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-    return float(b1), float(b2)
+    return tuple(out)
 
 
-def adam_update(grad, m, v, step, *, beta1: float, beta2: float, eps: float, nesterov: bool = False):
+def _sqrt(x):
+    return math.sqrt(x) if is_number(x) else x ** 0.5
+
+
+def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     """Return ``(direction, new_m, new_v)``; the step is ``-lr * direction``.
 
     ``step`` is the 1-based count after this update, a Python int or a 0-d
-    array (optax state under jit).
+    array (optax state under jit).  ``v`` is real also for complex ``grad``.
     """
+    xp, _ = namespace(grad, names=("grad",))
+    mag = xp.abs(grad) if is_complex(xp, grad) else grad
     m = m + (1.0 - beta1) * (grad - m)
-    v = beta2 * v + (1.0 - beta2) * (grad * grad)
+    v = beta2 * v + ((1.0 - beta2) * mag) * mag
     bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
+    bc2_sqrt = _sqrt(1.0 - beta2 ** step)
     m_used = m + (1.0 - beta1) * (grad - m) if nesterov else m
-    direction = (m_used / bc1) / ((v / bc2) ** 0.5 + eps)
+    direction = (m_used / bc1) / (v ** 0.5 / bc2_sqrt + eps)
     return direction, m, v
 
 
@@ -50,6 +72,6 @@ def adamw_step(param, grad, m, v, step, *, lr, betas=(0.9, 0.999), eps: float = 
     """One AdamW (NAdamW with ``nesterov=True``) step; returns ``(param, m, v)``."""
     b1, b2 = check_betas(betas)
     direction, m, v = adam_update(grad, m, v, step, beta1=b1, beta2=b2, eps=eps, nesterov=nesterov)
-    if weight_decay:
+    if not is_number(weight_decay) or weight_decay:
         param = param * (1.0 - lr * weight_decay)
     return param - lr * direction, m, v

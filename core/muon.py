@@ -7,6 +7,7 @@ Update rule for one matrix parameter ``W`` of shape ``(out, in, *spatial)``::
     u      = g + mu * (buf - g)  if nesterov  (ema)   |  g + mu * buf (classic)
     u      = buf                 otherwise
     O      = orthogonalize(matrix(u))           # see to_matrix for N-D / conv
+    O      = <u_hat, O> * O        if adaptive   # u_hat = debias * u (dual-norm scale)
     W      = W * (1 - lr * wd) - lr * lr_scale(out, in) * O
 
 Parameters are in torch layout ``(out, in, *spatial)``; adapters move other
@@ -18,16 +19,18 @@ from __future__ import annotations
 import math
 import numbers
 
-from ._xp import namespace
+from ._xp import is_complex, is_number, namespace
 from .newton_schulz import orthogonalize
 
 __all__ = [
     "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES",
-    "momentum_update", "lr_scale", "suitability", "matrix_shape", "to_matrix",
+    "DEFAULT_RMS", "momentum_update", "debias_factor", "lr_scale", "suitability", "matrix_shape", "to_matrix",
     "from_matrix", "orthogonalized_updates", "muon_step",
 ]
 
 MOMENTUM_FORMS = ("ema", "classic")
+#: RMS constant of ``match_rms_adamw`` (Moonshot); optax calls it ``consistent_rms``.
+DEFAULT_RMS = 0.2
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "rms_to_rms", "none")
 CONV_MODES = ("flatten", "batched")
 
@@ -38,8 +41,12 @@ def _check_choice(value, choices, argname: str) -> None:
 
 
 def check_momentum(momentum) -> None:
-    if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    """Python numbers must lie in [0, 1); 0-d arrays (schedules, maybe traced) pass."""
+    if is_number(momentum) and 0.0 <= momentum < 1.0:
+        return
+    if not isinstance(momentum, (numbers.Number, bool)) and getattr(momentum, "shape", None) == ():
+        return
+    raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
 
 
 def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form: str = "ema"):
@@ -63,12 +70,28 @@ def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form:
     return buf, update
 
 
-def lr_scale(fan_out: int, fan_in: int, adjust_lr_fn: str = "match_rms_adamw") -> float:
+def debias_factor(momentum, step, *, nesterov: bool = False, form: str = "ema"):
+    """``c`` with ``c * update`` an unbiased estimate of the gradient's scale.
+
+    ``step`` is the 1-based count of momentum updates including this one (a
+    Python int or a 0-d array).  For a constant gradient ``g`` the EMA buffer
+    is ``(1 - mu^t) g`` and the nesterov mix ``(1 - mu^(t+1)) g``; the classic
+    form is ``1 / (1 - mu)`` times the EMA one.  Only ``adaptive`` Muon needs it
+    (Newton-Schulz itself is scale-free).  optax bias-corrects the two terms of
+    its nesterov mix separately, which overshoots (1.49 g at t=1, mu=0.95).
+    """
+    _check_choice(form, MOMENTUM_FORMS, "momentum_form")
+    c = 1.0 / (1.0 - momentum ** (step + 1 if nesterov else step))
+    return c * (1.0 - momentum) if form == "classic" else c
+
+
+def lr_scale(fan_out: int, fan_in: int, adjust_lr_fn: str = "match_rms_adamw", rms=DEFAULT_RMS):
     """Multiplier on ``lr`` for an orthogonalised ``(fan_out, fan_in)`` update.
 
     ``original`` (Keller Jordan): ``sqrt(max(1, out/in))``.
-    ``match_rms_adamw`` (Moonshot/Kimi): ``0.2 * sqrt(max(out, in))`` so the
-    update's RMS matches AdamW's (~0.2) and one LR serves both.
+    ``match_rms_adamw`` (Moonshot/Kimi): ``rms * sqrt(max(out, in))``, ``rms``
+    = 0.2 by default (optax's ``consistent_rms``), so the update's RMS matches
+    AdamW's (~0.2) and one LR serves both.
     ``rms_to_rms`` (Scion, Bernstein): ``sqrt(out/in)``, the spectral-norm
     steepest-descent scale.  ``none``: 1.
     """
@@ -76,7 +99,7 @@ def lr_scale(fan_out: int, fan_in: int, adjust_lr_fn: str = "match_rms_adamw") -
     if adjust_lr_fn == "original":
         return math.sqrt(max(1.0, fan_out / fan_in))
     if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(fan_out, fan_in))
+        return rms * math.sqrt(max(fan_out, fan_in))
     if adjust_lr_fn == "rms_to_rms":
         return math.sqrt(fan_out / fan_in)
     return 1.0
@@ -160,15 +183,22 @@ def orthogonalized_updates(
     conv_mode: str = "flatten",
     normalize_spatial: bool = True,
     adjust_lr_fn: str = "match_rms_adamw",
+    rms=DEFAULT_RMS,
     batch: bool = True,
+    adaptive: bool = False,
+    debias=1.0,
     **ns_kwargs,
 ):
     """``lr_scale * orthogonalize(matrix(u))`` for each ``u``, in ``u``'s shape.
 
     With ``batch=True`` the updates whose matrix shape and dtype agree are
     stacked and orthogonalised in one batched call (one GEMM chain instead of
-    many small ones); results are identical to the per-matrix loop.
-    ``ns_kwargs`` go to :func:`orthogonalize`.
+    many small ones).  ``adaptive`` (Bernstein & Newhouse's dual-norm step,
+    optax's ``adaptive``) multiplies each result by ``<debias * u, O>``, the
+    real Frobenius inner product over the whole parameter, which estimates
+    the gradient's nuclear norm; ``debias`` comes from :func:`debias_factor`.
+    ``rms`` is ``match_rms_adamw``'s constant.  ``ns_kwargs`` go to
+    :func:`orthogonalize`.
     """
     _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
     updates = list(updates)
@@ -190,13 +220,22 @@ def orthogonalized_updates(
             orth = [stacked[j, ...] for j in range(len(idx))]
         for i, o in zip(idx, orth):
             fan_out, fan_in = o.shape[-2], o.shape[-1]
-            scale = lr_scale(fan_out, fan_in, adjust_lr_fn)
+            scale = lr_scale(fan_out, fan_in, adjust_lr_fn, rms)
             if o.ndim == 3 and normalize_spatial:
                 # Batched taps: each tap's update has unit spectral norm, so the
                 # kernel's grows with sqrt(taps); normalise it back.
                 scale /= math.sqrt(o.shape[0])
+            if adaptive:
+                scale = scale * (debias * _inner(xp, mats[i], o))
             out[i] = from_matrix(o * scale, updates[i].shape, conv_mode)
     return out
+
+
+def _inner(xp, u, o):
+    """Real part of ``sum(conj(u) * o)`` as a 0-d array of ``o``'s real dtype."""
+    if is_complex(xp, u):
+        return xp.sum(xp.real(xp.conj(u) * o))
+    return xp.sum(u * o)
 
 
 def muon_step(
@@ -212,25 +251,38 @@ def muon_step(
     conv_mode: str = "flatten",
     normalize_spatial: bool = True,
     adjust_lr_fn: str = "match_rms_adamw",
+    rms=DEFAULT_RMS,
     batch: bool = True,
+    adaptive: bool = False,
+    step=None,
     **ns_kwargs,
 ):
     """One Muon step over lists; returns ``(new_params, new_bufs)`` (pure).
 
-    ``lr`` may be a float or a 0-d array (a schedule value under jit).
+    ``lr`` may be a float or a 0-d array (a schedule value under jit), and so
+    may ``momentum``, ``weight_decay`` and ``rms``.  ``step`` (1-based, this
+    update included) is needed with ``adaptive=True`` for the bias correction.
     """
     check_momentum(momentum)
+    if adaptive and step is None:
+        raise ValueError("adaptive=True needs step= (1-based count of updates, this one included)")
     new_bufs, updates = [], []
     for b, g in zip(bufs, grads):
         b, u = momentum_update(b, g, momentum=momentum, nesterov=nesterov, form=momentum_form)
         new_bufs.append(b)
         updates.append(u)
+    debias = debias_factor(momentum, step, nesterov=nesterov, form=momentum_form) if adaptive else 1.0
     dirs = orthogonalized_updates(
         updates, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        adjust_lr_fn=adjust_lr_fn, batch=batch, **ns_kwargs,
+        adjust_lr_fn=adjust_lr_fn, rms=rms, batch=batch, adaptive=adaptive, debias=debias, **ns_kwargs,
     )
     new_params = [
-        (p * (1.0 - lr * weight_decay) if weight_decay else p) - lr * d
+        (p * (1.0 - lr * weight_decay) if _is_on(weight_decay) else p) - lr * d
         for p, d in zip(params, dirs)
     ]
     return new_params, new_bufs
+
+
+def _is_on(v) -> bool:
+    """False only for a Python zero: a 0-d array (maybe traced) counts as on."""
+    return bool(v) if is_number(v) else True

@@ -3,15 +3,27 @@
 Each step applies the odd polynomial ``p(x) = a x + b x^3 + c x^5`` to the
 singular values of ``X`` without an SVD::
 
-    A = X X^T
+    A = X X^H                      (X^T for real X)
     B = b A + c A A
     X = a X + B X
 
-after a Frobenius prescale ``X = G / max(||G||_F * safety_factor, eps)`` that
-puts every singular value in [0, 1].  Because the iteration acts on singular
-values only, the output's singular values are exactly ``p_k(...p_1(s))`` of
-the prescaled ones; the presets trade exactness for speed, so they land in a
-band around 1 rather than on it.
+after a prescale (``preconditioning``) that puts every singular value in
+[0, 1]:
+
+``frobenius``  ``X = G / max(||G||_F * safety, eps)`` (Keller Jordan's Muon).
+``spectral``   ``X = G / max(||G||_2 * safety, eps)``: the exact top singular
+               value (an SVD: costly), so the largest one starts at 1.
+``aol``        row scaling ``X = D^-1/2 G`` with ``D = diag(rowsum |G G^H|)``
+               (Almost-Orthogonal-Layer, Boissin et al. 2025): ``||X||_2 <= 1``
+               by Gershgorin, and the Gram matrix of the first step is reused.
+``schatten``   ``X = G / ||G||_S4`` with ``||G||_S4^2 = ||G G^H||_F`` (Grishina
+               et al. 2025): a tighter bound than Frobenius at no extra matmul.
+
+The row scaling of ``aol`` is not a scalar, so its output is the polar factor
+of ``D^-1/2 G``, not of ``G``: close, and what optax computes.  For the other
+modes the output's singular values are exactly ``p_k(...p_1(s))`` of the
+prescaled ones; the presets trade exactness for speed, so they land in a band
+around 1 rather than on it.
 """
 
 from __future__ import annotations
@@ -20,9 +32,16 @@ import numbers
 from typing import Sequence, Union
 
 from ..backends import resolve_dtype
-from ._xp import check_floating, namespace
+from ._xp import check_floating, is_complex, is_number, namespace
 
-__all__ = ["COEFFICIENTS", "resolve_coefficients", "orthogonalize", "scalar_iteration"]
+__all__ = [
+    "COEFFICIENTS", "PRECONDITIONINGS", "DEFAULT_STEPS", "preset_steps", "resolve_coefficients",
+    "orthogonalize", "scalar_iteration",
+]
+
+PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+#: Steps used with a single ``(a, b, c)`` triple when ``steps`` is None (Keller Jordan's 5).
+DEFAULT_STEPS = 5
 
 Triple = tuple[float, float, float]
 CoefficientSpec = Union[str, Sequence[float], Sequence[Sequence[float]]]
@@ -75,14 +94,8 @@ def _triple(item, where: str) -> Triple:
     return tuple(float(v) for v in item)  # type: ignore[return-value]
 
 
-def resolve_coefficients(coefficients: CoefficientSpec, steps: int) -> tuple[Triple, ...]:
-    """Exactly ``steps`` triples: a preset name, one ``(a, b, c)`` or a list of them.
-
-    A list shorter than ``steps`` repeats its last triple (the converged
-    polynomial); a longer one is truncated.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+def _sequence(coefficients: CoefficientSpec) -> tuple[tuple[Triple, ...], bool]:
+    """``(triples, is_single_triple)`` for a preset name, a triple or a list of triples."""
     if isinstance(coefficients, str):
         if coefficients not in COEFFICIENTS:
             raise ValueError(
@@ -90,20 +103,44 @@ def resolve_coefficients(coefficients: CoefficientSpec, steps: int) -> tuple[Tri
                 "or pass (a, b, c) triples"
             )
         seq = COEFFICIENTS[coefficients]
-    elif isinstance(coefficients, Sequence) and len(coefficients) == 3 and all(_is_real(v) for v in coefficients):
-        seq = (_triple(coefficients, ""),)
-    elif isinstance(coefficients, Sequence) and len(coefficients) > 0:
-        seq = tuple(_triple(c, f"[{i}]") for i, c in enumerate(coefficients))
-    else:
-        raise ValueError(
-            f"coefficients must be a preset name, an (a, b, c) triple or a non-empty list of triples, "
-            f"got {coefficients!r}"
-        )
+        return seq, len(seq) == 1
+    if isinstance(coefficients, Sequence) and len(coefficients) == 3 and all(_is_real(v) for v in coefficients):
+        return (_triple(coefficients, ""),), True
+    if isinstance(coefficients, Sequence) and not isinstance(coefficients, (str, bytes)) and len(coefficients) > 0:
+        return tuple(_triple(c, f"[{i}]") for i, c in enumerate(coefficients)), False
+    raise ValueError(
+        f"coefficients must be a preset name, an (a, b, c) triple or a non-empty list of triples, "
+        f"got {coefficients!r}"
+    )
+
+
+def preset_steps(coefficients: CoefficientSpec) -> int:
+    """Steps used when ``steps`` is None: one per listed triple, 5 for a single one.
+
+    So ``"polar_express"`` runs its 8 tuned steps and ``"quintic"`` its 5,
+    while Keller Jordan's single ``"original"`` triple is repeated 5 times.
+    """
+    seq, single = _sequence(coefficients)
+    return DEFAULT_STEPS if single else len(seq)
+
+
+def resolve_coefficients(coefficients: CoefficientSpec, steps: int | None = None) -> tuple[Triple, ...]:
+    """Exactly ``steps`` triples: a preset name, one ``(a, b, c)`` or a list of them.
+
+    ``steps=None`` takes :func:`preset_steps`.  A list shorter than ``steps``
+    repeats its last triple (the converged polynomial); a longer one is
+    truncated.
+    """
+    seq, single = _sequence(coefficients)
+    if steps is None:
+        steps = DEFAULT_STEPS if single else len(seq)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (or None: the preset's own count), got {steps!r}")
     steps = int(steps)
     return tuple(seq[:steps]) + (seq[-1],) * max(0, steps - len(seq))
 
 
-def scalar_iteration(s, coefficients: CoefficientSpec = "quintic", steps: int = 5):
+def scalar_iteration(s, coefficients: CoefficientSpec = "quintic", steps: int | None = None):
     """Apply the step polynomials to singular values ``s`` (any array or float).
 
     This is what ``orthogonalize`` does to each prescaled singular value; tests
@@ -119,40 +156,51 @@ def orthogonalize(
     G,
     *,
     coefficients: CoefficientSpec = "quintic",
-    steps: int = 5,
+    steps: int | None = None,
     eps: float = 1e-7,
     safety_factor: float = 1.0,
     compute_dtype=None,
+    preconditioning: str = "frobenius",
 ):
-    """Approximate ``U V^T`` of ``G`` (shape ``(..., m, n)``) by Newton-Schulz.
+    """Approximate the polar factor ``U V^H`` of ``G`` (shape ``(..., m, n)``) by Newton-Schulz.
 
     Args:
       G: 2-D matrix or a batch ``(..., m, n)`` of same-shape matrices; each is
-        orthogonalised on its own.  Tall matrices are transposed internally so
-        the Gram matrix is the small side.
+        orthogonalised on its own.  Real or complex.  Tall matrices are
+        transposed internally so the Gram matrix is the small side.
       coefficients: preset name (``original``, ``quintic``, ``polar_express``,
         ``polar_express_safer``), one ``(a, b, c)`` triple, or one per step.
-      steps: number of iterations; a coefficient list is truncated or its last
-        triple repeated to match.
-      eps: floor on the prescale norm; a zero matrix maps to zero.
-      safety_factor: prescale by ``||G||_F * safety_factor`` (>1 keeps the top
+      steps: number of iterations; None = :func:`preset_steps` (8 for the
+        Polar Express presets, 5 otherwise).  A coefficient list is truncated
+        or its last triple repeated to match.
+      eps: floor of the prescale (the norm, or AOL's row sums); a zero matrix
+        maps to zero.  ``aol``/``schatten`` apply it after dividing ``G`` by
+        its largest entry, which they are invariant to.
+      safety_factor: divide the prescaled matrix by this (>1 keeps the top
         singular value safely below 1, as Polar Express suggests: 1.01).
       compute_dtype: dtype for the iteration (``"bfloat16"``, ``"float32"``,
-        a framework dtype, or None for ``G.dtype``); the result is returned in
-        ``G.dtype``.
+        a framework dtype, ``"auto"`` = bfloat16 where the device multiplies
+        it natively (GPU, AMX / AVX512-BF16 CPU) else as None, or None for
+        ``G.dtype``); the result is returned in ``G.dtype``.  For complex ``G``
+        a real precision picks its complex counterpart.
+      preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"`` or
+        ``"schatten"`` (see the module docstring); optax's names.
 
     Returns an array of ``G``'s shape and dtype.
     """
     xp, backend = namespace(G, names=("G",))
-    check_floating(xp, G, "G")
+    check_floating(xp, G, "G", complex_ok=True)
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions (..., m, n), got shape {tuple(G.shape)}")
-    if not (eps >= 0.0):
+    if is_number(eps) and not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not (safety_factor > 0.0):
+    if is_number(safety_factor) and not safety_factor > 0.0:
         raise ValueError(f"safety_factor must be > 0, got {safety_factor!r}")
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(f"preconditioning={preconditioning!r} is not valid; use one of {list(PRECONDITIONINGS)}")
     coeffs = resolve_coefficients(coefficients, steps)
-    cdtype = resolve_dtype(xp, backend, compute_dtype, argname="compute_dtype")
+    cplx = is_complex(xp, G)
+    cdtype = _compute_dtype(xp, backend, G, compute_dtype, cplx)
 
     in_dtype = G.dtype
     X = G if cdtype is None or cdtype == in_dtype else xp.astype(G, cdtype)
@@ -160,27 +208,82 @@ def orthogonalize(
     if transposed:
         X = xp.matrix_transpose(X)
 
-    X = X / _prescale(xp, X, eps, safety_factor)
+    if preconditioning in ("aol", "schatten"):
+        X, A = _first_scaling(xp, X, preconditioning, eps, safety_factor, cplx)
+    else:
+        X = X / _prescale(xp, X, preconditioning, eps, safety_factor)
+        A = None
     for a, b, c in coeffs:
-        A = X @ xp.matrix_transpose(X)
+        if A is None:
+            A = X @ _adjoint(xp, X, cplx)
         B = backend.addmm(A, A, A, beta=b, alpha=c)
         X = backend.addmm(X, B, X, beta=a, alpha=1.0)
+        A = None
 
     if transposed:
         X = xp.matrix_transpose(X)
     return X if X.dtype == in_dtype else xp.astype(X, in_dtype)
 
 
-def _prescale(xp, X, eps: float, safety_factor: float):
-    """``max(||X||_F * safety, eps)`` per matrix, safe from over/underflow.
+def _adjoint(xp, X, cplx: bool):
+    Xt = xp.matrix_transpose(X)
+    return xp.conj(Xt) if cplx else Xt
+
+
+def _compute_dtype(xp, backend, G, spec, cplx: bool):
+    if isinstance(spec, str) and spec == "auto":
+        spec = "bfloat16" if not cplx and backend.has_native_bf16(G) else None
+    cdtype = resolve_dtype(xp, backend, spec, argname="compute_dtype")
+    if cdtype is None or not cplx:
+        return cdtype
+    if cdtype == xp.float32 or cdtype == xp.complex64:
+        return xp.complex64
+    if cdtype == xp.float64 or cdtype == xp.complex128:
+        return xp.complex128
+    raise TypeError(f"compute_dtype={spec!r} has no complex counterpart; complex G computes in complex64 or complex128")
+
+
+def _amax(xp, X):
+    """Largest |entry| per matrix, 1 for all-zero ones (so dividing by it is safe)."""
+    amax = xp.max(xp.abs(X), axis=(-2, -1), keepdims=True)
+    return xp.where(amax > 0, amax, xp.ones_like(amax))
+
+
+def _prescale(xp, X, preconditioning: str, eps, safety_factor):
+    """``max(||X|| * safety, eps)`` per matrix, safe from over/underflow.
 
     Squaring 1e30 overflows float32 and 1e-30 underflows it, so the norm is
     taken of ``X / max|X|`` and scaled back: two cheap passes next to the
     iteration's GEMMs, and the same value as the plain norm where that is finite.
     """
-    amax = xp.max(xp.abs(X), axis=(-2, -1), keepdims=True)
-    one = xp.ones_like(amax)
-    amax = xp.where(amax > 0, amax, one)
-    norm = amax * xp.linalg.vector_norm(X / amax, axis=(-2, -1), keepdims=True)
-    floor = xp.full_like(norm, eps)
-    return xp.maximum(norm * safety_factor, floor)
+    amax = _amax(xp, X)
+    if preconditioning == "frobenius":
+        norm = amax * xp.linalg.vector_norm(X / amax, axis=(-2, -1), keepdims=True)
+    else:  # spectral: an SVD, done in at least float32 (no bf16 SVD anywhere)
+        Y = X / amax
+        if Y.dtype not in (xp.float32, xp.float64, xp.complex64, xp.complex128):
+            Y = xp.astype(Y, xp.float32)
+        s = xp.linalg.matrix_norm(Y, ord=2, keepdims=True)
+        norm = amax * xp.astype(s, amax.dtype)
+    norm = xp.abs(norm)  # real, also for complex X
+    return xp.maximum(norm * safety_factor, xp.full_like(norm, eps))
+
+
+def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
+    """``(X, A = X X^H)`` after AOL's row scaling or the Schatten-4 prescale.
+
+    Both are invariant to a scalar factor on ``X``, so ``X`` is first divided
+    by its largest entry (its Gram matrix could overflow otherwise); the
+    rescaled Gram matrix is then reused by the first Newton-Schulz step.
+    """
+    X = X / _amax(xp, X)
+    A = X @ _adjoint(xp, X, cplx)
+    if preconditioning == "aol":
+        d = xp.sum(xp.abs(A), axis=-1, keepdims=True)          # (..., m, 1), real
+        s = 1.0 / (xp.sqrt(xp.maximum(d, xp.full_like(d, eps))) * safety_factor)
+        s = xp.astype(s, X.dtype) if cplx else s
+        return X * s, A * (s * xp.matrix_transpose(s))
+    r = xp.linalg.vector_norm(A, axis=(-2, -1), keepdims=True)  # ||X||_S4^2, real
+    s2 = 1.0 / (xp.maximum(r, xp.full_like(r, eps)) * safety_factor**2)
+    s2 = xp.astype(s2, X.dtype) if cplx else s2
+    return X * xp.sqrt(s2), A * s2

@@ -237,7 +237,7 @@ def test_embedding_is_routed_to_the_fallback_everywhere(runs):
     assert {k for k, (route, _) in routes.items() if route == "muon"} == set(MUON)
     st = {r.name: opt.state[p] for r, p in zip(opt.routes(), (p for g in opt.param_groups for p in g["params"]))}
     assert set(st["embed.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert set(st["conv.weight"]) == {"momentum_buffer"}
+    assert set(st["conv.weight"]) == {"step", "momentum_buffer"}
     # optax: Muon momentum only where Muon runs, Adam moments only elsewhere
     state = runs["optax"][1]
     assert isinstance(state.mu["embed"]["embedding"], optax.MaskedNode)
