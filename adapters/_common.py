@@ -201,7 +201,7 @@ class MuonOptions:
     conv_mode: str
     normalize_spatial: bool
     ns_dtype: Any
-    batched: bool
+    batched: Any  # True, False or "auto"
     preconditioning: str = "frobenius"
     adaptive: bool = False
     consistent_rms: Any = None
@@ -252,6 +252,12 @@ def check_consistent_rms(consistent_rms, adjust_lr_fn):
     return _check_real(consistent_rms, "consistent_rms", minimum=0.0, strict=True)
 
 
+def check_batched(batched):
+    if batched in (True, False) and isinstance(batched, bool) or batched == "auto":
+        return batched
+    raise ValueError(f"batched={batched!r} is not valid; use 'auto' (batch where measured faster), True or False")
+
+
 def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps, eps,
                  safety_factor, adjust_lr_fn, conv_mode, normalize_spatial, ns_dtype,
                  batched, preconditioning="frobenius", adaptive=False,
@@ -280,7 +286,7 @@ def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps
         conv_mode=_check_choice(conv_mode, CONV_MODES, "conv_mode"),
         normalize_spatial=_check_bool(normalize_spatial, "normalize_spatial"),
         ns_dtype=_check_dtype_spec(ns_dtype, "ns_dtype", auto=True),
-        batched=_check_bool(batched, "batched"),
+        batched=check_batched(batched),
         preconditioning=_check_choice(preconditioning, PRECONDITIONINGS, "preconditioning"),
         adaptive=_check_bool(adaptive, "adaptive"),
         consistent_rms=check_consistent_rms(consistent_rms, adjust_lr_fn),

@@ -330,7 +330,7 @@ def muon(
     conv_mode: str = "flatten",
     normalize_spatial: bool = True,
     ns_dtype=None,
-    batched: bool = True,
+    batched="auto",
     mu_dtype=None,
     fallback: str = "adamw",
     fallback_lr: Optional[Union[float, Callable[[int], float]]] = None,

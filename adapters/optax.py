@@ -248,7 +248,7 @@ def scale_by_muon(
     conv_mode: str = "flatten",
     normalize_spatial: bool = True,
     ns_dtype=None,
-    batched: bool = True,
+    batched="auto",
     mu_dtype=None,
     dimension_numbers=None,
     preconditioning: str = "frobenius",
@@ -326,7 +326,7 @@ def muon(
     conv_mode: str = "flatten",
     normalize_spatial: bool = True,
     ns_dtype=None,
-    batched: bool = True,
+    batched="auto",
     mu_dtype=None,
     fallback: str = "adamw",
     fallback_learning_rate: Optional[ScalarOrSchedule] = None,
@@ -369,7 +369,9 @@ def muon(
       ns_dtype: Newton-Schulz compute dtype; None = float32 for bf16/f16 leaves,
         else the leaf dtype; ``"auto"`` = bfloat16 where the backend multiplies
         it natively (GPU/TPU), else as None.
-      batched: stack same-shape matrices into one Newton-Schulz call.
+      batched: stack same-shape matrices into one Newton-Schulz call:
+        ``"auto"`` (default) where measured faster (accelerators always, small
+        matrices on CPUs), or True / False.
       mu_dtype: dtype of Muon's momentum and the fallback's first moment
         (None: float32 for bf16/f16 leaves, else the leaf dtype).
       fallback: ``"adamw"`` or ``"nadamw"``.

@@ -195,7 +195,10 @@ def _check_options(o: dict, where: str) -> None:
             or (isinstance(nd, torch.dtype) and nd.is_floating_point and not nd.is_complex)):
         fail(f"ns_dtype={nd!r} is invalid: use None, 'auto', one of {list(_NS_DTYPE_NAMES)} or a "
              "floating torch.dtype")
-    flag("batched")
+    try:
+        C.check_batched(o["batched"])
+    except ValueError as e:
+        fail(str(e))
     choice("fallback", FALLBACKS)
     try:
         check_betas(o["betas"])
@@ -250,7 +253,9 @@ class Muon(torch.optim.Optimizer):
         a CPU without native bf16 it warns once (about 100x slower).
         ``"auto"``: bfloat16 where the device multiplies it natively (CUDA,
         AMX / AVX512-BF16 CPUs), else as None; ``routes()`` shows the choice.
-      batched: orthogonalise same-shape matrices of a group in one call.
+      batched: orthogonalise same-shape matrices of a group in one call:
+        ``"auto"`` (default) where that was measured faster (always on CUDA,
+        matrices up to 256x512 on CPUs), or True / False.
       fallback, fallback_lr, betas, fallback_eps, fallback_weight_decay: the
         AdamW / NAdamW used for non-Muon params. ``fallback_lr`` is a fixed
         number: LR schedulers only change ``lr``; to schedule a separate
@@ -279,7 +284,7 @@ class Muon(torch.optim.Optimizer):
         conv_mode: str = "flatten",
         normalize_spatial: bool = True,
         ns_dtype: Any = None,
-        batched: bool = True,
+        batched: Any = "auto",
         fallback: str = "adamw",
         fallback_lr: Optional[float] = None,
         betas: tuple = (0.9, 0.95),
@@ -426,9 +431,11 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _apply(p: torch.Tensor, direction: torch.Tensor, lr: float, wd: float) -> None:
-        # W <- W * (1 - lr*wd) - lr * direction, in the direction's (state)
-        # dtype; a bf16/f16 param is updated in float32 and rounded once.
-        target = p if p.dtype == direction.dtype else p.to(direction.dtype)
+        # W <- W * (1 - lr*wd) - lr * direction, in the state dtype: a bf16/f16
+        # param is updated in float32 and rounded once.  The direction may be
+        # narrower (bf16 Newton-Schulz output): add_ widens it exactly.
+        sd = _state_dtype(p)
+        target = p if p.dtype == sd else p.to(sd)
         if wd:
             target.mul_(1.0 - lr * wd)
         target.add_(direction, alpha=-lr)
@@ -442,9 +449,8 @@ class Muon(torch.optim.Optimizer):
             state["step"] += 1
             steps.append(state["step"])
             buf = state["momentum_buffer"]
-            new_buf, u = momentum_update(buf, p.grad.to(buf.dtype), momentum=group["momentum"],
-                                         nesterov=group["nesterov"], form=group["momentum_form"])
-            buf.copy_(new_buf)
+            _, u = momentum_update(buf, p.grad.to(buf.dtype), momentum=group["momentum"],
+                                   nesterov=group["nesterov"], form=group["momentum_form"], inplace=True)
             updates.append(u)
         ns_dtype = group["ns_dtype"]
         if ns_dtype == "auto":
@@ -462,7 +468,7 @@ class Muon(torch.optim.Optimizer):
             conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
             adjust_lr_fn=group["adjust_lr_fn"], rms=rms, coefficients=group["ns_coefficients"],
             steps=group["ns_steps"], eps=group["eps"], safety_factor=group["safety_factor"],
-            compute_dtype=ns_dtype, preconditioning=group["preconditioning"])
+            compute_dtype=ns_dtype, preconditioning=group["preconditioning"], cast_back=False)
         if group["adaptive"] and len(set(steps)) > 1:
             # parameters added at different times have different bias corrections
             directions = [orthogonalized_updates(

@@ -9,6 +9,15 @@ not already use.  Each backend module exposes the same small surface:
 ``addmm(C, A, B, *, beta, alpha)``
     ``beta * C + alpha * (A @ B)`` over 2-D or same-shape batched stacks, fused
     where the framework can (torch ``addmm``/``baddbmm``, BLAS beta).
+``lerp(start, end, weight)``
+    ``start + weight * (end - start)``, fused where the framework can.
+``lerp_(start, end, weight)``, ``div_(x, y)``, ``MUTABLE``
+    the same written into the first argument where arrays are mutable
+    (``MUTABLE``: torch, NumPy, CuPy); JAX and the generic path return a new
+    array.  Core uses them only on arrays it owns or was told it may overwrite.
+``batch_limit(x)``
+    the largest ``m*m*n`` for which one batched Newton-Schulz over same-shape
+    matrices beats a loop on ``x``'s device (measured; infinite on GPUs).
 ``bfloat16(xp)``
     the framework's bfloat16 dtype, or ``TypeError`` if it has none.
 ``is_traced(x)``

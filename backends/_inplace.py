@@ -10,3 +10,24 @@ def addmm(C, A, B, *, beta: float, alpha: float):
     if beta != 0.0:
         out += beta * C
     return out
+
+
+def lerp(start, end, weight):
+    # One temporary instead of three; same formula as the generic backend.
+    out = end - start
+    out *= weight
+    out += start
+    return out
+
+
+def lerp_(start, end, weight):
+    """``start += weight * (end - start)`` in place (one temporary); returns ``start``."""
+    d = end - start
+    d *= weight
+    start += d
+    return start
+
+
+def div_(x, y):
+    x /= y
+    return x

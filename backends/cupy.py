@@ -1,8 +1,13 @@
 """CuPy backend (GPU): same in-place addmm as NumPy, cuBLAS underneath."""
 
-from ._inplace import addmm  # noqa: F401
+from ._inplace import addmm, div_, lerp, lerp_  # noqa: F401
 
+MUTABLE = True
 NAME = "cupy"
+
+
+def batch_limit(x) -> float:
+    return float("inf")  # GPU: one batched kernel instead of many launches
 
 
 def bfloat16(xp):

@@ -16,6 +16,35 @@ def addmm(C, A, B, *, beta: float, alpha: float):
     return out
 
 
+def lerp(start, end, weight):
+    """``start + weight * (end - start)`` (weight a float or 0-d array)."""
+    return start + weight * (end - start)
+
+
+def lerp_(start, end, weight):
+    """In-place ``lerp`` where arrays are mutable; here (immutable) a new array."""
+    return lerp(start, end, weight)
+
+
+def div_(x, y):
+    """``x / y``, written into ``x`` where arrays are mutable; here a new array."""
+    return x / y
+
+
+MUTABLE = False
+
+
+def batch_limit(x) -> float:
+    """Largest ``m*m*n`` (m <= n) for which one batched Newton-Schulz beats a loop.
+
+    Measured with ``benchmarks/batching.py`` on a 2-core AMD EPYC (Zen 5):
+    stacking costs a copy and the CPU batched GEMMs run a little slower than
+    single ones, so batching only pays while per-call overhead dominates.
+    array_api_strict runs on NumPy: NumPy's limit.
+    """
+    return 2.0 ** 18
+
+
 def bfloat16(xp):
     raise TypeError(f"{getattr(xp, '__name__', xp)} has no bfloat16 dtype; use float32")
 

@@ -2,9 +2,16 @@
 
 import numpy as np
 
-from ._inplace import addmm  # noqa: F401  (re-exported: part of the backend surface)
+from ._inplace import addmm, div_, lerp, lerp_  # noqa: F401  (re-exported: part of the backend surface)
 
+MUTABLE = True
 NAME = "numpy"
+
+
+def batch_limit(x) -> float:
+    # NumPy matmul on stacks: batched wins up to 64^3 (0.64x of the loop at
+    # 32 x 64^2), loses from 128^3 on (1.10x); benchmarks/batching.py.
+    return 2.0 ** 18
 
 
 def bfloat16(xp):

@@ -49,8 +49,13 @@ def check_momentum(momentum) -> None:
     raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
 
 
-def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form: str = "ema"):
+def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form: str = "ema",
+                    inplace: bool = False):
     """Return ``(new_buf, update)``; see the module docstring for both forms.
+
+    ``inplace=True`` writes the new buffer into ``buf`` where the framework's
+    arrays are mutable (torch, NumPy, CuPy: what ``torch.optim`` does, and
+    it saves an allocation per step); under JAX it is ignored.
 
     The EMA form keeps the buffer on the gradient's scale (its fixed point is
     ``g``); the classic form's is ``g / (1 - mu)``.  By induction the EMA buffer
@@ -61,11 +66,16 @@ def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form:
     keeps the classic buffer.
     """
     _check_choice(form, MOMENTUM_FORMS, "momentum_form")
+    _, backend = namespace(buf, grad, names=("buf", "grad"))
     if form == "ema":
-        buf = buf + (1.0 - momentum) * (grad - buf)
-        update = grad + momentum * (buf - grad) if nesterov else buf
+        buf = (backend.lerp_ if inplace else backend.lerp)(buf, grad, 1.0 - momentum)
+        update = backend.lerp(grad, buf, momentum) if nesterov else buf
     else:
-        buf = momentum * buf + grad
+        new = momentum * buf + grad
+        if inplace and backend.MUTABLE:
+            buf[...] = new
+            new = buf
+        buf = new
         update = grad + momentum * buf if nesterov else buf
     return buf, update
 
@@ -184,7 +194,7 @@ def orthogonalized_updates(
     normalize_spatial: bool = True,
     adjust_lr_fn: str = "match_rms_adamw",
     rms=DEFAULT_RMS,
-    batch: bool = True,
+    batch="auto",
     adaptive: bool = False,
     debias=1.0,
     **ns_kwargs,
@@ -193,7 +203,9 @@ def orthogonalized_updates(
 
     With ``batch=True`` the updates whose matrix shape and dtype agree are
     stacked and orthogonalised in one batched call (one GEMM chain instead of
-    many small ones).  ``adaptive`` (Bernstein & Newhouse's dual-norm step,
+    many small ones); ``"auto"`` does so only where the backend measured it to
+    pay (``backend.batch_limit``: always on GPUs, small matrices on CPUs);
+    results agree with the loop to rounding.  ``adaptive`` (Bernstein & Newhouse's dual-norm step,
     optax's ``adaptive``) multiplies each result by ``<debias * u, O>``, the
     real Frobenius inner product over the whole parameter, which estimates
     the gradient's nuclear norm; ``debias`` comes from :func:`debias_factor`.
@@ -204,30 +216,36 @@ def orthogonalized_updates(
     updates = list(updates)
     if not updates:
         return []
-    xp, _ = namespace(*updates, names=tuple(f"updates[{i}]" for i in range(len(updates))))
+    if batch not in (True, False, "auto"):
+        raise ValueError(f"batch={batch!r} is not valid; use True, False or 'auto'")
+    xp, backend = namespace(*updates, names=tuple(f"updates[{i}]" for i in range(len(updates))))
     mats = [to_matrix(u, conv_mode) for u in updates]
+    limit = backend.batch_limit(mats[0]) if batch == "auto" else float("inf")
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
-        key = (tuple(m.shape), m.dtype) if batch else (i,)
+        lo, hi = sorted(m.shape[-2:])
+        together = batch is True or (batch == "auto" and lo * lo * hi * math.prod(m.shape[:-2]) <= limit)
+        key = (tuple(m.shape), m.dtype) if together else (i,)
         groups.setdefault(key, []).append(i)
 
     out = [None] * len(updates)
     for idx in groups.values():
+        shape = mats[idx[0]].shape
+        scale = lr_scale(shape[-2], shape[-1], adjust_lr_fn, rms)
+        if len(shape) == 3 and normalize_spatial:
+            # Batched taps: each tap's update has unit spectral norm, so the
+            # kernel's grows with sqrt(taps); normalise it back.
+            scale = scale / math.sqrt(shape[0])
+        # The shape's LR scale rides on Newton-Schulz's last GEMM (no extra pass).
         if len(idx) == 1:
-            orth = [orthogonalize(mats[idx[0]], **ns_kwargs)]
+            orth = [orthogonalize(mats[idx[0]], scale=scale, **ns_kwargs)]
         else:
-            stacked = orthogonalize(xp.stack([mats[i] for i in idx]), **ns_kwargs)
+            stacked = orthogonalize(xp.stack([mats[i] for i in idx]), scale=scale, **ns_kwargs)
             orth = [stacked[j, ...] for j in range(len(idx))]
         for i, o in zip(idx, orth):
-            fan_out, fan_in = o.shape[-2], o.shape[-1]
-            scale = lr_scale(fan_out, fan_in, adjust_lr_fn, rms)
-            if o.ndim == 3 and normalize_spatial:
-                # Batched taps: each tap's update has unit spectral norm, so the
-                # kernel's grows with sqrt(taps); normalise it back.
-                scale /= math.sqrt(o.shape[0])
-            if adaptive:
-                scale = scale * (debias * _inner(xp, mats[i], o))
-            out[i] = from_matrix(o * scale, updates[i].shape, conv_mode)
+            if adaptive:  # <u, scale*O> / scale = <u, O>
+                o = o * ((debias / scale) * _inner(xp, mats[i], o))
+            out[i] = from_matrix(o, updates[i].shape, conv_mode)
     return out
 
 
@@ -252,7 +270,7 @@ def muon_step(
     normalize_spatial: bool = True,
     adjust_lr_fn: str = "match_rms_adamw",
     rms=DEFAULT_RMS,
-    batch: bool = True,
+    batch="auto",
     adaptive: bool = False,
     step=None,
     **ns_kwargs,

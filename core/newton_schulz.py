@@ -161,6 +161,8 @@ def orthogonalize(
     safety_factor: float = 1.0,
     compute_dtype=None,
     preconditioning: str = "frobenius",
+    scale=1.0,
+    cast_back: bool = True,
 ):
     """Approximate the polar factor ``U V^H`` of ``G`` (shape ``(..., m, n)``) by Newton-Schulz.
 
@@ -185,8 +187,13 @@ def orthogonalize(
         a real precision picks its complex counterpart.
       preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"`` or
         ``"schatten"`` (see the module docstring); optax's names.
+      scale: multiplies the result; a Python number rides on the last step's
+        fused GEMM for free (Muon's LR scale), an array is applied after.
+      cast_back: return ``G.dtype`` (default); False keeps the compute dtype,
+        saving a pass when the caller adds the result into a wider array
+        anyway (the widening is exact).
 
-    Returns an array of ``G``'s shape and dtype.
+    Returns ``scale`` times an array of ``G``'s shape (and dtype).
     """
     xp, backend = namespace(G, names=("G",))
     check_floating(xp, G, "G", complex_ok=True)
@@ -204,25 +211,35 @@ def orthogonalize(
 
     in_dtype = G.dtype
     X = G if cdtype is None or cdtype == in_dtype else xp.astype(G, cdtype)
+    # Elementwise passes run before the transpose, on the contiguous layout
+    # (strided passes over a transposed view cost 5-10x more on CPUs); both
+    # norms are transpose-invariant, and the GEMMs take transposed views free.
+    # A fresh cast is ours to overwrite (one allocation less); G never is.
+    div = backend.div_ if X is not G else (lambda x, y: x / y)
+    if preconditioning in ("aol", "schatten"):
+        X = div(X, _amax(xp, X))
+    else:
+        X = div(X, _prescale(xp, X, preconditioning, eps, safety_factor))
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = xp.matrix_transpose(X)
-
+    A = None
     if preconditioning in ("aol", "schatten"):
         X, A = _first_scaling(xp, X, preconditioning, eps, safety_factor, cplx)
-    else:
-        X = X / _prescale(xp, X, preconditioning, eps, safety_factor)
-        A = None
-    for a, b, c in coeffs:
+    fold = is_number(scale)
+    last = len(coeffs) - 1
+    for k, (a, b, c) in enumerate(coeffs):
         if A is None:
             A = X @ _adjoint(xp, X, cplx)
         B = backend.addmm(A, A, A, beta=b, alpha=c)
-        X = backend.addmm(X, B, X, beta=a, alpha=1.0)
+        s = float(scale) if fold and k == last else 1.0
+        X = backend.addmm(X, B, X, beta=a * s, alpha=s)
         A = None
-
-    if transposed:
-        X = xp.matrix_transpose(X)
-    return X if X.dtype == in_dtype else xp.astype(X, in_dtype)
+    if not fold:
+        X = X * scale
+    if X.dtype != in_dtype and cast_back:
+        X = xp.astype(X, in_dtype)
+    return xp.matrix_transpose(X) if transposed else X
 
 
 def _adjoint(xp, X, cplx: bool):
@@ -245,7 +262,10 @@ def _compute_dtype(xp, backend, G, spec, cplx: bool):
 
 def _amax(xp, X):
     """Largest |entry| per matrix, 1 for all-zero ones (so dividing by it is safe)."""
-    amax = xp.max(xp.abs(X), axis=(-2, -1), keepdims=True)
+    if is_complex(xp, X):
+        amax = xp.max(xp.abs(X), axis=(-2, -1), keepdims=True)
+    else:  # two read-only reductions instead of writing an |X| temporary
+        amax = xp.maximum(xp.max(X, axis=(-2, -1), keepdims=True), -xp.min(X, axis=(-2, -1), keepdims=True))
     return xp.where(amax > 0, amax, xp.ones_like(amax))
 
 
@@ -272,11 +292,10 @@ def _prescale(xp, X, preconditioning: str, eps, safety_factor):
 def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
     """``(X, A = X X^H)`` after AOL's row scaling or the Schatten-4 prescale.
 
-    Both are invariant to a scalar factor on ``X``, so ``X`` is first divided
-    by its largest entry (its Gram matrix could overflow otherwise); the
+    Both are invariant to a scalar factor on ``X``, so the caller has divided
+    ``X`` by its largest entry (its Gram matrix could overflow otherwise); the
     rescaled Gram matrix is then reused by the first Newton-Schulz step.
     """
-    X = X / _amax(xp, X)
     A = X @ _adjoint(xp, X, cplx)
     if preconditioning == "aol":
         d = xp.sum(xp.abs(A), axis=-1, keepdims=True)          # (..., m, 1), real
