@@ -64,6 +64,7 @@ from ..core.muon import (
     CONV_MODES,
     DEFAULT_RMS,
     MOMENTUM_FORMS,
+    batch_groups,
     check_momentum,
     debias_factor,
     matrix_shape,
@@ -443,15 +444,7 @@ class Muon(torch.optim.Optimizer):
             p.copy_(target)
 
     def _muon_group(self, group: dict, params: list) -> None:
-        updates, steps = [], []
-        for p in params:
-            state = self._state(p, ("step", "momentum_buffer"))
-            state["step"] += 1
-            steps.append(state["step"])
-            buf = state["momentum_buffer"]
-            _, u = momentum_update(buf, p.grad.to(buf.dtype), momentum=group["momentum"],
-                                   nesterov=group["nesterov"], form=group["momentum_form"], inplace=True)
-            updates.append(u)
+        states = [self._state(p, ("step", "momentum_buffer")) for p in params]
         ns_dtype = group["ns_dtype"]
         if ns_dtype == "auto":
             ns_dtype = "bfloat16" if _torch_backend.has_native_bf16(params[0]) else None
@@ -469,17 +462,29 @@ class Muon(torch.optim.Optimizer):
             adjust_lr_fn=group["adjust_lr_fn"], rms=rms, coefficients=group["ns_coefficients"],
             steps=group["ns_steps"], eps=group["eps"], safety_factor=group["safety_factor"],
             compute_dtype=ns_dtype, preconditioning=group["preconditioning"], cast_back=False)
-        if group["adaptive"] and len(set(steps)) > 1:
-            # parameters added at different times have different bias corrections
-            directions = [orthogonalized_updates(
-                [u], batch=False, adaptive=True, debias=self._debias(group, t), **common)[0]
-                for u, t in zip(updates, steps)]
-        else:
-            directions = orthogonalized_updates(
-                updates, batch=group["batched"], adaptive=group["adaptive"],
-                debias=self._debias(group, steps[0]) if group["adaptive"] else 1.0, **common)
-        for p, d in zip(params, directions):
-            self._apply(p, d, group["lr"], group["weight_decay"])
+        bufs = [st["momentum_buffer"] for st in states]
+        # Momentum, Newton-Schulz and the update run group by group (a group is
+        # one matrix unless batching pays), so each matrix is still in cache for
+        # the next phase, as in torch.optim's per-parameter loop.
+        for idx in batch_groups(bufs, conv_mode=group["conv_mode"], batch=group["batched"]):
+            updates, steps = [], []
+            for i in idx:
+                states[i]["step"] += 1
+                steps.append(states[i]["step"])
+                _, u = momentum_update(bufs[i], params[i].grad.to(bufs[i].dtype), momentum=group["momentum"],
+                                       nesterov=group["nesterov"], form=group["momentum_form"], inplace=True)
+                updates.append(u)
+            if group["adaptive"] and len(set(steps)) > 1:
+                # parameters added at different times have different bias corrections
+                directions = [orthogonalized_updates(
+                    [u], batch=False, adaptive=True, debias=self._debias(group, t), **common)[0]
+                    for u, t in zip(updates, steps)]
+            else:
+                directions = orthogonalized_updates(
+                    updates, batch=True, adaptive=group["adaptive"],
+                    debias=self._debias(group, steps[0]) if group["adaptive"] else 1.0, **common)
+            for i, d in zip(idx, directions):
+                self._apply(params[i], d, group["lr"], group["weight_decay"])
 
     @staticmethod
     def _debias(group: dict, step: int) -> float:

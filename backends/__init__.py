@@ -15,6 +15,10 @@ not already use.  Each backend module exposes the same small surface:
     the same written into the first argument where arrays are mutable
     (``MUTABLE``: torch, NumPy, CuPy); JAX and the generic path return a new
     array.  Core uses them only on arrays it owns or was told it may overwrite.
+``frobenius_norm(X)``
+    per-matrix Frobenius norm in one pass where that is safe from
+    over/underflow (an array with kept dims, or a Python float for one
+    matrix), else None (core then takes its generic safe path).
 ``batch_limit(x)``
     the largest ``m*m*n`` for which one batched Newton-Schulz over same-shape
     matrices beats a loop on ``x``'s device (measured; infinite on GPUs).

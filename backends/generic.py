@@ -34,6 +34,12 @@ def div_(x, y):
 MUTABLE = False
 
 
+def frobenius_norm(X):
+    """Per-matrix ``||X||_F`` (keepdims) if this backend can get it safely in one
+    pass; None sends core to its generic over/underflow-safe path."""
+    return None
+
+
 def batch_limit(x) -> float:
     """Largest ``m*m*n`` (m <= n) for which one batched Newton-Schulz beats a loop.
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from .generic import addmm as _generic_addmm
-from .generic import MUTABLE, div_, lerp, lerp_  # noqa: F401  (immutable: XLA fuses these)
+from .generic import MUTABLE, div_, frobenius_norm, lerp, lerp_  # noqa: F401  (immutable: XLA fuses these)
 
 NAME = "jax"
 

@@ -42,6 +42,32 @@ def div_(x, y):
 
 MUTABLE = True
 
+# Squares of |x| in [1e-15, 1e15]-normed matrices neither overflow nor lose
+# the norm to underflow in float32/bf16 accumulation.
+_SAFE_LO, _SAFE_HI = 1e-15, 1e15
+
+
+def frobenius_norm(X):
+    """One-pass ``||X||_F`` per matrix when it is safe, else None (core's path).
+
+    CUDA: accumulate in float64 (no overflow or underflow for float32/bf16
+    inputs, no host sync).  CPU: the plain float32 norm, checked on the host
+    (a CPU sync is free) and refused when it left the safe range, e.g. 1e30
+    or 1e-30 gradients, where torch's own norm returns inf or 0.  Under
+    torch.compile core's path is used (no data-dependent branch).
+    """
+    if X.dtype == torch.float64 or X.is_complex() or torch.compiler.is_compiling():
+        return None
+    dims = (-2, -1)
+    if X.device.type == "cpu":
+        if X.ndim == 2:  # a Python float: core divides by a scalar, no small tensors
+            n = float(torch.linalg.vector_norm(X))
+            return n if _SAFE_LO <= n <= _SAFE_HI else None  # False for inf / nan too
+        n = torch.linalg.vector_norm(X, dim=dims, keepdim=True)
+        ok = bool(((n >= _SAFE_LO) & (n <= _SAFE_HI)).all())
+        return n if ok else None
+    return torch.linalg.vector_norm(X, dim=dims, keepdim=True, dtype=torch.float64).to(X.dtype)
+
 
 def batch_limit(x) -> float:
     # CPU: baddbmm wins while dispatch overhead matters (bf16 0.29x of the loop

@@ -20,6 +20,24 @@ def median_time(fn, *, repeats: int = 7, warmup: int = 2, sync=lambda out: None)
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict, *, rounds: int = 9, warmup: int = 2, sync=lambda out: None) -> dict:
+    """``{name: (median, min)}`` seconds, the candidates run in turn each round.
+
+    On a shared VM the machine's speed drifts within a run; interleaving
+    exposes every candidate to the same drift, so their ratios stay honest.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            sync(fn())
+    times: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            sync(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

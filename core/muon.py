@@ -25,7 +25,7 @@ from .newton_schulz import orthogonalize
 __all__ = [
     "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES",
     "DEFAULT_RMS", "momentum_update", "debias_factor", "lr_scale", "suitability", "matrix_shape", "to_matrix",
-    "from_matrix", "orthogonalized_updates", "muon_step",
+    "from_matrix", "batch_groups", "orthogonalized_updates", "muon_step",
 ]
 
 MOMENTUM_FORMS = ("ema", "classic")
@@ -216,20 +216,10 @@ def orthogonalized_updates(
     updates = list(updates)
     if not updates:
         return []
-    if batch not in (True, False, "auto"):
-        raise ValueError(f"batch={batch!r} is not valid; use True, False or 'auto'")
-    xp, backend = namespace(*updates, names=tuple(f"updates[{i}]" for i in range(len(updates))))
+    xp, _ = namespace(*updates, names=tuple(f"updates[{i}]" for i in range(len(updates))))
     mats = [to_matrix(u, conv_mode) for u in updates]
-    limit = backend.batch_limit(mats[0]) if batch == "auto" else float("inf")
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(mats):
-        lo, hi = sorted(m.shape[-2:])
-        together = batch is True or (batch == "auto" and lo * lo * hi * math.prod(m.shape[:-2]) <= limit)
-        key = (tuple(m.shape), m.dtype) if together else (i,)
-        groups.setdefault(key, []).append(i)
-
     out = [None] * len(updates)
-    for idx in groups.values():
+    for idx in batch_groups(updates, conv_mode=conv_mode, batch=batch):
         shape = mats[idx[0]].shape
         scale = lr_scale(shape[-2], shape[-1], adjust_lr_fn, rms)
         if len(shape) == 3 and normalize_spatial:
@@ -247,6 +237,30 @@ def orthogonalized_updates(
                 o = o * ((debias / scale) * _inner(xp, mats[i], o))
             out[i] = from_matrix(o, updates[i].shape, conv_mode)
     return out
+
+
+def batch_groups(arrays, *, conv_mode: str = "flatten", batch="auto") -> list[list[int]]:
+    """Indices of ``arrays`` orthogonalised together, in first-seen order.
+
+    Same matrix shape and dtype, and (``batch="auto"``) a size for which the
+    backend measured one batched call to beat a loop (``backend.batch_limit``).
+    Only shapes and dtypes are read, so an adapter can plan with its momentum
+    buffers and then run momentum, Newton-Schulz and the update group by group
+    while the data is still in cache.
+    """
+    if batch not in (True, False, "auto"):
+        raise ValueError(f"batch={batch!r} is not valid; use True, False or 'auto'")
+    if not arrays:
+        return []
+    _, backend = namespace(*arrays, names=tuple(f"arrays[{i}]" for i in range(len(arrays))))
+    limit = backend.batch_limit(arrays[0]) if batch == "auto" else float("inf")
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(arrays):
+        shape = matrix_shape(x.shape, conv_mode)
+        lo, hi = sorted(shape[-2:])
+        together = batch is True or (batch == "auto" and lo * lo * hi * math.prod(shape[:-2]) <= limit)
+        groups.setdefault((shape, x.dtype) if together else (i,), []).append(i)
+    return list(groups.values())
 
 
 def _inner(xp, u, o):

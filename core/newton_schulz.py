@@ -177,7 +177,7 @@ def orthogonalize(
         or its last triple repeated to match.
       eps: floor of the prescale (the norm, or AOL's row sums); a zero matrix
         maps to zero.  ``aol``/``schatten`` apply it after dividing ``G`` by
-        its largest entry, which they are invariant to.
+        a power of two near its largest entry, which they are invariant to.
       safety_factor: divide the prescaled matrix by this (>1 keeps the top
         singular value safely below 1, as Polar Express suggests: 1.01).
       compute_dtype: dtype for the iteration (``"bfloat16"``, ``"float32"``,
@@ -214,12 +214,22 @@ def orthogonalize(
     # Elementwise passes run before the transpose, on the contiguous layout
     # (strided passes over a transposed view cost 5-10x more on CPUs); both
     # norms are transpose-invariant, and the GEMMs take transposed views free.
-    # A fresh cast is ours to overwrite (one allocation less); G never is.
+    # Divide by a power of two near max|X| first: exact (no rounding), and it
+    # makes every later square safe from over/underflow (1e30 squared
+    # overflows float32, 1e-30 underflows).  A fresh cast is ours to overwrite
+    # in place (an allocation less); G never is.
     div = backend.div_ if X is not G else (lambda x, y: x / y)
-    if preconditioning in ("aol", "schatten"):
-        X = div(X, _amax(xp, X))
+    norm = backend.frobenius_norm(X) if preconditioning == "frobenius" else None
+    if is_number(norm) and is_number(eps) and is_number(safety_factor):
+        X = div(X, max(norm * safety_factor, eps))
+    elif norm is not None:  # the backend's one-pass norm was safe
+        X = div(X, xp.maximum(norm * safety_factor, eps * xp.ones_like(norm)))
     else:
-        X = div(X, _prescale(xp, X, preconditioning, eps, safety_factor))
+        p2 = _pow2_below(xp, _amax(xp, X))
+        X = div(X, p2)
+        if preconditioning in ("frobenius", "spectral"):
+            # ||X / p2|| = ||X|| / p2, so the floor eps becomes eps / p2.
+            X = backend.div_(X, _prescale(xp, X, preconditioning, eps / p2, safety_factor))
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = xp.matrix_transpose(X)
@@ -229,12 +239,11 @@ def orthogonalize(
     fold = is_number(scale)
     last = len(coeffs) - 1
     for k, (a, b, c) in enumerate(coeffs):
-        if A is None:
+        if k > 0 or A is None:  # aol/schatten hand the first step its Gram matrix
             A = X @ _adjoint(xp, X, cplx)
         B = backend.addmm(A, A, A, beta=b, alpha=c)
         s = float(scale) if fold and k == last else 1.0
         X = backend.addmm(X, B, X, beta=a * s, alpha=s)
-        A = None
     if not fold:
         X = X * scale
     if X.dtype != in_dtype and cast_back:
@@ -260,6 +269,11 @@ def _compute_dtype(xp, backend, G, spec, cplx: bool):
     raise TypeError(f"compute_dtype={spec!r} has no complex counterpart; complex G computes in complex64 or complex128")
 
 
+def _pow2_below(xp, amax):
+    """``2^floor(log2(amax))``: a power of two in (amax/2, amax], exact to divide by."""
+    return 2.0 ** xp.floor(xp.log2(amax))
+
+
 def _amax(xp, X):
     """Largest |entry| per matrix, 1 for all-zero ones (so dividing by it is safe)."""
     if is_complex(xp, X):
@@ -270,30 +284,31 @@ def _amax(xp, X):
 
 
 def _prescale(xp, X, preconditioning: str, eps, safety_factor):
-    """``max(||X|| * safety, eps)`` per matrix, safe from over/underflow.
+    """``max(||X|| * safety, eps)`` per matrix (``X`` already has max|X| in [1, 2)).
 
-    Squaring 1e30 overflows float32 and 1e-30 underflows it, so the norm is
-    taken of ``X / max|X|`` and scaled back: two cheap passes next to the
-    iteration's GEMMs, and the same value as the plain norm where that is finite.
+    ``eps`` may be an array (the floor rescaled by the power of two).
     """
-    amax = _amax(xp, X)
     if preconditioning == "frobenius":
-        norm = amax * xp.linalg.vector_norm(X / amax, axis=(-2, -1), keepdims=True)
+        norm = xp.linalg.vector_norm(X, axis=(-2, -1), keepdims=True)
     else:  # spectral: an SVD, done in at least float32 (no bf16 SVD anywhere)
-        Y = X / amax
-        if Y.dtype not in (xp.float32, xp.float64, xp.complex64, xp.complex128):
-            Y = xp.astype(Y, xp.float32)
-        s = xp.linalg.matrix_norm(Y, ord=2, keepdims=True)
-        norm = amax * xp.astype(s, amax.dtype)
-    norm = xp.abs(norm)  # real, also for complex X
-    return xp.maximum(norm * safety_factor, xp.full_like(norm, eps))
+        Y = X if X.dtype in (xp.float32, xp.float64, xp.complex64, xp.complex128) else xp.astype(X, xp.float32)
+        norm = xp.linalg.matrix_norm(Y, ord=2, keepdims=True)
+    norm = xp.astype(xp.abs(norm), _real_dtype(xp, X.dtype))  # real, also for complex X
+    return xp.maximum(norm * safety_factor, eps * xp.ones_like(norm))
+
+
+def _real_dtype(xp, dtype):
+    if dtype == xp.complex64:
+        return xp.float32
+    return xp.float64 if dtype == xp.complex128 else dtype
 
 
 def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
     """``(X, A = X X^H)`` after AOL's row scaling or the Schatten-4 prescale.
 
     Both are invariant to a scalar factor on ``X``, so the caller has divided
-    ``X`` by its largest entry (its Gram matrix could overflow otherwise); the
+    ``X`` by a power of two near its largest entry (its Gram matrix could
+    overflow otherwise); ``eps`` floors the rescaled row sums / norm.  The
     rescaled Gram matrix is then reused by the first Newton-Schulz step.
     """
     A = X @ _adjoint(xp, X, cplx)
