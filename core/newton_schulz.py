@@ -28,6 +28,7 @@ around 1 rather than on it.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Sequence, Union
 
@@ -131,6 +132,22 @@ def resolve_coefficients(coefficients: CoefficientSpec, steps: int | None = None
     repeats its last triple (the converged polynomial); a longer one is
     truncated.
     """
+    # Called once per matrix per step: remember hashable specs (names, tuples).
+    # Only exact ints go through the cache: True == 1 would hit 1's entry.
+    if steps is None or type(steps) is int:
+        try:
+            return _resolve_cached(coefficients, steps)
+        except TypeError:  # a list: unhashable
+            pass
+    return _resolve(coefficients, steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_cached(coefficients, steps):
+    return _resolve(coefficients, steps)
+
+
+def _resolve(coefficients, steps):
     seq, single = _sequence(coefficients)
     if steps is None:
         steps = DEFAULT_STEPS if single else len(seq)
