@@ -72,7 +72,7 @@ pytest.importorskip("optax", reason="optax is not installed (pip install xpopt[j
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from _peers import F32_TRAJ_TOL, load_optax_muon, trajectory_error  # noqa: E402
+from _peers import NUDGES, F32_TRAJ_TOL, load_optax_muon, nudge, trajectory_error  # noqa: E402
 
 KJ = (3.4445, -4.7750, 2.0315)
 
@@ -114,7 +114,8 @@ def loss_fn(p, b):
     h = jnp.einsum("bi,hio->bo", jnp.tanh(h), p["heads"]["kernel"])          # (B, 8)
     c = jax.lax.conv_general_dilated(b["x"], p["conv"]["kernel"], (1, 1), "VALID",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jnp.mean((h + jnp.mean(jax.nn.relu(c), axis=(1, 2)) - b["y"]) ** 2)
+    # tanh, not ReLU: no kink for one CPU's rounding to flip (issue 11)
+    return jnp.mean((h + jnp.mean(jnp.tanh(c), axis=(1, 2)) - b["y"]) ** 2)
 
 
 # One compiled gradient for every run (same shapes): compiling it per run
@@ -122,9 +123,13 @@ def loss_fn(p, b):
 _grad = jax.jit(jax.grad(loss_fn))
 
 
-def run(tx, steps=20, seed=0):
-    """Per-step params (numpy) of ``steps`` jitted updates from the same start."""
+def run(tx, steps=20, seed=0, nudge_seed=0):
+    """Per-step params (numpy) of ``steps`` jitted updates from the same start.
+
+    ``nudge_seed`` moves the start and the data by a few float32 ulps (``_peers.nudge``).
+    """
     params, batches = make_problem(seed)
+    params, batches = nudge(params, nudge_seed), nudge(batches, nudge_seed)
     params = jax.tree.map(jnp.asarray, params)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -153,10 +158,10 @@ def ours(**kw):
 
 # Float32 trajectories, 20 steps, same maths: the two implementations round
 # differently (optax: jnp.linalg.norm prescale + ``eps``, an unrolled
-# fori_loop/scan of NS steps, vmap; core: max-scaled norm, fused scale-adds;
-# the non-nesterov bias correction 1/(1-beta^t) is an extra rounding on
-# optax's side only).  Measured ``trajectory_error`` (relative to each leaf's
-# displacement): 4.9e-6 (defaults), 5.0e-6 (dion, consistent_rms=0.2).
+# fori_loop/scan of NS steps, vmap; core: power-of-two-scaled norm, fused
+# scale-adds; the non-nesterov bias correction 1/(1-beta^t) is an extra
+# rounding on optax's side only).  Measured ``trajectory_error`` (relative to
+# each leaf's displacement; tanh model, every nudge seed): 4.9e-6 .. 9.4e-6.
 # F32_TRAJ_TOL (1e-4) is argued in tests/_peers.py; wrong options are caught
 # (test_wrong_mapping_is_caught).
 #
@@ -186,10 +191,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("nudge_seed", NUDGES)
 @pytest.mark.parametrize("theirs_kw, ours_kw", CASES)
-def test_trajectory_matches_optax_muon(theirs_kw, ours_kw):
-    theirs = run(optax.contrib.muon(**theirs_kw))
-    mine = run(ours(**ours_kw))
+def test_trajectory_matches_optax_muon(theirs_kw, ours_kw, nudge_seed):
+    theirs = run(optax.contrib.muon(**theirs_kw), nudge_seed=nudge_seed)
+    mine = run(ours(**ours_kw), nudge_seed=nudge_seed)
     assert traj_err(mine, theirs) < F32_TRAJ_TOL
 
 
@@ -203,7 +209,8 @@ def _dim_nums(omuon):
     }
 
 
-def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon):
+@pytest.mark.parametrize("nudge_seed", NUDGES)
+def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon, nudge_seed):
     """optax's N-D support: per-leaf MuonDimensionNumbers, same tree given to ours.
 
     optax orthogonalises each slice along the unlisted axes separately (vmap,
@@ -214,13 +221,13 @@ def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon):
     dims = _dim_nums(omuon)
     theirs = run(optax.contrib.muon(
         learning_rate=0.02, beta=0.95, eps=1e-8, weight_decay=0.05, nesterov=False,
-        adam_b1=0.9, adam_b2=0.99, muon_weight_dimension_numbers=dims))
+        adam_b1=0.9, adam_b2=0.99, muon_weight_dimension_numbers=dims), nudge_seed=nudge_seed)
     mine = run(ours(
         learning_rate=0.02, momentum=0.95, eps=1e-8, weight_decay=0.05, nesterov=False,
         ns_coefficients="original", adjust_lr_fn="original", fallback="adamw", betas=(0.9, 0.99),
         fallback_eps=1e-8, fallback_weight_decay=0.0,
-        dimension_numbers=dims, conv_mode="batched", normalize_spatial=False))
-    # measured 5e-6 of the displacement
+        dimension_numbers=dims, conv_mode="batched", normalize_spatial=False), nudge_seed=nudge_seed)
+    # measured 3.8e-6 .. 5.0e-6 of the displacement (every nudge seed)
     assert traj_err(mine, theirs) < F32_TRAJ_TOL
 
 
