@@ -37,8 +37,8 @@ __all__ = [
     "muon_options", "fallback_options", "check_routing_options", "check_lr", "check_hyper",
     "check_nonnegative", "is_array_scalar", "is_on", "dtype_name", "is_low_precision",
     "resolve_dim_spec", "is_dim_numbers", "layout_for", "plan_leaf", "muon_leaf_plan",
-    "check_label", "check_leaf_dtype", "check_decay_flag", "warn_bf16_once", "resolve_ns_dtype",
-    "ns_dtype_label", "check_consistent_rms",
+    "check_label", "check_leaf_dtype", "check_decay_flag", "warn_bf16_once",
+    "check_consistent_rms", "check_batched",
 ]
 
 FALLBACKS = ("adamw", "nadamw")
@@ -317,21 +317,6 @@ def check_routing_options(min_dim_size, max_aspect_ratio) -> tuple[int, float]:
         raise ValueError(f"min_dim_size must be an integer >= 1, got {min_dim_size!r}")
     ratio = _check_real(max_aspect_ratio, "max_aspect_ratio", minimum=1.0)
     return int(min_dim_size), ratio
-
-
-def resolve_ns_dtype(opts: MuonOptions, native: bool) -> MuonOptions:
-    """``ns_dtype="auto"`` made concrete: bfloat16 where it is native, else None (float32)."""
-    if opts.ns_dtype != "auto":
-        return opts
-    return dataclasses.replace(opts, ns_dtype="bfloat16" if native else None)
-
-
-def ns_dtype_label(opts: MuonOptions, dtype) -> str:
-    """The dtype Newton-Schulz runs in for a parameter of ``dtype`` (for routing logs)."""
-    if opts.ns_dtype is not None:
-        return dtype_name(opts.ns_dtype)
-    name = dtype_name(dtype)
-    return {"bfloat16": "float32", "float16": "float32"}.get(name, name)
 
 
 def warn_bf16_once(opts: MuonOptions, native: bool, flag: list) -> None:

@@ -287,10 +287,8 @@ class Muon:
             new_mu[i] = _cast(nb, b.dtype)
             idx.append(i)
             mats.append(p.layout.to_torch(u))
-        opts = self.options
-        if opts.ns_dtype == "auto" and mats:
-            opts = C.resolve_ns_dtype(opts, get_backend(mats[0]).has_native_bf16(mats[0]))
-        for i, d in zip(idx, opts.orthogonalize(mats, step=step + 1)):
+        # ns_dtype="auto" is resolved by core per matrix (complex ones stay complex)
+        for i, d in zip(idx, self.options.orthogonalize(mats, step=step + 1)):
             d = plans[i].layout.from_torch(d)
             delta = -lr_t * d
             if wd and plans[i].decay:

@@ -188,13 +188,6 @@ def _state_dtype(x, mu_dt):
     return mu_dt
 
 
-def _resolved(opts, leaves):
-    """``ns_dtype="auto"`` made concrete for the device the leaves live on."""
-    if opts.ns_dtype != "auto" or not leaves:
-        return opts
-    return C.resolve_ns_dtype(opts, _native_bf16(leaves[0]))
-
-
 def _check_mu_dtype(mu_dtype):
     if mu_dtype is None:
         return None
@@ -283,7 +276,7 @@ def scale_by_muon(
         leaves, treedef, _ = _flatten(params)
         layouts(params)  # validate early
         if leaves:
-            C.warn_bf16_once(_resolved(opts, leaves), _native_bf16(leaves[0]), warned)
+            C.warn_bf16_once(opts, _native_bf16(leaves[0]), warned)
         mu = [jnp.zeros(x.shape, _state_dtype(x, mu_dt)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
@@ -300,7 +293,7 @@ def scale_by_muon(
             new_bufs.append(nb.astype(b.dtype))
             mats.append(lay.to_torch(u))
         count_inc = optax.safe_increment(state.count)
-        dirs = _resolved(opts, leaves).orthogonalize(mats, step=count_inc)
+        dirs = opts.orthogonalize(mats, step=count_inc)  # core resolves ns_dtype='auto' per matrix
         out = [lay.from_torch(d) for lay, d in zip(lays, dirs)]
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
@@ -427,7 +420,7 @@ def muon(
         plans = plan(params)
         muon_leaves = [x for x, p in zip(leaves, plans) if p.layout is not None]
         if muon_leaves:
-            C.warn_bf16_once(_resolved(opts, muon_leaves), _native_bf16(muon_leaves[0]), warned)
+            C.warn_bf16_once(opts, _native_bf16(muon_leaves[0]), warned)
         masked = optax.MaskedNode()
         mu, m, v = [], [], []
         for x, p in zip(leaves, plans):
@@ -480,7 +473,7 @@ def muon(
             new_mu[i] = nb.astype(b.dtype)
             idx.append(i)
             mats.append(p.layout.to_torch(u))
-        for i, d in zip(idx, _resolved(opts, grads).orthogonalize(mats, step=count_inc)):
+        for i, d in zip(idx, opts.orthogonalize(mats, step=count_inc)):
             d = plans[i].layout.from_torch(d)
             delta = -lr_t * d
             if C.is_on(wd) and plans[i].decay:

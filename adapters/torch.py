@@ -94,8 +94,8 @@ _WARM_STEP = 10**6
 
 
 def _ns_dtype_label(ns_dtype, p: torch.Tensor) -> str:
-    if ns_dtype == "auto":
-        ns_dtype = "bfloat16" if _torch_backend.has_native_bf16(p) else None
+    if ns_dtype == "auto":  # as core resolves it
+        ns_dtype = "bfloat16" if not p.is_complex() and _torch_backend.has_native_bf16(p) else None
     if ns_dtype is None:
         return str(_state_dtype(p)).replace("torch.", "")
     return ns_dtype if isinstance(ns_dtype, str) else str(ns_dtype).replace("torch.", "")
@@ -445,9 +445,7 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_group(self, group: dict, params: list) -> None:
         states = [self._state(p, ("step", "momentum_buffer")) for p in params]
-        ns_dtype = group["ns_dtype"]
-        if ns_dtype == "auto":
-            ns_dtype = "bfloat16" if _torch_backend.has_native_bf16(params[0]) else None
+        ns_dtype = group["ns_dtype"]  # "auto" is resolved by core per matrix (complex stays complex)
         if _is_bf16(ns_dtype) and not self._warned_bf16 \
                 and not _torch_backend.has_native_bf16(params[0]):
             self._warned_bf16 = True
