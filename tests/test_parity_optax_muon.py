@@ -56,9 +56,13 @@ What differs (documented by the tests at the end of this file, not hidden):
    It does show with a large eps: eps=1e-3 on this file's problem put the
    trajectories 1.3e-2 of the displacement apart after 3 steps (we tried).
    Needed: an additive-eps prescale option.
-4. No equivalent in xpopt: ``adaptive=True`` (dual-norm rescaling, L.503),
-   ``preconditioning`` other than "frobenius" (spectral/aol/schatten),
-   ``consistent_rms`` other than None/0.2, ``adam_eps_root > 0``.
+4. ``adaptive=True`` (dual-norm rescaling, L.507), ``preconditioning``
+   (spectral/aol/schatten), any ``consistent_rms`` and complex parameters now
+   exist in xpopt under optax's names; their parity (and the differences
+   pinned there: the nesterov bias factor under ``adaptive``, optax's NaN for
+   complex ``schatten``, the real part of the complex ``adaptive`` scale) is
+   tested in ``tests/test_parity_optax_features.py``.  Still no equivalent:
+   ``adam_eps_root > 0``.
 """
 
 from __future__ import annotations
