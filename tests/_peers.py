@@ -111,15 +111,47 @@ def load_timm_muon():
     return sys.modules[_TIMM_PKG + ".muon"]
 
 
-@pytest.fixture(scope="module", autouse=False)
-def torch_one_thread():
-    """Run torch on one intra-op thread for the module, then restore.
+# ------------------------------------------------------------ torch threads
+#
+# torch's intra-op thread count changes how a GEMM or a convolution splits its
+# work, and with it the rounding of float32 results.  The trajectory tests take
+# the ``torch_threads`` fixture (tests/conftest.py), which runs each of them
+# with 1 and with 2 threads.  ``XPOPT_TEST_TORCH_THREADS=N`` pins the whole
+# session to N threads instead (every test, trajectory tests then run only
+# with N): ``XPOPT_TEST_TORCH_THREADS=1 python -m pytest -q`` and ``=2`` are
+# the two whole-suite runs the suite must pass.
 
-    The parity problems are tiny (<= 64x64 matrices): on a shared 2-core
+TORCH_THREADS_ENV = "XPOPT_TEST_TORCH_THREADS"
+
+
+def forced_torch_threads() -> int | None:
+    """The thread count pinned by ``$XPOPT_TEST_TORCH_THREADS``, or None."""
+    import os
+
+    raw = os.environ.get(TORCH_THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"{TORCH_THREADS_ENV}={raw!r}: want an integer >= 1")
+    return int(raw)
+
+
+def torch_thread_counts() -> tuple[int, ...]:
+    """What ``torch_threads`` runs: (1, 2), or the pinned count alone."""
+    forced = forced_torch_threads()
+    return (forced,) if forced else (1, 2)
+
+
+@pytest.fixture(scope="module")
+def torch_module_threads():
+    """Run torch on one intra-op thread for the module (or on the pinned count), then restore.
+
+    The problems here are tiny (<= 64x64 matrices): on a shared 2-core
     machine torch's thread pool only adds contention (measured: the same
     float32 parity runs took 3.9 s on one thread and 29 s on two while other
-    jobs were running).  Import it into a test module and list it in
-    ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``.
+    jobs were running).  Trajectory tests override it per test with
+    ``torch_threads``.  Import it into a test module and list it in
+    ``pytestmark = pytest.mark.usefixtures("torch_module_threads")``.
     """
     try:
         import torch
@@ -127,7 +159,7 @@ def torch_one_thread():
         yield
         return
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(forced_torch_threads() or 1)
     try:
         yield
     finally:

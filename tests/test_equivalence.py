@@ -29,9 +29,9 @@ optax = pytest.importorskip("optax", reason="optax is not installed (pip install
 
 import jax.numpy as jnp  # noqa: E402
 
-from _peers import torch_one_thread  # noqa: E402,F401
+from _peers import torch_module_threads  # noqa: E402,F401
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
 STEPS = 50
 # torch layout (out, in, *spatial), as the canonical copy

@@ -30,11 +30,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install xpopt[torch])")
 
-from _peers import F32_TRAJ_TOL, load_timm_muon, torch_one_thread, trajectory_error  # noqa: E402,F401
+from _peers import F32_TRAJ_TOL, load_timm_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
 
 from xpopt.core import muon as core_muon  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install xpopt[torch])")
 
-from _peers import F32_TRAJ_TOL, load_torch_muon, torch_one_thread, trajectory_error  # noqa: E402,F401
+from _peers import F32_TRAJ_TOL, load_torch_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
 SHAPES = [(32, 64), (48, 48), (64, 32)]
 KJ_COEFFS = (3.4445, -4.7750, 2.0315)          # torch.optim.Muon's default triple
