@@ -2,6 +2,12 @@
 
 Each backend case converts NumPy float64 inputs (the oracle's) into its own
 arrays, so every comparison starts from bit-identical data.
+
+Trajectory tests (several steps whose gradients depend on the params, compared
+across backends, adapters or peers) also take ``nudge_seed`` (the start moved
+by a few float32 ulps, tests/_nudge.py) and, where torch runs,
+``torch_threads`` (1 and 2 intra-op threads, or the count pinned by
+``$XPOPT_TEST_TORCH_THREADS``, tests/_peers.py).
 """
 
 from __future__ import annotations
@@ -19,6 +25,42 @@ def _has(mod: str) -> bool:
 
 
 from xpopt.backends.cupy import cuda_available  # noqa: E402  (one probe, shared with validate)
+
+from _nudge import NUDGES  # noqa: E402
+from _peers import forced_torch_threads, torch_thread_counts  # noqa: E402
+
+
+# ------------------------------------------------- start nudges, torch threads
+
+@pytest.fixture(params=NUDGES, ids=lambda s: f"nudge{s}")
+def nudge_seed(request) -> int:
+    """Seed for ``_nudge.nudge``: 0 = the unperturbed start, others move it by <= 4 float32 ulps."""
+    return request.param
+
+
+@pytest.fixture(params=torch_thread_counts(), ids=lambda n: f"threads{n}")
+def torch_threads(request):
+    """Run the test with this many torch intra-op threads (1 and 2 unless pinned), then restore."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install xpopt[torch])")
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pinned_torch_threads():
+    """``$XPOPT_TEST_TORCH_THREADS=N``: every test runs with N torch threads."""
+    n = forced_torch_threads()
+    if n is None or not _has("torch"):
+        yield
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    yield
 
 
 @dataclasses.dataclass(frozen=True)

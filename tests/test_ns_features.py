@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 import pytest
-from _peers import torch_one_thread  # noqa: F401  (fixture, used by pytestmark)
+from _peers import torch_module_threads  # noqa: F401  (fixture, used by pytestmark)
 from conftest import matrix_with_spectrum
 
 from xpopt.backends import get_backend
@@ -40,7 +40,7 @@ from xpopt.core.newton_schulz import (
 )
 
 # tiny matrices: torch's thread pool only adds contention on a shared 2-core box
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
 MODES = list(PRECONDITIONINGS)
 IDENTITY = (1.0, 0.0, 0.0)  # p(x) = x: with steps=1, orthogonalize returns the prescaled matrix

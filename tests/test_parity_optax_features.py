@@ -63,9 +63,9 @@ pytest.importorskip("optax", reason="optax is not installed (pip install xpopt[j
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from _peers import load_optax_muon, torch_one_thread, trajectory_error  # noqa: E402,F401
+from _peers import load_optax_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
 KJ = (3.4445, -4.7750, 2.0315)
 EPS = 1e-12

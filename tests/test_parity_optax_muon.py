@@ -76,7 +76,8 @@ pytest.importorskip("optax", reason="optax is not installed (pip install xpopt[j
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from _peers import NUDGES, F32_TRAJ_TOL, load_optax_muon, nudge, trajectory_error  # noqa: E402
+from _nudge import nudge  # noqa: E402
+from _peers import F32_TRAJ_TOL, load_optax_muon, trajectory_error  # noqa: E402
 
 KJ = (3.4445, -4.7750, 2.0315)
 
@@ -113,13 +114,16 @@ def make_problem(seed=0):
 
 
 def loss_fn(p, b):
+    # Smooth (tanh, GELU with erf, squared error): no ReLU/abs/max kink, so a
+    # value that lands near zero cannot send the two runs' gradients apart
+    # (tests/_nudge.py, issue 11).  The conv's GELU was a ReLU until the
+    # nudge guard was added.
     h = jnp.tanh(b["z"] @ p["dense1"]["kernel"] + p["dense1"]["bias"])
     h = h @ p["dense2"]["kernel"] + p["dense2"]["bias"]                      # (B, 16)
     h = jnp.einsum("bi,hio->bo", jnp.tanh(h), p["heads"]["kernel"])          # (B, 8)
     c = jax.lax.conv_general_dilated(b["x"], p["conv"]["kernel"], (1, 1), "VALID",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    # tanh, not ReLU: no kink for one CPU's rounding to flip (issue 11)
-    return jnp.mean((h + jnp.mean(jnp.tanh(c), axis=(1, 2)) - b["y"]) ** 2)
+    return jnp.mean((h + jnp.mean(jax.nn.gelu(c, approximate=False), axis=(1, 2)) - b["y"]) ** 2)
 
 
 # One compiled gradient for every run (same shapes): compiling it per run
@@ -130,10 +134,10 @@ _grad = jax.jit(jax.grad(loss_fn))
 def run(tx, steps=20, seed=0, nudge_seed=0):
     """Per-step params (numpy) of ``steps`` jitted updates from the same start.
 
-    ``nudge_seed`` moves the start and the data by a few float32 ulps (``_peers.nudge``).
+    ``nudge_seed``: params and batches moved by 1..4 float32 ulps
+    (tests/_nudge.py; 0 = as made).
     """
-    params, batches = make_problem(seed)
-    params, batches = nudge(params, nudge_seed), nudge(batches, nudge_seed)
+    params, batches = nudge(make_problem(seed), nudge_seed)
     params = jax.tree.map(jnp.asarray, params)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -162,12 +166,14 @@ def ours(**kw):
 
 # Float32 trajectories, 20 steps, same maths: the two implementations round
 # differently (optax: jnp.linalg.norm prescale + ``eps``, an unrolled
-# fori_loop/scan of NS steps, vmap; core: power-of-two-scaled norm, fused
-# scale-adds; the non-nesterov bias correction 1/(1-beta^t) is an extra
-# rounding on optax's side only).  Measured ``trajectory_error`` (relative to
-# each leaf's displacement; tanh model, every nudge seed): 4.9e-6 .. 9.4e-6.
-# F32_TRAJ_TOL (1e-4) is argued in tests/_peers.py; wrong options are caught
-# (test_wrong_mapping_is_caught).
+# fori_loop/scan of NS steps, vmap; core: max-scaled norm, fused scale-adds;
+# the non-nesterov bias correction 1/(1-beta^t) is an extra rounding on
+# optax's side only).  Measured ``trajectory_error`` (relative to each leaf's
+# displacement) over nudge seeds 0..7 (jax 0.10.2, optax 0.2.8): 4.9e-6 ..
+# 5.1e-6 (defaults), 8.7e-6 .. 9.7e-6 (dion, consistent_rms=0.2), 3.2e-6 ..
+# 5.2e-6 (dimension numbers).  F32_TRAJ_TOL (1e-4) is argued in
+# tests/_peers.py: a 10x margin here; wrong options are caught
+# (test_wrong_mapping_is_caught: each > 100 x F32_TRAJ_TOL).
 #
 # Single updates (no params involved) are compared relative to the update's
 # largest entry: one float32 NS call in a different op order, measured
@@ -195,7 +201,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("nudge_seed", NUDGES)
 @pytest.mark.parametrize("theirs_kw, ours_kw", CASES)
 def test_trajectory_matches_optax_muon(theirs_kw, ours_kw, nudge_seed):
     theirs = run(optax.contrib.muon(**theirs_kw), nudge_seed=nudge_seed)
@@ -213,7 +218,6 @@ def _dim_nums(omuon):
     }
 
 
-@pytest.mark.parametrize("nudge_seed", NUDGES)
 def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon, nudge_seed):
     """optax's N-D support: per-leaf MuonDimensionNumbers, same tree given to ours.
 
@@ -231,7 +235,7 @@ def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon, nudge_seed)
         ns_coefficients="original", adjust_lr_fn="original", fallback="adamw", betas=(0.9, 0.99),
         fallback_eps=1e-8, fallback_weight_decay=0.0,
         dimension_numbers=dims, conv_mode="batched", normalize_spatial=False), nudge_seed=nudge_seed)
-    # measured 3.8e-6 .. 5.0e-6 of the displacement (every nudge seed)
+    # measured 3.2e-6 .. 5.2e-6 of the displacement over nudge seeds 0..7
     assert traj_err(mine, theirs) < F32_TRAJ_TOL
 
 
