@@ -243,6 +243,15 @@ def _compute_dtype(xp, backend, G, spec, cplx: bool):
     raise TypeError(f"compute_dtype={spec!r} has no complex counterpart; complex G computes in complex64 or complex128")
 
 
+def _like(xp, v, ref):
+    """A 0-d array hyperparameter in ``ref``'s dtype, so that it never widens the iteration.
+
+    (An ``optax.inject_hyperparams`` float32 ``safety_factor`` would otherwise turn a
+    bfloat16 Newton-Schulz into a float32 one; a Python float is weakly typed already.)
+    """
+    return v if is_number(v) else xp.astype(v, ref.dtype)
+
+
 def _amax(xp, X):
     """Largest |entry| per matrix, 1 for all-zero ones (so dividing by it is safe)."""
     amax = xp.max(xp.abs(X), axis=(-2, -1), keepdims=True)
@@ -266,7 +275,7 @@ def _prescale(xp, X, preconditioning: str, eps, safety_factor):
         s = xp.linalg.matrix_norm(Y, ord=2, keepdims=True)
         norm = amax * xp.astype(s, amax.dtype)
     norm = xp.abs(norm)  # real, also for complex X
-    return xp.maximum(norm * safety_factor, xp.full_like(norm, eps))
+    return xp.maximum(norm * _like(xp, safety_factor, norm), xp.full_like(norm, eps))
 
 
 def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
@@ -280,10 +289,10 @@ def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
     A = X @ _adjoint(xp, X, cplx)
     if preconditioning == "aol":
         d = xp.sum(xp.abs(A), axis=-1, keepdims=True)          # (..., m, 1), real
-        s = 1.0 / (xp.sqrt(xp.maximum(d, xp.full_like(d, eps))) * safety_factor)
+        s = 1.0 / (xp.sqrt(xp.maximum(d, xp.full_like(d, eps))) * _like(xp, safety_factor, d))
         s = xp.astype(s, X.dtype) if cplx else s
         return X * s, A * (s * xp.matrix_transpose(s))
     r = xp.linalg.vector_norm(A, axis=(-2, -1), keepdims=True)  # ||X||_S4^2, real
-    s2 = 1.0 / (xp.maximum(r, xp.full_like(r, eps)) * safety_factor**2)
+    s2 = 1.0 / (xp.maximum(r, xp.full_like(r, eps)) * _like(xp, safety_factor, r) ** 2)
     s2 = xp.astype(s2, X.dtype) if cplx else s2
     return X * xp.sqrt(s2), A * s2
