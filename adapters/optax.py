@@ -350,25 +350,31 @@ def scale_by_muon(
         mu = [jnp.zeros(x.shape, _state_dtype(x, mu_dt)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # optax convention: accept and ignore what other transforms need
         leaves, treedef, _ = _flatten(updates)
         lays = layouts(params if params is not None else updates)
         if len(lays) != len(leaves):
             raise ValueError("params and updates have different tree structures")
         bufs = _flatten_up_to(treedef, state.mu, "state.mu")
-        new_bufs, mats = [], []
-        for g, b, lay in zip(leaves, bufs, lays):
+        new_bufs, idx, mats, out = [], [], [], []
+        for i, (g, b, lay) in enumerate(zip(leaves, bufs, lays)):
             cdt = _compute_dtype(g.dtype)
             nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
             new_bufs.append(nb.astype(b.dtype))
-            mats.append(lay.to_torch(u.astype(cdt)))
+            # An empty matrix has nothing to orthogonalise (and no norm): its update is empty.
+            out.append(jnp.zeros(g.shape, cdt) if g.size == 0 else None)
+            if g.size:
+                idx.append(i)
+                mats.append(lay.to_torch(u.astype(cdt)))
         count_inc = optax.safe_increment(state.count)
         dirs = _resolved(opts, leaves).orthogonalize(mats, step=count_inc)
-        # The leaves' compute dtype, even if a hyperparameter array is wider.
-        out = [lay.from_torch(d).astype(_compute_dtype(g.dtype)) for lay, d, g in zip(lays, dirs, leaves)]
+        for i, d in zip(idx, dirs):
+            # The leaf's compute dtype, even if a hyperparameter array is wider.
+            out[i] = lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype))
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------- muon
@@ -455,8 +461,8 @@ def muon(
     be 0-d arrays, traced under ``jax.jit``: ``optax.inject_hyperparams(xo.muon)``
     works (see the module docstring).
 
-    Returns an ``optax.GradientTransformation`` with state :class:`MuonAdamWState`;
-    ``update`` needs ``params`` when weight decay is on.
+    Returns an ``optax.GradientTransformationExtraArgs`` with state
+    :class:`MuonAdamWState`; ``update`` needs ``params`` when weight decay is on.
     """
     (learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
      safety_factor, fallback_eps, consistent_rms, max_aspect_ratio) = map(_real_part, (
@@ -518,7 +524,8 @@ def muon(
         return MuonAdamWState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu),
                               exp_avg=treedef.unflatten(m), exp_avg_sq=treedef.unflatten(v))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # optax convention: accept and ignore what other transforms need
         grads, treedef, names = _flatten(updates)
         if params is not None:
             p_leaves = _flatten_up_to(treedef, params, "params")
@@ -558,6 +565,9 @@ def muon(
             cdt = _compute_dtype(g.dtype)
             nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
             new_mu[i] = nb.astype(b.dtype)
+            if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm)
+                out[i] = jnp.zeros(g.shape, cdt)
+                continue
             idx.append(i)
             mats.append(p.layout.to_torch(u.astype(cdt)))
         for i, d in zip(idx, _resolved(opts, grads).orthogonalize(mats, step=count_inc)):
@@ -584,7 +594,7 @@ def muon(
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 #: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.
