@@ -107,9 +107,10 @@ that are not schedules (``labels``, ``weight_decay_mask`` and
 ``dimension_numbers`` functions, dtype classes such as ``jnp.bfloat16``; a
 dtype *name* such as ``"bfloat16"`` is fine): ``static_args=xo.STATIC_ARGS``
 (``xo.SCALE_BY_MUON_STATIC_ARGS`` for :func:`scale_by_muon`) lists every such
-option.  ``inject_hyperparams`` stores the numbers in the params' dtype
-(bfloat16 params: momentum 0.95 becomes 0.9492); pass
-``hyperparam_dtype=jnp.float32`` to keep float32 hyperparameters.
+option.  ``inject_hyperparams`` stores the numbers in the params' widest dtype
+(bfloat16 params: momentum 0.95 becomes 0.9492; float16: ``fallback_eps`` 1e-8
+becomes 0, and an all-zero gradient entry then gives NaN); for low-precision
+params pass ``hyperparam_dtype=jnp.float32``, as for any optax optimizer.
 """
 
 from __future__ import annotations

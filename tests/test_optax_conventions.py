@@ -425,6 +425,24 @@ def test_complex_params_with_plain_inject():
     assert_trees_close(u, u_ref, SAME_MATH_ATOL)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_params_with_float32_hyperparams(dtype):
+    # inject_hyperparams stores numbers in the params' dtype unless told otherwise
+    # (float16 would turn fallback_eps = 1e-8 into 0, and a zero gradient entry into
+    # 0/0): the documented advice, hyperparam_dtype=float32, gives the direct updates.
+    params, grads = problem(20, getattr(jnp, dtype))
+    grads["bias"] = grads["bias"].at[0].set(0)
+    direct = xo.muon(0.02, weight_decay=0.1, labels=LABELS)
+    u_ref, _ = jax.jit(direct.update)(grads, direct.init(params), params)
+    tx = optax.inject_hyperparams(xo.muon, hyperparam_dtype=jnp.float32)(
+        learning_rate=0.02, weight_decay=0.1, labels=LABELS)
+    st = tx.init(params)
+    assert all(v.dtype == jnp.float32 for v in st.hyperparams.values())
+    u, _ = jax.jit(tx.update)(grads, st, params)
+    assert_trees_close(u, u_ref, SAME_MATH_ATOL)           # float32 updates, as without inject
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+
+
 # --------------------------------------------------------------------------- convergence (alias_test)
 
 W_STAR = jnp.array([[3.0, -2.0, 0.5, 1.0], [1.0, 4.0, -1.0, 0.0], [0.0, 1.0, 2.0, -3.0], [2.0, 0.5, 1.0, 1.0]])
