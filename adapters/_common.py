@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import array_api_compat
 
+from ..backends import get_backend
 from ..core.adam import adam_update, check_betas
 from ..core.muon import (
     ADJUST_LR_FNS,
@@ -138,17 +139,82 @@ def is_array_scalar(x) -> bool:
     return not isinstance(x, numbers.Number) and getattr(x, "shape", None) == () and hasattr(x, "dtype")
 
 
-def check_lr(value, argname: str):
-    """A float >= 0, a 0-d array, or a schedule (callable step -> float); returned unchanged."""
-    if callable(value) or is_array_scalar(value):
+def is_traced(x) -> bool:
+    """True for an abstract array (inside ``jax.jit``): its value is unknown until run time."""
+    return get_backend(x).is_traced(x)
+
+
+def check_array_hyper(value, argname: str, *, minimum: float = 0.0, strict: bool = False,
+                      below: Optional[float] = None):
+    """Range-check a 0-d array hyperparameter when it is concrete; returns ``value`` unchanged.
+
+    A traced one (``optax.inject_hyperparams`` under ``jax.jit``) is left unchecked:
+    reading it is impossible there, and checking on device would cost a sync per step.
+    """
+    if is_traced(value):
         return value
+    v = float(value)
+    ok = (v > minimum if strict else v >= minimum) and (below is None or v < below)
+    if not ok:  # NaN fails every comparison
+        rng = f"in [{minimum:g}, {below:g})" if below is not None else f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{argname} must be {rng}, got {value!r}")
+    return value
+
+
+def check_scalar_hyper(value, argname: str, *, minimum: float = 0.0, strict: bool = False,
+                       below: Optional[float] = None):
+    """A continuous hyperparameter: a real number or a 0-d array.
+
+    Numbers and concrete 0-d arrays are range-checked and returned as float;
+    a traced 0-d array is returned unchanged (see :func:`check_array_hyper`).
+    """
+    if is_array_scalar(value):
+        check_array_hyper(value, argname, minimum=minimum, strict=strict, below=below)
+        return value if is_traced(value) else float(value)
+    if below is not None and isinstance(value, numbers.Real) and not isinstance(value, bool) \
+            and not value < below:
+        raise ValueError(f"{argname} must be in [{minimum:g}, {below:g}), got {value!r}")
+    return _check_real(value, argname, minimum=minimum, strict=strict)
+
+
+def static_number(value, argname: str, *, integer: bool):
+    """A Python int/float for an option that shapes the computation (None stays None).
+
+    A concrete 0-d array is converted; a traced one cannot be, so the error says
+    how to keep the option static under ``optax.inject_hyperparams``.
+    """
+    if not is_array_scalar(value):
+        return value
+    if is_traced(value):
+        raise TypeError(
+            f"{argname} is a traced array: optax.inject_hyperparams turns numeric arguments into "
+            f"arrays, traced under jax.jit, but {argname} sets the shape of the computation and "
+            f"must be a Python number. List it in static_args, e.g. optax.inject_hyperparams(xo.muon, "
+            f"static_args=xo.STATIC_ARGS) (xo = xpopt.adapters.optax), or leave it at its default")
+    xp = array_api_compat.array_namespace(value)
+    if integer:
+        if not xp.isdtype(value.dtype, "integral"):
+            raise ValueError(f"{argname} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def check_lr(value, argname: str):
+    """A float >= 0, a 0-d array (checked when concrete), or a schedule (callable step -> float).
+
+    Arrays and schedules are returned unchanged.
+    """
+    if callable(value):
+        return value
+    if is_array_scalar(value):
+        return check_array_hyper(value, argname)
     return check_nonnegative(value, argname)
 
 
 def check_hyper(value, argname: str):
-    """A float >= 0 or a 0-d array (weight decays); returned as float or unchanged."""
+    """A float >= 0 or a 0-d array (weight decays, checked when concrete); float or unchanged."""
     if is_array_scalar(value):
-        return value
+        return check_array_hyper(value, argname)
     return check_nonnegative(value, argname)
 
 
@@ -247,9 +313,7 @@ def check_consistent_rms(consistent_rms, adjust_lr_fn):
         raise ValueError(
             f"consistent_rms={consistent_rms!r} sets the RMS constant of adjust_lr_fn='match_rms_adamw' "
             f"(update RMS = consistent_rms), but adjust_lr_fn={adjust_lr_fn!r}; drop one of the two")
-    if is_array_scalar(consistent_rms):
-        return consistent_rms
-    return _check_real(consistent_rms, "consistent_rms", minimum=0.0, strict=True)
+    return check_scalar_hyper(consistent_rms, "consistent_rms", minimum=0.0, strict=True)
 
 
 def check_batched(batched):
@@ -266,6 +330,7 @@ def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps
     if isinstance(momentum, bool):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     check_momentum(momentum)
+    ns_steps = static_number(ns_steps, "ns_steps", integer=True)
     if ns_steps is not None and (
             isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1):
         raise ValueError(f"ns_steps must be an integer >= 1 or None (the preset's own count), got {ns_steps!r}")
@@ -275,13 +340,13 @@ def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps
         raise ValueError(f"ns_coefficients={ns_coefficients!r} is not valid: {e}") from None
     adjust_lr_fn = _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
     return MuonOptions(
-        momentum=float(momentum),
+        momentum=check_scalar_hyper(momentum, "momentum", below=1.0),
         nesterov=_check_bool(nesterov, "nesterov"),
         momentum_form=_check_choice(momentum_form, MOMENTUM_FORMS, "momentum_form"),
         ns_coefficients=coeffs,
         ns_steps=len(coeffs),
-        eps=check_nonnegative(eps, "eps"),
-        safety_factor=_check_real(safety_factor, "safety_factor", minimum=0.0, strict=True),
+        eps=check_scalar_hyper(eps, "eps"),
+        safety_factor=check_scalar_hyper(safety_factor, "safety_factor", minimum=0.0, strict=True),
         adjust_lr_fn=adjust_lr_fn,
         conv_mode=_check_choice(conv_mode, CONV_MODES, "conv_mode"),
         normalize_spatial=_check_bool(normalize_spatial, "normalize_spatial"),
@@ -308,11 +373,16 @@ class FallbackOptions:
 
 def fallback_options(*, fallback, betas, fallback_eps) -> FallbackOptions:
     _check_choice(fallback, FALLBACKS, "fallback")
-    b1, b2 = check_betas(betas)
-    return FallbackOptions(fallback, b1, b2, check_nonnegative(fallback_eps, "fallback_eps"))
+    b1, b2 = (check_scalar_hyper(b, f"betas[{i}]", below=1.0) for i, b in enumerate(check_betas(betas)))
+    return FallbackOptions(fallback, b1, b2, check_scalar_hyper(fallback_eps, "fallback_eps"))
 
 
-def check_routing_options(min_dim_size, max_aspect_ratio) -> tuple[int, float]:
+def check_routing_options(min_dim_size=None, max_aspect_ratio=None) -> tuple[int, float]:
+    """``(min_dim_size, max_aspect_ratio)``; None = core ``suitability``'s 4 and 128."""
+    min_dim_size = static_number(min_dim_size, "min_dim_size", integer=True)
+    max_aspect_ratio = static_number(max_aspect_ratio, "max_aspect_ratio", integer=False)
+    min_dim_size = 4 if min_dim_size is None else min_dim_size
+    max_aspect_ratio = 128.0 if max_aspect_ratio is None else max_aspect_ratio
     if isinstance(min_dim_size, bool) or not isinstance(min_dim_size, numbers.Integral) or min_dim_size < 1:
         raise ValueError(f"min_dim_size must be an integer >= 1, got {min_dim_size!r}")
     ratio = _check_real(max_aspect_ratio, "max_aspect_ratio", minimum=1.0)

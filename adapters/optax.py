@@ -89,14 +89,35 @@ Example (flax nnx; embeddings and the head go to AdamW)::
 With plain pytrees (linen, equinox, hand-written): ``state = tx.init(params)``;
 ``updates, state = tx.update(grads, state, params)``;
 ``params = optax.apply_updates(params, updates)``, all inside ``jax.jit``.
-To change the learning rate or weight decay at run time, use
-``optax.inject_hyperparams(xo.muon, static_args=xo.STATIC_ARGS)(learning_rate=0.02)``.
+
+Hyperparameters at run time.  ``optax.inject_hyperparams(xo.muon)(learning_rate=0.02)``
+works as for any optax optimizer: every number it is given (learning rates,
+``momentum``, weight decays, ``eps``, ``safety_factor``, ``fallback_eps``,
+``consistent_rms``) becomes a 0-d array in ``state.hyperparams``, which may be
+changed between steps or given as a schedule (``momentum=schedule``).  Concrete
+arrays are range-checked like numbers; traced ones (inside ``jax.jit``) are not.
+``betas`` is a tuple, which ``inject_hyperparams`` passes through untouched:
+schedule beta1/beta2 by giving a schedule as the tuple element,
+``betas=(optax.linear_schedule(0.85, 0.95, 1000), 0.95)`` (called with the
+step count, like ``learning_rate``), with or without ``inject_hyperparams``.
+Options that shape the computation (``ns_steps``, ``min_dim_size``,
+``max_aspect_ratio``) must stay Python numbers: their defaults (None) pass
+through; if you set them, list them in ``static_args``.  So must callables
+that are not schedules (``labels``, ``weight_decay_mask`` and
+``dimension_numbers`` functions, dtype classes such as ``jnp.bfloat16``; a
+dtype *name* such as ``"bfloat16"`` is fine): ``static_args=xo.STATIC_ARGS``
+(``xo.SCALE_BY_MUON_STATIC_ARGS`` for :func:`scale_by_muon`) lists every such
+option.  ``inject_hyperparams`` stores the numbers in the params' widest dtype
+(bfloat16 params: momentum 0.95 becomes 0.9492; float16: ``fallback_eps`` 1e-8
+becomes 0, and an all-zero gradient entry then gives NaN); for low-precision
+params pass ``hyperparam_dtype=jnp.float32``, as for any optax optimizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +129,7 @@ from . import _common as C
 
 __all__ = [
     "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
-    "FLAX", "TORCH", "STATIC_ARGS",
+    "FLAX", "TORCH", "STATIC_ARGS", "SCALE_BY_MUON_STATIC_ARGS", "INJECTABLE",
 ]
 
 #: ``MuonDimensionNumbers`` of flax's layout (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
@@ -116,7 +137,7 @@ FLAX = MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
 #: ``MuonDimensionNumbers`` of torch's layout (``(out, in, *spatial)``, core's own).
 TORCH = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
 
-ScalarOrSchedule = Union[float, Callable[[Any], Any]]
+ScalarOrSchedule = optax.ScalarOrSchedule
 
 
 class MuonState(NamedTuple):
@@ -188,9 +209,32 @@ def _state_dtype(x, mu_dt):
     return mu_dt
 
 
+def _not_injected(value, argname: str):
+    """A dtype option that arrived as an array: inject_hyperparams called a dtype class."""
+    if C.is_array_scalar(value):
+        raise TypeError(
+            f"{argname} is an array ({value!r}): optax.inject_hyperparams treats every callable, "
+            f"dtype classes such as jnp.bfloat16 included, as a schedule and passes its value; give "
+            f"the dtype by name ({argname}='bfloat16') or list {argname!r} in static_args "
+            "(xo.STATIC_ARGS does)")
+    return value
+
+
+def _real_part(value):
+    """A complex 0-d array hyperparameter's real part, else ``value``.
+
+    ``inject_hyperparams`` stores numbers in the params' widest dtype, complex for
+    complex params; hyperparameters are real, so the (zero) imaginary part is dropped.
+    """
+    if isinstance(value, jax.Array) and value.ndim == 0 and jnp.iscomplexobj(value):
+        return jnp.real(value)
+    return value
+
+
 def _check_mu_dtype(mu_dtype):
     if mu_dtype is None:
         return None
+    _not_injected(mu_dtype, "mu_dtype")
     try:
         dt = jnp.dtype(mu_dtype)
     except TypeError:
@@ -226,6 +270,23 @@ def _lr_value(lr, count):
     return lr(count) if callable(lr) else lr
 
 
+def _split_beta_schedules(betas):
+    """``(betas with each schedule replaced by 0.0 for validation, (sched1, sched2))``."""
+    if isinstance(betas, (tuple, list)) and len(betas) == 2 and any(callable(b) for b in betas):
+        return (tuple(0.0 if callable(b) else b for b in betas),
+                tuple(b if callable(b) else None for b in betas))
+    return betas, (None, None)
+
+
+def _fallback_at(fb, scheds, count):
+    """``fb`` with scheduled betas evaluated at ``count`` (0 at the first update)."""
+    s1, s2 = scheds
+    if s1 is None and s2 is None:
+        return fb
+    return dataclasses.replace(fb, beta1=fb.beta1 if s1 is None else s1(count),
+                               beta2=fb.beta2 if s2 is None else s2(count))
+
+
 # --------------------------------------------------------------------------- scale_by_muon
 
 
@@ -254,14 +315,17 @@ def scale_by_muon(
     :func:`muon`, or ``optax.partition``).  The updates are a *positive*
     direction: chain with ``optax.scale_by_learning_rate(lr)`` (which negates)
     and, for decoupled weight decay, ``optax.add_decayed_weights(wd)`` before it.
-    Options and ``dimension_numbers`` as in :func:`muon`.  State: :class:`MuonState`.
+    Options and ``dimension_numbers`` as in :func:`muon`; ``momentum``, ``eps``,
+    ``safety_factor`` and ``consistent_rms`` may be 0-d (traced) arrays, so
+    ``optax.inject_hyperparams(xo.scale_by_muon)()`` works.  State: :class:`MuonState`.
     """
+    momentum, eps, safety_factor, consistent_rms = map(_real_part, (momentum, eps, safety_factor, consistent_rms))
     opts = C.muon_options(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
         adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=ns_dtype, batched=batched, preconditioning=preconditioning, adaptive=adaptive,
-        consistent_rms=consistent_rms,
+        ns_dtype=_not_injected(ns_dtype, "ns_dtype"), batched=batched, preconditioning=preconditioning,
+        adaptive=adaptive, consistent_rms=consistent_rms,
     )
     mu_dt = _check_mu_dtype(mu_dtype)
     _check_dims_arg(dimension_numbers)
@@ -280,24 +344,31 @@ def scale_by_muon(
         mu = [jnp.zeros(x.shape, _state_dtype(x, mu_dt)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # optax convention: accept and ignore what other transforms need
         leaves, treedef, _ = _flatten(updates)
         lays = layouts(params if params is not None else updates)
         if len(lays) != len(leaves):
             raise ValueError("params and updates have different tree structures")
         bufs = _flatten_up_to(treedef, state.mu, "state.mu")
-        new_bufs, mats = [], []
-        for g, b, lay in zip(leaves, bufs, lays):
+        new_bufs, idx, mats, out = [], [], [], []
+        for i, (g, b, lay) in enumerate(zip(leaves, bufs, lays)):
             cdt = _compute_dtype(g.dtype)
             nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
             new_bufs.append(nb.astype(b.dtype))
-            mats.append(lay.to_torch(u))
+            # An empty matrix has nothing to orthogonalise (and no norm): its update is empty.
+            out.append(jnp.zeros(g.shape, cdt) if g.size == 0 else None)
+            if g.size:
+                idx.append(i)
+                mats.append(lay.to_torch(u.astype(cdt)))
         count_inc = optax.safe_increment(state.count)
         dirs = opts.orthogonalize(mats, step=count_inc)  # core resolves ns_dtype='auto' per matrix
-        out = [lay.from_torch(d) for lay, d in zip(lays, dirs)]
+        for i, d in zip(idx, dirs):
+            # The leaf's compute dtype, even if a hyperparameter array is wider.
+            out[i] = lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype))
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --------------------------------------------------------------------------- muon
@@ -326,8 +397,8 @@ def muon(
     betas=(0.9, 0.95),
     fallback_eps: float = 1e-8,
     fallback_weight_decay: Optional[float] = None,
-    min_dim_size: int = 4,
-    max_aspect_ratio: float = 128.0,
+    min_dim_size: Optional[int] = None,
+    max_aspect_ratio: Optional[float] = None,
     labels=None,
     dimension_numbers=None,
     preconditioning: str = "frobenius",
@@ -369,24 +440,38 @@ def muon(
         (None: float32 for bf16/f16 leaves, else the leaf dtype).
       fallback: ``"adamw"`` or ``"nadamw"``.
       fallback_learning_rate: float or schedule; None = ``learning_rate``.
-      betas, fallback_eps, fallback_weight_decay: the fallback's hyperparameters.
-      min_dim_size, max_aspect_ratio: thresholds of automatic routing.
+      betas: the fallback's ``(beta1, beta2)``; each a float, a 0-d array or a
+        schedule (called with the step count, like ``learning_rate``).
+      fallback_eps, fallback_weight_decay: the fallback's other hyperparameters.
+      min_dim_size, max_aspect_ratio: thresholds of automatic routing; None =
+        4 and 128.0 (core ``suitability``'s).  They shape the computation:
+        Python numbers (or concrete arrays), never traced ones.
       labels: None (automatic), or a pytree/prefix of ``"muon"``/``"fallback"``/None,
         or a callable ``params -> such a pytree``.
       dimension_numbers: None/``"flax"`` (default), ``"torch"``, a
         ``MuonDimensionNumbers``, a pytree of them (None leaf = fallback) or a
         callable ``params -> such a pytree``.
 
-    Returns an ``optax.GradientTransformation`` with state :class:`MuonAdamWState`;
-    ``update`` needs ``params`` when weight decay is on.
+    Continuous hyperparameters (learning rates, ``momentum``, weight decays,
+    ``eps``, ``safety_factor``, ``fallback_eps``, ``consistent_rms``, betas) may
+    be 0-d arrays, traced under ``jax.jit``: ``optax.inject_hyperparams(xo.muon)``
+    works (see the module docstring).
+
+    Returns an ``optax.GradientTransformationExtraArgs`` with state
+    :class:`MuonAdamWState`; ``update`` needs ``params`` when weight decay is on.
     """
+    (learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
+     safety_factor, fallback_eps, consistent_rms, max_aspect_ratio) = map(_real_part, (
+        learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
+        safety_factor, fallback_eps, consistent_rms, max_aspect_ratio))
     opts = C.muon_options(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
         adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=ns_dtype, batched=batched, preconditioning=preconditioning, adaptive=adaptive,
-        consistent_rms=consistent_rms,
+        ns_dtype=_not_injected(ns_dtype, "ns_dtype"), batched=batched, preconditioning=preconditioning,
+        adaptive=adaptive, consistent_rms=consistent_rms,
     )
+    betas, beta_scheds = _split_beta_schedules(betas)
     fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
     lr = C.check_lr(learning_rate, "learning_rate")
     flr = lr if fallback_learning_rate is None else C.check_lr(fallback_learning_rate, "fallback_learning_rate")
@@ -435,7 +520,8 @@ def muon(
         return MuonAdamWState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu),
                               exp_avg=treedef.unflatten(m), exp_avg_sq=treedef.unflatten(v))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # optax convention: accept and ignore what other transforms need
         grads, treedef, names = _flatten(updates)
         if params is not None:
             p_leaves = _flatten_up_to(treedef, params, "params")
@@ -446,7 +532,9 @@ def muon(
         needs_params = any(p.decay and C.is_on(wd if p.layout is not None else fwd) for p in plans)
         if needs_params and p_leaves is None:
             raise ValueError(
-                "weight decay needs the current parameters: call update(grads, state, params)")
+                "weight decay needs the current parameters: call update(grads, state, params) "
+                "(a weight decay given as an array, as optax.inject_hyperparams does, counts as on "
+                "even when it is 0)")
         bufs = _flatten_up_to(treedef, state.mu, "state.mu")
         ms = _flatten_up_to(treedef, state.exp_avg, "state.exp_avg")
         vs = _flatten_up_to(treedef, state.exp_avg_sq, "state.exp_avg_sq")
@@ -460,10 +548,12 @@ def muon(
         count_inc = optax.safe_increment(count)
         lr_t = _lr_value(lr, count)
         flr_t = _lr_value(flr, count)
+        fb_t = _fallback_at(fb, beta_scheds, count)
         out: list = [None] * len(grads)
         new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
 
         # Muon leaves: momentum (elementwise, own layout), then one core call.
+        # Deltas keep the leaf's compute dtype even if a hyperparameter array is wider.
         idx, mats = [], []
         for i, (g, p, b) in enumerate(zip(grads, plans, bufs)):
             if p.layout is None:
@@ -471,39 +561,50 @@ def muon(
             cdt = _compute_dtype(g.dtype)
             nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
             new_mu[i] = nb.astype(b.dtype)
+            if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm)
+                out[i] = jnp.zeros(g.shape, cdt)
+                continue
             idx.append(i)
-            mats.append(p.layout.to_torch(u))
+            mats.append(p.layout.to_torch(u.astype(cdt)))
         for i, d in zip(idx, opts.orthogonalize(mats, step=count_inc)):
+            cdt = _compute_dtype(grads[i].dtype)
             d = plans[i].layout.from_torch(d)
             delta = -lr_t * d
             if C.is_on(wd) and plans[i].decay:
                 delta = delta - (lr_t * wd) * p_leaves[i].astype(d.dtype)
-            out[i] = delta
+            out[i] = delta.astype(cdt)
 
         # Fallback leaves: core AdamW/NAdamW direction, 1-based step.
         for i, (g, p, m, v) in enumerate(zip(grads, plans, ms, vs)):
             if p.layout is not None:
                 continue
             cdt = _compute_dtype(g.dtype)
-            direction, m2, v2 = fb.direction(g.astype(cdt), m.astype(cdt), v.astype(_real_dtype(cdt)), count_inc)
+            direction, m2, v2 = fb_t.direction(g.astype(cdt), m.astype(cdt), v.astype(_real_dtype(cdt)), count_inc)
             new_m[i], new_v[i] = m2.astype(m.dtype), v2.astype(v.dtype)
             delta = -flr_t * direction
             if C.is_on(fwd) and p.decay:
                 delta = delta - (flr_t * fwd) * p_leaves[i].astype(direction.dtype)
-            out[i] = delta
+            out[i] = delta.astype(cdt)
 
         new_state = MuonAdamWState(count=count_inc, mu=treedef.unflatten(new_mu),
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-#: Every :func:`muon` argument except the learning rates and weight decays, which
-#: may be 0-d (traced) arrays: ``optax.inject_hyperparams(xo.muon,
-#: static_args=xo.STATIC_ARGS)(learning_rate=0.02)`` makes those four adjustable
-#: at run time; the rest shape the computation and must stay Python values.
-STATIC_ARGS = tuple(
-    n for n in inspect.signature(muon).parameters
-    if n not in ("learning_rate", "fallback_learning_rate", "weight_decay", "fallback_weight_decay")
-)
+#: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.
+INJECTABLE = ("learning_rate", "fallback_learning_rate", "momentum", "weight_decay",
+              "fallback_weight_decay", "eps", "safety_factor", "fallback_eps", "consistent_rms")
+
+#: Every :func:`muon` argument except the continuous hyperparameters
+#: (:data:`INJECTABLE`), for ``optax.inject_hyperparams(xo.muon,
+#: static_args=xo.STATIC_ARGS)``: the structural options (``ns_steps``,
+#: ``min_dim_size``, ``max_aspect_ratio``) stay Python numbers, and callables that
+#: are not schedules (``labels``, ``weight_decay_mask``, ``dimension_numbers``
+#: functions, dtype classes) are not called with the step count.  Strings,
+#: bools, None and tuples (``betas``) pass through either way.
+STATIC_ARGS = tuple(n for n in inspect.signature(muon).parameters if n not in INJECTABLE)
+
+#: The same for :func:`scale_by_muon` (``static_args`` must name its own arguments).
+SCALE_BY_MUON_STATIC_ARGS = tuple(n for n in inspect.signature(scale_by_muon).parameters if n not in INJECTABLE)

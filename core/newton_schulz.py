@@ -240,7 +240,7 @@ def orthogonalize(
     if is_number(norm) and is_number(eps) and is_number(safety_factor):
         X = div(X, max(norm * safety_factor, eps))
     elif norm is not None:  # the backend's one-pass norm was safe
-        X = div(X, xp.maximum(norm * safety_factor, eps * xp.ones_like(norm)))
+        X = div(X, xp.maximum(norm * _like(xp, safety_factor, norm), _like(xp, eps, norm) * xp.ones_like(norm)))
     else:
         p2 = _pow2_below(xp, _amax(xp, X))
         X = div(X, p2)
@@ -291,6 +291,15 @@ def _pow2_below(xp, amax):
     return 2.0 ** xp.floor(xp.log2(amax))
 
 
+def _like(xp, v, ref):
+    """A 0-d array hyperparameter in ``ref``'s dtype, so that it never widens the iteration.
+
+    (An ``optax.inject_hyperparams`` float32 ``safety_factor`` would otherwise turn a
+    bfloat16 Newton-Schulz into a float32 one; a Python float is weakly typed already.)
+    """
+    return v if is_number(v) else xp.astype(v, ref.dtype)
+
+
 def _amax(xp, X):
     """Largest |entry| per matrix, 1 for all-zero ones (so dividing by it is safe)."""
     if is_complex(xp, X):
@@ -311,7 +320,7 @@ def _prescale(xp, X, preconditioning: str, eps, safety_factor):
         Y = X if X.dtype in (xp.float32, xp.float64, xp.complex64, xp.complex128) else xp.astype(X, xp.float32)
         norm = xp.linalg.matrix_norm(Y, ord=2, keepdims=True)
     norm = xp.astype(xp.abs(norm), _real_dtype(xp, X.dtype))  # real, also for complex X
-    return xp.maximum(norm * safety_factor, eps * xp.ones_like(norm))
+    return xp.maximum(norm * _like(xp, safety_factor, norm), _like(xp, eps, norm) * xp.ones_like(norm))
 
 
 def _real_dtype(xp, dtype):
@@ -331,10 +340,10 @@ def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
     A = X @ _adjoint(xp, X, cplx)
     if preconditioning == "aol":
         d = xp.sum(xp.abs(A), axis=-1, keepdims=True)          # (..., m, 1), real
-        s = 1.0 / (xp.sqrt(xp.maximum(d, xp.full_like(d, eps))) * safety_factor)
+        s = 1.0 / (xp.sqrt(xp.maximum(d, xp.full_like(d, eps))) * _like(xp, safety_factor, d))
         s = xp.astype(s, X.dtype) if cplx else s
         return X * s, A * (s * xp.matrix_transpose(s))
     r = xp.linalg.vector_norm(A, axis=(-2, -1), keepdims=True)  # ||X||_S4^2, real
-    s2 = 1.0 / (xp.maximum(r, xp.full_like(r, eps)) * safety_factor**2)
+    s2 = 1.0 / (xp.maximum(r, xp.full_like(r, eps)) * _like(xp, safety_factor, r) ** 2)
     s2 = xp.astype(s2, X.dtype) if cplx else s2
     return X * xp.sqrt(s2), A * s2
