@@ -50,7 +50,6 @@ parameters are unaffected.  Check ``torch.isfinite`` yourself or use a
 from __future__ import annotations
 
 import logging
-import numbers
 import warnings
 from itertools import chain
 from typing import Any, Callable, NamedTuple, Optional
@@ -60,26 +59,20 @@ import torch
 from ..backends import torch as _torch_backend
 from ..core.adam import adam_update, check_betas
 from ..core.muon import (
-    ADJUST_LR_FNS,
-    CONV_MODES,
     DEFAULT_RMS,
-    MOMENTUM_FORMS,
-    check_momentum,
     debias_factor,
     matrix_shape,
     momentum_update,
     orthogonalized_updates,
     suitability,
 )
-from ..core.newton_schulz import PRECONDITIONINGS, resolve_coefficients
 from . import _common as C
 
 __all__ = ["Muon", "Route"]
 
 _logger = logging.getLogger("xpopt")
 
-FALLBACKS = ("adamw", "nadamw")
-_NS_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+FALLBACKS = C.FALLBACKS
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Options used only when parameters are routed (construction / add_param_group).
 # ``fallback_filter`` is usually a lambda, which cannot be pickled, so it is left
@@ -128,93 +121,19 @@ def _state_dtype(p: torch.Tensor, key: str = "") -> torch.dtype:
     return dt
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _is_bf16(ns_dtype) -> bool:
     return ns_dtype == "bfloat16" or ns_dtype is torch.bfloat16
 
 
 def _check_options(o: dict, where: str) -> None:
-    """Validate one set of options (the defaults, or one param group)."""
+    """Validate one set of options (the defaults, or one param group).
 
-    def fail(msg: str, exc=ValueError):
-        raise exc(f"Muon: {msg} ({where})")
-
-    def nonneg(key: str, optional: bool = False, what: str = ">= 0"):
-        v = o[key]
-        if optional and v is None:
-            return
-        if not _is_real(v):
-            fail(f"{key}={v!r} must be a real number {what}"
-                 + (" or None" if optional else ""), TypeError)
-        if not v >= 0:  # also rejects NaN
-            fail(f"{key}={v!r} is invalid: it must be {what}")
-
-    def flag(key: str):
-        if not isinstance(o[key], bool):
-            fail(f"{key}={o[key]!r} must be True or False", TypeError)
-
-    def choice(key: str, choices):
-        if o[key] not in choices:
-            fail(f"{key}={o[key]!r} is not valid; use one of {list(choices)}")
-
-    nonneg("lr")
-    nonneg("fallback_lr", optional=True)
-    try:
-        check_momentum(o["momentum"])
-    except ValueError as e:
-        fail(f"momentum={o['momentum']!r} is invalid: {e}; 0.95 is the usual value")
-    flag("nesterov")
-    choice("momentum_form", MOMENTUM_FORMS)
-    nonneg("weight_decay")
-    nonneg("fallback_weight_decay", optional=True)
-    steps = o["ns_steps"]
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
-        fail(f"ns_steps={steps!r} is invalid: it must be an integer >= 1, or None for the preset's own count")
-    try:
-        resolve_coefficients(o["ns_coefficients"], None if steps is None else int(steps))
-    except ValueError as e:
-        fail(f"ns_coefficients={o['ns_coefficients']!r} is invalid: {e}")
-    choice("preconditioning", PRECONDITIONINGS)
-    flag("adaptive")
-    try:
-        C.check_consistent_rms(o["consistent_rms"], o["adjust_lr_fn"])
-    except (TypeError, ValueError) as e:
-        fail(str(e), type(e))
-    nonneg("eps")
-    sf = o["safety_factor"]
-    if not _is_real(sf) or not sf > 0:
-        fail(f"safety_factor={sf!r} is invalid: it must be a real number > 0 (1.0, or 1.01 for Polar Express)")
-    choice("adjust_lr_fn", ADJUST_LR_FNS)
-    choice("conv_mode", CONV_MODES)
-    flag("normalize_spatial")
-    nd = o["ns_dtype"]
-    if not (nd is None or nd in _NS_DTYPE_NAMES or nd == "auto"
-            or (isinstance(nd, torch.dtype) and nd.is_floating_point and not nd.is_complex)):
-        fail(f"ns_dtype={nd!r} is invalid: use None, 'auto', one of {list(_NS_DTYPE_NAMES)} or a "
-             "floating torch.dtype")
-    flag("batched")
-    choice("fallback", FALLBACKS)
-    try:
-        check_betas(o["betas"])
-    except ValueError as e:
-        fail(f"betas={o['betas']!r} is invalid: {e}; (0.9, 0.95) is the default")
-    nonneg("fallback_eps")
-    mds = o["min_dim_size"]
-    if isinstance(mds, bool) or not isinstance(mds, numbers.Integral) or mds < 1:
-        fail(f"min_dim_size={mds!r} is invalid: it must be an integer >= 1")
-    mar = o["max_aspect_ratio"]
-    if not _is_real(mar) or not mar >= 1:
-        fail(f"max_aspect_ratio={mar!r} is invalid: it must be a real number >= 1")
-    flag("verbose")
-    if o["fallback_filter"] is not None and not callable(o["fallback_filter"]):
-        fail(f"fallback_filter={o['fallback_filter']!r} must be None or a callable (name, param) -> bool",
-             TypeError)
-    for key in ("use_fallback", "use_muon"):
-        if o.get(key) is not None and not isinstance(o[key], bool):
-            fail(f"{key}={o[key]!r} must be True or False", TypeError)
+    Everything goes through the validators shared with the optax / arrays
+    adapters (``adapters/_common.group_options``): errors read ``"Muon: <the
+    shared message naming the option and value> (<where>)"``.
+    """
+    C.group_options(o, where, flags=("verbose",), optional_flags=("use_fallback", "use_muon"),
+                    callables={"fallback_filter": "(name, param) -> bool"})
 
 
 class Muon(torch.optim.Optimizer):

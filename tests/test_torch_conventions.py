@@ -1,0 +1,126 @@
+"""PyTorch conventions of ``xpopt.adapters.torch.Muon`` (issue 11, item 2).
+
+What torch users (and torch's own ``test/test_optim.py`` configurations for
+``torch.optim.Muon``) expect from an optimizer, one section per convention:
+
+1. a tensor ``lr`` (and ``fallback_lr``), which LR schedulers ``fill_``;
+2. ``OneCycleLR`` / ``CyclicLR`` with ``cycle_momentum=True`` drive Muon's
+   momentum (they write ``betas[0]`` because our defaults contain ``betas``);
+3. ``torch.compile(opt.step, fullgraph=True)``: one graph, no recompiles when
+   a scheduler changes a tensor lr, the same numbers as eager;
+4. ``load_state_dict`` of groups that lack options (an older xpopt, a
+   ``torch.optim.Muon`` checkpoint), validated, and taking over from
+   ``torch.optim.Muon``;
+5. the AdamW fallback survives gradients whose square overflows float32;
+6. options are validated once, by the shared validators in
+   ``adapters/_common.py``, at construction / ``add_param_group`` / load.
+
+Gradients and initial values are float32-representable and fixed per step
+(not fed back through a loss) unless a test says otherwise, so two runs that
+should agree start from identical data and nothing amplifies a rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install xpopt[torch])")
+
+from _peers import F32_TRAJ_TOL, load_torch_muon, torch_one_thread, trajectory_error  # noqa: E402,F401
+
+import xpopt.adapters._common as C  # noqa: E402
+from xpopt.adapters.torch import Muon  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+F32_EPS = float(np.finfo(np.float32).eps)        # 1.19e-7: one ulp at 1.0
+KJ = (3.4445, -4.7750, 2.0315)                    # torch.optim.Muon's default NS triple
+
+# A 2-D weight, a conv kernel (flattened to 6 x 27), two same-shape matrices
+# (stacked into one batched NS call), a bias and a scalar (the last two go to
+# the AdamW fallback by shape).
+SHAPES = [(8, 16), (6, 3, 3, 3), (16, 8), (16, 8), (8,), ()]
+
+
+def make_params(shapes=SHAPES, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def grad_seq(shapes=SHAPES, steps=6, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g).to(dtype) for s in shapes] for _ in range(steps)]
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def train(opt, params, grads, before_step=None, after_step=None):
+    """Feed the fixed ``grads`` through ``opt``; the trajectory (step 0 = start)."""
+    traj = [snapshot(params)]
+    for t, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        if before_step is not None:
+            before_step(t)
+        opt.step()
+        if after_step is not None:
+            after_step(t)
+        traj.append(snapshot(params))
+    return traj
+
+
+def max_ulp_gap(a_traj, b_traj) -> float:
+    """max over steps and tensors of ``max|a - b|`` in float32 ulps of ``max|b|``."""
+    worst = 0.0
+    for a_t, b_t in zip(a_traj, b_traj):
+        for a, b in zip(a_t, b_t):
+            scale = float(b.abs().max()) or 1.0
+            worst = max(worst, float((a.double() - b.double()).abs().max()) / (F32_EPS * scale))
+    return worst
+
+
+# ========================================================= 6. options live once
+
+def test_options_are_validated_by_the_shared_validators(monkeypatch):
+    """Construction and add_param_group validate through ``_common``; step() does not."""
+    calls = []
+    real = C.muon_options
+
+    def spy(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(C, "muon_options", spy)
+    params = make_params()
+    opt = Muon(params[:4])
+    n_construct = len(calls)
+    assert n_construct >= 1                       # the defaults (and the group) went through it
+    opt.add_param_group({"params": params[4:], "momentum": 0.9})
+    assert len(calls) > n_construct and calls[-1]["momentum"] == 0.9
+    n = len(calls)
+    train(opt, params, grad_seq(steps=3))
+    assert len(calls) == n                        # step() validates nothing
+
+
+@pytest.mark.parametrize("kw", [
+    dict(momentum=1.0), dict(ns_steps=0), dict(adjust_lr_fn="kimi"), dict(betas=(1.0, 0.9)),
+    dict(fallback_eps=-1.0), dict(min_dim_size=0), dict(ns_dtype="int8"), dict(nesterov="yes"),
+    dict(consistent_rms=0.3, adjust_lr_fn="original"),
+])
+def test_torch_errors_are_the_shared_messages_naming_the_group(kw):
+    """The torch message is the shared validator's (as the optax/arrays adapters give) plus the group."""
+    from xpopt.adapters import arrays
+
+    with pytest.raises((TypeError, ValueError)) as shared:
+        arrays.muon(**kw)
+    with pytest.raises(shared.type) as ours:
+        Muon([{"params": make_params([(8, 16)])}, {"params": make_params([(8,)]), **kw}])
+    assert str(ours.value) == f"Muon: {shared.value} (param group 1)"
