@@ -39,6 +39,12 @@ Newton-Schulz in the state dtype (float32 for bf16/f16 parameters, else the
 parameter's dtype).  ``state_dict()`` / ``load_state_dict()`` keep those
 dtypes (torch's default load would cast float32 state down to bf16).
 
+torch conventions:
+
+* ``lr`` and ``fallback_lr`` may be 1-element float tensors (torch.optim's
+  convention; a multi-element one is a ``ValueError``).  LR schedulers write
+  them in place (``fill_``); the step never reads their value on the host.
+
 Non-finite gradients: there is no implicit check (it would force a device
 sync every step, which ``torch.optim`` avoids too).  A NaN or Inf in a
 gradient propagates into that parameter's state and value (for Muon, into
@@ -125,15 +131,48 @@ def _is_bf16(ns_dtype) -> bool:
     return ns_dtype == "bfloat16" or ns_dtype is torch.bfloat16
 
 
-def _check_options(o: dict, where: str) -> None:
-    """Validate one set of options (the defaults, or one param group).
+#: Hyperparameters that may be tensors (torch.optim's convention for ``lr``;
+#: a tensor keeps schedulers from recompiling a compiled step).
+_TENSOR_HYPERS = ("lr", "fallback_lr")
 
-    Everything goes through the validators shared with the optax / arrays
-    adapters (``adapters/_common.group_options``): errors read ``"Muon: <the
-    shared message naming the option and value> (<where>)"``.
+
+def _check_options(o: dict, where: str) -> None:
+    """Validate one set of options (the defaults, one added group, one loaded group).
+
+    torch's own convention first (a 1-element floating tensor ``lr`` /
+    ``fallback_lr``, checked for a value >= 0 here, once), then everything
+    through the validators shared with the optax / arrays adapters
+    (``adapters/_common.group_options``): errors read ``"Muon: <the shared
+    message naming the option and value> (<where>)"``.  ``step()`` validates
+    nothing.
     """
-    C.group_options(o, where, flags=("verbose",), optional_flags=("use_fallback", "use_muon"),
+    probe = o
+    for key in _TENSOR_HYPERS:
+        v = o.get(key)
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.numel() != 1:
+            raise ValueError(f"Muon: Tensor {key} must be 1-element (as in torch.optim), got shape "
+                             f"{tuple(v.shape)} ({where})")
+        if not v.is_floating_point():
+            raise TypeError(f"Muon: {key}={v!r} must be a floating tensor, e.g. torch.tensor(0.02) ({where})")
+        if not float(v) >= 0:  # concrete here; a value check inside step() would sync
+            raise ValueError(f"Muon: {key} must be >= 0, got {float(v)!r} ({where})")
+        if probe is o:
+            probe = dict(o)
+        probe[key] = v.reshape(())  # the shared check takes 0-d arrays
+    C.group_options(probe, where, flags=("verbose",), optional_flags=("use_fallback", "use_muon"),
                     callables={"fallback_filter": "(name, param) -> bool"})
+
+
+def _scalar(x):
+    """A 1-element tensor hyperparameter as 0-d (broadcasts into any param); numbers unchanged."""
+    return x.reshape(()) if isinstance(x, torch.Tensor) and x.dim() else x
+
+
+def _is_on(x) -> bool:
+    """False only for a Python zero: a tensor counts as on (no sync to look at it)."""
+    return True if isinstance(x, torch.Tensor) else bool(x)
 
 
 class Muon(torch.optim.Optimizer):
@@ -144,7 +183,8 @@ class Muon(torch.optim.Optimizer):
         (``model.named_parameters()``), or of group dicts. A group may set any
         option below, plus ``use_fallback=True`` (send the whole group to the
         fallback) or ``use_muon=True/False`` (force the route; timm-compatible).
-      lr: Muon learning rate (also the fallback's unless ``fallback_lr``).
+      lr: Muon learning rate (also the fallback's unless ``fallback_lr``); a
+        number or a 1-element float tensor (for ``torch.compile``).
       momentum, nesterov, momentum_form: momentum coefficient in [0, 1),
         Nesterov look-ahead, ``"ema"`` (torch.optim / timm lerp form) or
         ``"classic"`` (``buf = mu*buf + g``).
@@ -172,9 +212,9 @@ class Muon(torch.optim.Optimizer):
       batched: orthogonalise same-shape matrices of a group in one call.
       fallback, fallback_lr, betas, fallback_eps, fallback_weight_decay: the
         AdamW / NAdamW used for non-Muon params. ``fallback_lr`` is a fixed
-        number: LR schedulers only change ``lr``; to schedule a separate
-        fallback LR, put those params in their own group (``use_fallback=True``)
-        with its own ``lr``.
+        number or 1-element tensor: LR schedulers only change ``lr``; to
+        schedule a separate fallback LR, put those params in their own group
+        (``use_fallback=True``) with its own ``lr``.
       min_dim_size, max_aspect_ratio: ``core.muon.suitability`` thresholds.
       verbose: log one INFO line per parameter (name, shape, route, reason) on
         the ``"xpopt"`` logger when it is routed.
@@ -344,13 +384,17 @@ class Muon(torch.optim.Optimizer):
         return state
 
     @staticmethod
-    def _apply(p: torch.Tensor, direction: torch.Tensor, lr: float, wd: float) -> None:
+    def _apply(p: torch.Tensor, direction: torch.Tensor, lr, wd) -> None:
         # W <- W * (1 - lr*wd) - lr * direction, in the direction's (state)
         # dtype; a bf16/f16 param is updated in float32 and rounded once.
+        # ``lr`` is a number or a 0-d tensor (no sync: it stays a tensor).
         target = p if p.dtype == direction.dtype else p.to(direction.dtype)
-        if wd:
+        if _is_on(wd):
             target.mul_(1.0 - lr * wd)
-        target.add_(direction, alpha=-lr)
+        if isinstance(lr, torch.Tensor):
+            target.sub_(direction * lr)
+        else:
+            target.add_(direction, alpha=-lr)
         if target is not p:
             p.copy_(target)
 
@@ -392,7 +436,7 @@ class Muon(torch.optim.Optimizer):
                 updates, batch=group["batched"], adaptive=group["adaptive"],
                 debias=self._debias(group, steps[0]) if group["adaptive"] else 1.0, **common)
         for p, d in zip(params, directions):
-            self._apply(p, d, group["lr"], group["weight_decay"])
+            self._apply(p, d, _scalar(group["lr"]), group["weight_decay"])
 
     @staticmethod
     def _debias(group: dict, step: int) -> float:
@@ -400,7 +444,7 @@ class Muon(torch.optim.Optimizer):
 
     def _fallback_group(self, group: dict, params: list) -> None:
         beta1, beta2 = check_betas(group["betas"])
-        lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
+        lr = _scalar(group["lr"] if group["fallback_lr"] is None else group["fallback_lr"])
         wd = group["weight_decay"] if group["fallback_weight_decay"] is None else group["fallback_weight_decay"]
         for p in params:
             state = self._state(p, ("step", "exp_avg", "exp_avg_sq"))
