@@ -44,6 +44,16 @@ torch conventions:
 * ``lr`` and ``fallback_lr`` may be 1-element float tensors (torch.optim's
   convention; a multi-element one is a ``ValueError``).  LR schedulers write
   them in place (``fill_``); the step never reads their value on the host.
+* ``torch.compile(opt.step, fullgraph=True)`` traces one graph: routing,
+  state creation and checks live in ``_init_group``, which dynamo runs
+  eagerly (as for torch.optim's optimizers); ``step`` counts are 0-d
+  tensors on the param's device (an int would recompile every step and be
+  baked into a CUDA graph); warnings are raised when params are added.  Use a
+  tensor ``lr`` so that schedulers do not recompile.  Every torch LR
+  scheduler wraps ``opt.step`` in a function dynamo will not trace: compile
+  ``opt.step`` before building the scheduler for ``fullgraph=True``, or
+  compile it after without ``fullgraph`` (the wrapper runs eagerly, the step
+  is still one graph).
 
 Non-finite gradients: there is no implicit check (it would force a device
 sync every step, which ``torch.optim`` avoids too).  A NaN or Inf in a
@@ -56,6 +66,7 @@ parameters are unaffected.  Check ``torch.isfinite`` yourself or use a
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
 from itertools import chain
 from typing import Any, Callable, NamedTuple, Optional
@@ -63,7 +74,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from ..backends import torch as _torch_backend
-from ..core.adam import adam_update, check_betas
+from ..core._xp import namespace
+from ..core.adam import adam_update
 from ..core.muon import (
     DEFAULT_RMS,
     debias_factor,
@@ -175,6 +187,18 @@ def _is_on(x) -> bool:
     return True if isinstance(x, torch.Tensor) else bool(x)
 
 
+def _step_dtype(p: torch.Tensor) -> torch.dtype:
+    # float32 counts exactly to 2**24 (16.7M steps), as torch.optim's tensor steps.
+    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _step_tensor(p: torch.Tensor, value) -> torch.Tensor:
+    """A step count as a 0-d tensor on ``p``'s device (compile- and CUDA-graph-friendly)."""
+    if isinstance(value, torch.Tensor):
+        value = float(value.item())
+    return torch.tensor(float(value), dtype=_step_dtype(p), device=p.device)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for matrices / conv kernels, AdamW or NAdamW for everything else.
 
@@ -267,6 +291,10 @@ class Muon(torch.optim.Optimizer):
         self._routes: dict[torch.Tensor, Route] = {}
         self._device: Optional[torch.device] = None
         self._device_owner: str = ""
+        # Whether the params' device multiplies bf16 natively: decided once, with
+        # the first parameter (all params share one device), so that step()
+        # resolves ns_dtype="auto" without probing the device.
+        self._native_bf16: Optional[bool] = None
         self._warned_bf16 = False
         super().__init__(params, defaults)
 
@@ -302,11 +330,14 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._device, self._device_owner = device, owner
+        if self._native_bf16 is None and group["params"]:
+            self._native_bf16 = bool(_torch_backend.has_native_bf16(group["params"][0]))
         for p, r in zip(group["params"], routes):
             self._routes[p] = r
             if group["verbose"]:
                 _logger.info("xpopt Muon: %s shape=%s -> %s (%s)%s", r.name, r.shape, r.route, r.reason,
                              f" ns_dtype={r.ns_dtype}" if r.ns_dtype else "")
+        self._warn_emulated_bf16()
 
     @staticmethod
     def _decide(group, g, i, p, name, label) -> Route:
@@ -336,52 +367,113 @@ class Muon(torch.optim.Optimizer):
         """Every parameter's routing decision, in param-group order."""
         return [self._routes[p] for group in self.param_groups for p in group["params"]]
 
+    def _warn_emulated_bf16(self) -> None:
+        """One UserWarning per optimizer if Muon params run bf16 NS on a device that emulates it.
+
+        Checked when params are added or state is loaded, never in step():
+        ``warnings.warn`` inside a compiled step would break its graph.
+        """
+        if self._warned_bf16 or self._native_bf16 is not False:
+            return
+        for group in self.param_groups:
+            if _is_bf16(group["ns_dtype"]) and any(self._routes[p].route == "muon" for p in group["params"]):
+                self._warned_bf16 = True
+                warnings.warn(
+                    f"Muon: ns_dtype=bfloat16 on {self._device.type}, which has no native bf16 matmul "
+                    "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
+                    "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
+                    UserWarning, stacklevel=_user_stacklevel())
+                return
+
     # ------------------------------------------------------------------- step
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimisation step; returns the closure's loss (None without one)."""
+        """One optimisation step; returns the closure's loss (None without one).
+
+        Compiles as one graph: ``torch.compile(opt.step, fullgraph=True)``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every gradient before touching any parameter, so an error
-        # leaves the model and the state as they were.
-        plan = []
+        # Collect (and check) every group before touching any parameter, so an
+        # error leaves the model and the step counts as they were.
+        work = []
         for group in self.param_groups:
-            muon, fallback = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                r = self._routes.get(p)
-                if r is None:
-                    raise RuntimeError(
-                        "Muon: a parameter in param_groups was never routed; add parameters with "
-                        "add_param_group(), not by editing param_groups")
-                if p.grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"Muon: parameter {r.name!r} has a sparse gradient ({p.grad.layout}); Muon and "
-                        "its AdamW fallback need dense gradients (e.g. nn.Embedding(sparse=False))")
-                (muon if r.route == "muon" else fallback).append(p)
-            plan.append((group, muon, fallback))
-        for group, muon, fallback in plan:
-            if muon:
-                self._muon_group(group, muon)
-            if fallback:
-                self._fallback_group(group, fallback)
+            muon_params: list = []
+            muon_grads: list = []
+            muon_bufs: list = []
+            muon_steps: list = []
+            fb_params: list = []
+            fb_grads: list = []
+            fb_exp_avgs: list = []
+            fb_exp_avg_sqs: list = []
+            fb_steps: list = []
+            self._init_group(group, muon_params, muon_grads, muon_bufs, muon_steps,
+                             fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps)
+            work.append((group, muon_params, muon_grads, muon_bufs, muon_steps,
+                         fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps))
+        for group, mp, mg, mb, ms, fp, fg, fm, fv, fs in work:
+            if mp:
+                self._muon_group(group, mp, mg, mb, ms)
+            if fp:
+                self._fallback_group(group, fp, fg, fm, fv, fs)
         return loss
 
-    def _state(self, p: torch.Tensor, keys: tuple[str, ...]) -> dict:
-        state = self.state[p]
-        if not state:
+    def _init_group(self, group, muon_params, muon_grads, muon_bufs, muon_steps,
+                    fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps) -> bool:
+        """Fill the lists with the group's params that have gradients, and their state.
+
+        Bookkeeping only, no maths: state is created here on first use, routes
+        are looked up, gradients checked.  Under ``torch.compile`` dynamo runs
+        an optimizer's ``_init_group`` eagerly and guards on what it returns
+        (as for torch.optim's own optimizers), so the traced step holds only
+        the arithmetic.  Raises before creating any state of the group.
+        """
+        with_grad = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            r = self._routes.get(p)
+            if r is None:
+                raise RuntimeError(
+                    "Muon: a parameter in param_groups was never routed; add parameters with "
+                    "add_param_group(), not by editing param_groups")
+            if p.grad.layout != torch.strided:
+                raise RuntimeError(
+                    f"Muon: parameter {r.name!r} has a sparse gradient ({p.grad.layout}); Muon and "
+                    "its AdamW fallback need dense gradients (e.g. nn.Embedding(sparse=False))")
+            with_grad.append((p, r.route == "muon"))
+        for p, is_muon in with_grad:
+            state = self.state[p]
+            keys = ("momentum_buffer",) if is_muon else ("exp_avg", "exp_avg_sq")
+            fresh = keys[0] not in state
             for k in keys:
-                state[k] = 0 if k == "step" else torch.zeros_like(
-                    p, dtype=_state_dtype(p, k), memory_format=torch.preserve_format)
-        elif "step" in keys and "step" not in state:
-            # A momentum buffer from an older xpopt or torch.optim.Muon: its
-            # age is unknown, so treat it as warmed up (bias correction 1).
-            state["step"] = _WARM_STEP
-        return state
+                if k not in state:
+                    state[k] = torch.zeros_like(p, dtype=_state_dtype(p, k), memory_format=torch.preserve_format)
+            step = state.get("step")
+            if step is None:
+                # A momentum buffer from torch.optim.Muon (or set by hand): its age is
+                # unknown, so treat it as warmed up (adaptive's bias correction 1).
+                state["step"] = _step_tensor(p, 0 if fresh else _WARM_STEP)
+            elif not isinstance(step, torch.Tensor) or step.device != p.device or step.dtype != _step_dtype(p):
+                state["step"] = _step_tensor(p, step)
+            if is_muon:
+                muon_params.append(p)
+                muon_grads.append(p.grad)
+                muon_bufs.append(state["momentum_buffer"])
+                muon_steps.append(state["step"])
+            else:
+                fb_params.append(p)
+                fb_grads.append(p.grad)
+                fb_exp_avgs.append(state["exp_avg"])
+                fb_exp_avg_sqs.append(state["exp_avg_sq"])
+                fb_steps.append(state["step"])
+            # core looks the array namespace up by type: fill that cache here,
+            # eagerly (the first lookup imports a backend, which dynamo cannot trace).
+            namespace(p.grad, names=("grad",))
+        return False
 
     @staticmethod
     def _apply(p: torch.Tensor, direction: torch.Tensor, lr, wd) -> None:
@@ -398,61 +490,43 @@ class Muon(torch.optim.Optimizer):
         if target is not p:
             p.copy_(target)
 
-    def _muon_group(self, group: dict, params: list) -> None:
-        updates, steps = [], []
-        for p in params:
-            state = self._state(p, ("step", "momentum_buffer"))
-            state["step"] += 1
-            steps.append(state["step"])
-            buf = state["momentum_buffer"]
-            new_buf, u = momentum_update(buf, p.grad.to(buf.dtype), momentum=group["momentum"],
-                                         nesterov=group["nesterov"], form=group["momentum_form"])
+    def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
+        mu = group["momentum"]
+        nesterov, form = group["nesterov"], group["momentum_form"]
+        torch._foreach_add_(steps, 1.0)
+        updates = []
+        for g, buf in zip(grads, bufs):
+            new_buf, u = momentum_update(buf, g.to(buf.dtype), momentum=mu, nesterov=nesterov, form=form)
             buf.copy_(new_buf)
             updates.append(u)
         ns_dtype = group["ns_dtype"]
-        if ns_dtype == "auto":
-            ns_dtype = "bfloat16" if _torch_backend.has_native_bf16(params[0]) else None
-        if _is_bf16(ns_dtype) and not self._warned_bf16 \
-                and not _torch_backend.has_native_bf16(params[0]):
-            self._warned_bf16 = True
-            warnings.warn(
-                f"Muon: ns_dtype=bfloat16 on {params[0].device.type}, which has no native bf16 matmul "
-                "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
-                "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
-                UserWarning, stacklevel=3)
+        if isinstance(ns_dtype, str) and ns_dtype == "auto":
+            ns_dtype = "bfloat16" if self._native_bf16 else None
         rms = DEFAULT_RMS if group["consistent_rms"] is None else group["consistent_rms"]
-        common = dict(
-            conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
-            adjust_lr_fn=group["adjust_lr_fn"], rms=rms, coefficients=group["ns_coefficients"],
+        directions = orthogonalized_updates(
+            updates, batch=group["batched"], conv_mode=group["conv_mode"],
+            normalize_spatial=group["normalize_spatial"], adjust_lr_fn=group["adjust_lr_fn"], rms=rms,
+            adaptive=group["adaptive"], debias=1.0, coefficients=group["ns_coefficients"],
             steps=group["ns_steps"], eps=group["eps"], safety_factor=group["safety_factor"],
             compute_dtype=ns_dtype, preconditioning=group["preconditioning"])
-        if group["adaptive"] and len(set(steps)) > 1:
-            # parameters added at different times have different bias corrections
-            directions = [orthogonalized_updates(
-                [u], batch=False, adaptive=True, debias=self._debias(group, t), **common)[0]
-                for u, t in zip(updates, steps)]
-        else:
-            directions = orthogonalized_updates(
-                updates, batch=group["batched"], adaptive=group["adaptive"],
-                debias=self._debias(group, steps[0]) if group["adaptive"] else 1.0, **common)
-        for p, d in zip(params, directions):
-            self._apply(p, d, _scalar(group["lr"]), group["weight_decay"])
+        lr, wd = _scalar(group["lr"]), group["weight_decay"]
+        for p, d, t in zip(params, directions, steps):
+            if group["adaptive"]:
+                # each param's own bias correction (params added or loaded at
+                # different times have different step counts)
+                d = d * debias_factor(mu, t, nesterov=nesterov, form=form)
+            self._apply(p, d, lr, wd)
 
-    @staticmethod
-    def _debias(group: dict, step: int) -> float:
-        return debias_factor(group["momentum"], step, nesterov=group["nesterov"], form=group["momentum_form"])
-
-    def _fallback_group(self, group: dict, params: list) -> None:
-        beta1, beta2 = check_betas(group["betas"])
+    def _fallback_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
+                        steps: list) -> None:
+        beta1, beta2 = group["betas"]
         lr = _scalar(group["lr"] if group["fallback_lr"] is None else group["fallback_lr"])
         wd = group["weight_decay"] if group["fallback_weight_decay"] is None else group["fallback_weight_decay"]
-        for p in params:
-            state = self._state(p, ("step", "exp_avg", "exp_avg_sq"))
-            state["step"] += 1
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            direction, new_m, new_v = adam_update(
-                p.grad.to(m.dtype), m, v, state["step"], beta1=beta1, beta2=beta2,
-                eps=group["fallback_eps"], nesterov=group["fallback"] == "nadamw")
+        eps, nesterov = group["fallback_eps"], group["fallback"] == "nadamw"
+        torch._foreach_add_(steps, 1.0)
+        for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            direction, new_m, new_v = adam_update(g.to(m.dtype), m, v, t, beta1=beta1, beta2=beta2, eps=eps,
+                                                  nesterov=nesterov)
             m.copy_(new_m)
             v.copy_(new_v)
             self._apply(p, direction, lr, wd)
@@ -477,8 +551,9 @@ class Muon(torch.optim.Optimizer):
         every user pre-hook produced, validates it against this optimizer's
         routing and keeps it; a post-hook, run first, re-copies its floating
         tensors in the right dtype.  Loaded state is copied, never shared with
-        ``state_dict``.  An int ``step`` (ours) or 0-d tensor (torch/timm) is
-        kept as an int.
+        ``state_dict``.  A ``step`` saved as an int (older xpopt) or a tensor
+        (ours, torch, timm) becomes a 0-d tensor on the param's device; a
+        momentum buffer without one gets a large count (warmed up).
         """
         kept = [{k: g[k] for k in _CONSTRUCTION_ONLY if k in g} for g in self.param_groups]
         box: dict = {}
@@ -491,6 +566,7 @@ class Muon(torch.optim.Optimizer):
             opt._recast_loaded(box["sd"])
             for g, kv in zip(opt.param_groups, kept):
                 g.update(kv)
+            opt._warn_emulated_bf16()
 
         h_pre = self.register_load_state_dict_pre_hook(pre)
         h_post = self.register_load_state_dict_post_hook(post, prepend=True)
@@ -520,7 +596,12 @@ class Muon(torch.optim.Optimizer):
                     "the same routing options (fallback_filter, use_fallback/use_muon, min_dim_size, "
                     "max_aspect_ratio) as the one that saved the state")
             for k, v in st.items():
-                if k != "step" and (not isinstance(v, torch.Tensor) or tuple(v.shape) != r.shape):
+                if k == "step":
+                    if not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+                        raise ValueError(
+                            f"Muon.load_state_dict: state 'step' of parameter {r.name!r} is {v!r}; "
+                            "expected a number or a 1-element tensor")
+                elif not isinstance(v, torch.Tensor) or tuple(v.shape) != r.shape:
                     raise ValueError(
                         f"Muon.load_state_dict: state {k!r} of parameter {r.name!r} has shape "
                         f"{tuple(getattr(v, 'shape', ()))}, expected {r.shape}; the state dict comes "
@@ -531,13 +612,26 @@ class Muon(torch.optim.Optimizer):
             live = self.state[p]
             for k, v in st.items():
                 if k == "step":
-                    live[k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                    live[k] = _step_tensor(p, v)
                 elif isinstance(v, torch.Tensor):
                     live[k] = v.to(device=p.device, dtype=_state_dtype(p, k), copy=True)
+            if "step" not in live:
+                live["step"] = _step_tensor(p, _WARM_STEP)
 
     # torch pickles only defaults/state/param_groups; keep the routing too.
     def __getstate__(self) -> dict:
         s = super().__getstate__()
         s.update(_routes=self._routes, _device=self._device, _device_owner=self._device_owner,
-                 _warned_bf16=self._warned_bf16)
+                 _native_bf16=self._native_bf16, _warned_bf16=self._warned_bf16)
         return s
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside xpopt and torch.optim."""
+    import sys
+
+    level, f = 1, sys._getframe(1)
+    while f is not None and (f.f_code.co_filename == __file__ or "torch/optim" in f.f_code.co_filename.replace("\\", "/")):
+        level += 1
+        f = f.f_back
+    return level
