@@ -44,6 +44,13 @@ torch conventions:
 * ``lr`` and ``fallback_lr`` may be 1-element float tensors (torch.optim's
   convention; a multi-element one is a ``ValueError``).  LR schedulers write
   them in place (``fill_``); the step never reads their value on the host.
+* LR schedulers with ``cycle_momentum=True`` (``OneCycleLR``, ``CyclicLR``)
+  cycle ``betas[0]``, because our defaults contain ``betas``, and mark the
+  group with ``max_momentum`` / ``base_momentum``.  While those marks are
+  present, Muon's momentum is ``betas[0]`` too (the scheduler's value, as
+  ``torch.optim.Muon``'s ``momentum`` would be); ``group["momentum"]`` is
+  then not read.  Without the marks ``momentum`` is Muon's and ``betas[0]``
+  the fallback's, as set.
 * ``torch.compile(opt.step, fullgraph=True)`` traces one graph: routing,
   state creation and checks live in ``_init_group``, which dynamo runs
   eagerly (as for torch.optim's optimizers); ``step`` counts are 0-d
@@ -187,6 +194,21 @@ def _is_on(x) -> bool:
     return True if isinstance(x, torch.Tensor) else bool(x)
 
 
+def _momentum_scheduled(group: dict) -> bool:
+    """True while an LR scheduler with ``cycle_momentum=True`` drives the group.
+
+    ``OneCycleLR`` / ``CyclicLR`` cycle ``betas[0]`` of an optimizer whose
+    defaults contain ``betas`` (ours do, for the fallback) and mark the group
+    with ``max_momentum`` / ``base_momentum``; Muon's momentum then follows
+    ``betas[0]`` too, as ``torch.optim.Muon``'s ``momentum`` would.
+    """
+    return "max_momentum" in group and "base_momentum" in group
+
+
+def _muon_momentum(group: dict):
+    return group["betas"][0] if _momentum_scheduled(group) else group["momentum"]
+
+
 def _step_dtype(p: torch.Tensor) -> torch.dtype:
     # float32 counts exactly to 2**24 (16.7M steps), as torch.optim's tensor steps.
     return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
@@ -238,7 +260,9 @@ class Muon(torch.optim.Optimizer):
         AdamW / NAdamW used for non-Muon params. ``fallback_lr`` is a fixed
         number or 1-element tensor: LR schedulers only change ``lr``; to
         schedule a separate fallback LR, put those params in their own group
-        (``use_fallback=True``) with its own ``lr``.
+        (``use_fallback=True``) with its own ``lr``.  A scheduler with
+        ``cycle_momentum=True`` drives ``betas[0]`` and, through it, Muon's
+        momentum (module docstring).
       min_dim_size, max_aspect_ratio: ``core.muon.suitability`` thresholds.
       verbose: log one INFO line per parameter (name, shape, route, reason) on
         the ``"xpopt"`` logger when it is routed.
@@ -491,7 +515,7 @@ class Muon(torch.optim.Optimizer):
             p.copy_(target)
 
     def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
-        mu = group["momentum"]
+        mu = _muon_momentum(group)
         nesterov, form = group["nesterov"], group["momentum_form"]
         torch._foreach_add_(steps, 1.0)
         updates = []

@@ -168,6 +168,75 @@ def test_tensor_lr_state_dict_round_trip():
     assert float(new.param_groups[0]["lr"]) == pytest.approx(0.005)
 
 
+# ======================================================== 2. momentum schedulers
+
+SCHEDULERS = {
+    # defaults: cycle_momentum=True, base_momentum 0.85, max_momentum 0.95
+    "OneCycleLR": lambda opt, steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps),
+    # defaults: cycle_momentum=True, base_momentum 0.8, max_momentum 0.9
+    "CyclicLR": lambda opt, steps: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.005, max_lr=0.05,
+                                                                     step_size_up=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_cycle_momentum_drives_muon_momentum(name):
+    """With ``cycle_momentum`` the scheduler's momentum reaches Muon (and the fallback's beta1).
+
+    Reference: no scheduler, and before every step ``lr``, ``momentum`` and
+    ``betas[0]`` set by hand to the values the scheduler produced.  The same
+    arithmetic on the same inputs: the trajectories must be bitwise equal.
+    """
+    steps = 8
+    grads = grad_seq(steps=steps)
+    params = make_params()
+    opt = Muon(params, weight_decay=0.05)
+    sched = SCHEDULERS[name](opt, steps)
+    group = opt.param_groups[0]
+    assert "max_momentum" in group and "base_momentum" in group  # torch's marks
+    seen = []
+    scheduled = train(opt, params, grads, before_step=lambda t: seen.append((group["lr"], group["betas"])),
+                      after_step=lambda t: sched.step())
+    mus = [b[0] for _, b in seen]
+    assert len(set(mus)) >= 3, mus                                # the momentum really cycled
+
+    def by_hand(fixed_mu=None):
+        ps = make_params()
+        o = Muon(ps, weight_decay=0.05)
+        g = o.param_groups[0]
+
+        def set_values(t):
+            lr, betas = seen[t]
+            g["lr"], g["betas"] = lr, betas
+            g["momentum"] = betas[0] if fixed_mu is None else fixed_mu
+        return train(o, ps, grads, before_step=set_values)
+
+    manual = by_hand()
+    for t, (a_t, b_t) in enumerate(zip(scheduled, manual)):
+        for i, (a, b) in enumerate(zip(a_t, b_t)):
+            assert torch.equal(a, b), (t, SHAPES[i], float((a - b).abs().max()))
+    # The control: Muon's momentum left at 0.95 (what happened before) is a
+    # different trajectory, far outside float32 noise.
+    fixed = by_hand(fixed_mu=0.95)
+    assert trajectory_error(fixed, scheduled) > 100 * F32_TRAJ_TOL
+
+
+def test_momentum_without_cycle_momentum_is_the_groups_own():
+    # cycle_momentum=False leaves no marks: ``momentum`` is Muon's, ``betas`` the fallback's.
+    params = make_params()
+    opt = Muon(params, momentum=0.9, betas=(0.8, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4, cycle_momentum=False)
+    group = opt.param_groups[0]
+    assert "max_momentum" not in group and group["betas"] == (0.8, 0.99)
+    ref_params = make_params()
+    ref = Muon(ref_params, momentum=0.9, betas=(0.8, 0.99))
+    grads = grad_seq(steps=4)
+    seen = []
+    a = train(opt, params, grads, before_step=lambda t: seen.append(group["lr"]), after_step=lambda t: sched.step())
+    b = train(ref, ref_params, grads, before_step=lambda t: ref.param_groups[0].update(lr=seen[t]))
+    assert all(torch.equal(x, y) for xt, yt in zip(a, b) for x, y in zip(xt, yt))
+
+
 # ================================================================ 3. compile
 
 def _counting_backend(name):
