@@ -61,6 +61,12 @@ torch conventions:
   ``opt.step`` before building the scheduler for ``fullgraph=True``, or
   compile it after without ``fullgraph`` (the wrapper runs eagerly, the step
   is still one graph).
+* ``load_state_dict``: the checkpoint's hyperparameters win (torch's rule);
+  options a checkpoint's group lacks (an older xpopt, ``torch.optim.Muon``)
+  keep this optimizer's values; every group is validated before anything
+  loads.  A ``torch.optim.Muon`` checkpoint loads directly (its
+  ``adjust_lr_fn=None`` is ``"original"``, its buffers are EMA momentum);
+  :func:`torch_optim_state_dict` merges it with an AdamW checkpoint.
 
 Non-finite gradients: there is no implicit check (it would force a device
 sync every step, which ``torch.optim`` avoids too).  A NaN or Inf in a
@@ -75,7 +81,7 @@ from __future__ import annotations
 import logging
 import numbers
 import warnings
-from itertools import chain
+from itertools import chain, count
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -93,7 +99,7 @@ from ..core.muon import (
 )
 from . import _common as C
 
-__all__ = ["Muon", "Route"]
+__all__ = ["Muon", "Route", "torch_optim_state_dict"]
 
 _logger = logging.getLogger("xpopt")
 
@@ -566,30 +572,38 @@ class Muon(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, but state keeps its own dtype (float32 for bf16/f16 params).
+        """torch's load, completed and validated; state keeps its own dtype.
 
-        torch's ``Optimizer._process_value_according_to_param_policy`` casts
-        floating state to the param dtype, and is called through the base class
-        (``Optimizer._process_...``), so overriding it has no effect.  Instead a
-        pre-hook, registered last for this call so that it sees the state dict
-        every user pre-hook produced, validates it against this optimizer's
-        routing and keeps it; a post-hook, run first, re-copies its floating
-        tensors in the right dtype.  Loaded state is copied, never shared with
-        ``state_dict``.  A ``step`` saved as an int (older xpopt) or a tensor
-        (ours, torch, timm) becomes a 0-d tensor on the param's device; a
-        momentum buffer without one gets a large count (warmed up).
+        Options: the checkpoint's values win (torch's rule: loading restores
+        hyperparameters); an option the checkpoint's group lacks (saved by an
+        older xpopt, or by ``torch.optim.Muon``) keeps this optimizer's value
+        for that group.  ``adjust_lr_fn=None`` (torch.optim.Muon) means
+        ``"original"``; a group without ``momentum_form`` holds EMA buffers
+        (torch.optim.Muon's form, and every xpopt checkpoint has the key).
+        Every completed group is validated like a new one before anything is
+        loaded.  Routing is this optimizer's: state must fit it.
+
+        State: torch's ``Optimizer._process_value_according_to_param_policy``
+        casts floating state to the param dtype (it is called through the base
+        class, so overriding it has no effect).  Instead a pre-hook, registered
+        last for this call so that it sees the state dict every user pre-hook
+        produced, completes and validates it; a post-hook, run first, re-copies
+        its tensors in the right dtype (float32 for bf16/f16 params).  Loaded
+        state is copied, never shared with ``state_dict``.  A ``step`` saved as
+        an int (older xpopt) or a tensor (ours, torch, timm) becomes a 0-d tensor
+        on the param's device; a momentum buffer without one gets a large count
+        (warmed up).
         """
-        kept = [{k: g[k] for k in _CONSTRUCTION_ONLY if k in g} for g in self.param_groups]
         box: dict = {}
 
         def pre(opt, sd):
-            box["sd"] = sd
+            sd = opt._complete_loaded(sd)
             opt._validate_loaded(sd)
+            box["sd"] = sd
+            return sd
 
         def post(opt):
             opt._recast_loaded(box["sd"])
-            for g, kv in zip(opt.param_groups, kept):
-                g.update(kv)
             opt._warn_emulated_bf16()
 
         h_pre = self.register_load_state_dict_pre_hook(pre)
@@ -599,6 +613,27 @@ class Muon(torch.optim.Optimizer):
         finally:
             h_pre.remove()
             h_post.remove()
+
+    def _complete_loaded(self, sd: dict) -> dict:
+        saved = sd.get("param_groups")
+        if not isinstance(saved, list) or len(saved) != len(self.param_groups):
+            return sd  # torch raises its own error for this right after the pre-hooks
+        groups = []
+        for g, (s, live) in enumerate(zip(saved, self.param_groups)):
+            s = dict(s)
+            if "adjust_lr_fn" in s and s["adjust_lr_fn"] is None:
+                s["adjust_lr_fn"] = "original"     # torch.optim.Muon: None means Keller Jordan's rule
+            s.setdefault("momentum_form", "ema")   # torch.optim.Muon's buffers (xpopt always saves it)
+            for k, v in live.items():
+                if k in _CONSTRUCTION_ONLY:
+                    s[k] = v                       # never saved (not picklable): the live one
+                elif k not in ("params", "param_names"):
+                    s.setdefault(k, v)
+            _check_options(s, f"param group {g} of the loaded state_dict")
+            groups.append(s)
+        sd = dict(sd)
+        sd["param_groups"] = groups
+        return sd
 
     def _loaded_pairs(self, sd):
         saved_groups = sd["param_groups"]
@@ -642,12 +677,111 @@ class Muon(torch.optim.Optimizer):
             if "step" not in live:
                 live["step"] = _step_tensor(p, _WARM_STEP)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups of an older pickle lack newer options: the defaults fill them
+        # (what torch.optim.AdamW does for its own additions).
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        if getattr(self, "_native_bf16", None) is None:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            self._native_bf16 = None if first is None else bool(_torch_backend.has_native_bf16(first))
+
     # torch pickles only defaults/state/param_groups; keep the routing too.
     def __getstate__(self) -> dict:
         s = super().__getstate__()
         s.update(_routes=self._routes, _device=self._device, _device_owner=self._device_owner,
                  _native_bf16=self._native_bf16, _warned_bf16=self._warned_bf16)
         return s
+
+
+#: Keys of a torch.optim.Muon param group (torch >= 2.9).
+_TORCH_MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps",
+                    "adjust_lr_fn")
+#: torch.optim.AdamW group keys with no xpopt counterpart (their values must be the defaults).
+_ADAMW_ONLY = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+               "decoupled_weight_decay")
+
+
+def torch_optim_state_dict(muon: dict, adamw: Optional[dict] = None) -> dict:
+    """One state dict for :class:`Muon` from ``torch.optim.Muon``'s (and ``torch.optim.AdamW``'s).
+
+    torch.optim.Muon takes 2-D params only, so a torch run usually pairs it
+    with an AdamW for the rest.  To continue such a run with xpopt, build
+    ``Muon`` with the same param groups in the same order, torch.optim.Muon's
+    first, then AdamW's with ``use_fallback=True``, and load the result::
+
+        opt = Muon([{"params": matrices}, {"params": others, "use_fallback": True}],
+                   ns_dtype=torch.bfloat16)     # torch.optim.Muon's NS dtype
+        opt.load_state_dict(torch_optim_state_dict(ckpt["muon"], ckpt["adamw"]))
+
+    With a torch.optim.Muon checkpoint alone (and a ``Muon`` over the same
+    params) ``opt.load_state_dict(ckpt)`` is enough; this function adds the
+    AdamW part.  Param ids are renumbered (Muon's first).  Muon groups are
+    passed through (``load_state_dict`` reads their ``adjust_lr_fn=None`` as
+    ``"original"`` and their buffers as EMA momentum); each AdamW group
+    becomes a fallback group: ``eps`` -> ``fallback_eps``, ``lr`` and
+    ``weight_decay`` used as they are (``fallback_lr`` / ``fallback_weight_decay``
+    None), ``fallback="adamw"``, ``use_fallback=True``; its ``step`` /
+    ``exp_avg`` / ``exp_avg_sq`` are the fallback's state.  AdamW options
+    xpopt lacks (``amsgrad``, ``maximize``) must be off, and a
+    ``torch.optim.Adam`` state (L2, not decoupled weight decay) needs
+    ``weight_decay=0``.  As with any load, the checkpoint's hyperparameters
+    win; options it lacks (``ns_dtype``, ``batched``, ...) keep the new
+    optimizer's values.
+    """
+    groups: list = []
+    state: dict = {}
+    new_ids = count()
+
+    def take(sd, what, translate):
+        if not (isinstance(sd, dict) and isinstance(sd.get("param_groups"), list) and "state" in sd):
+            raise TypeError(f"torch_optim_state_dict: {what} must be a state_dict() (a dict with 'state' "
+                            f"and 'param_groups'), got {type(sd).__name__}")
+        ids = {}
+        for g, group in enumerate(sd["param_groups"]):
+            new = translate(dict(group), f"{what} param group {g}")
+            new["params"] = []
+            for i in group["params"]:
+                ids[i] = next(new_ids)
+                new["params"].append(ids[i])
+            groups.append(new)
+        for i, st in sd["state"].items():
+            if i not in ids:
+                raise ValueError(f"torch_optim_state_dict: {what} has state for param id {i!r}, which no "
+                                 "param group lists; pass the optimizer's state_dict() unchanged")
+            state[ids[i]] = st
+
+    def from_muon(g, where):
+        missing = [k for k in _TORCH_MUON_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"torch_optim_state_dict: {where} lacks {missing}; is it a torch.optim.Muon "
+                             "state_dict()?")
+        return g
+
+    def from_adamw(g, where):
+        for k in ("amsgrad", "maximize"):
+            if g.get(k):
+                raise ValueError(f"torch_optim_state_dict: {where} has {k}=True, which xpopt's AdamW "
+                                 "fallback does not implement")
+        if g.get("decoupled_weight_decay") is False and g.get("weight_decay", 0):
+            raise ValueError(f"torch_optim_state_dict: {where} is torch.optim.Adam with weight_decay="
+                             f"{g['weight_decay']} (L2 added to the gradient); xpopt's fallback decays "
+                             "decoupled (AdamW): take it over only with weight_decay=0")
+        missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in g]
+        if missing:
+            raise ValueError(f"torch_optim_state_dict: {where} lacks {missing}; is it a torch.optim.AdamW "
+                             "state_dict()?")
+        out = {k: v for k, v in g.items() if k not in _ADAMW_ONLY and k != "eps"}
+        out.update(fallback_eps=g["eps"], fallback_lr=None, fallback_weight_decay=None, fallback="adamw",
+                   use_fallback=True)
+        return out
+
+    take(muon, "muon", from_muon)
+    if adamw is not None:
+        take(adamw, "adamw", from_adamw)
+    return {"state": state, "param_groups": groups}
 
 
 def _user_stacklevel() -> int:
