@@ -553,3 +553,82 @@ def check_decay_flag(flag, where: str) -> bool:
     if getattr(flag, "shape", None) == () and dtype_name(getattr(flag, "dtype", "")) == "bool":
         return bool(flag)
     raise TypeError(f"weight_decay_mask for {where} is {flag!r}; use True or False")
+
+
+# =========================================================================== options held in a mapping
+# Added for adapters/torch.py (issue 11, item 6).  torch keeps an optimizer's
+# options in param-group dicts, so it validates one whole mapping at a time
+# (the constructor's defaults, each added group, each loaded group) through
+# the shared validators above.  This block is kept at the end of the file so
+# that edits above it and here merge independently.
+
+
+class GroupOptions(NamedTuple):
+    """The validated options of one param group (or of an optimizer's defaults)."""
+
+    muon: MuonOptions
+    fallback: FallbackOptions
+    lr: Any
+    fallback_lr: Any
+    weight_decay: Any
+    fallback_weight_decay: Any
+    min_dim_size: int
+    max_aspect_ratio: float
+
+
+def _check_value(value, argname: str, *, optional: bool = False):
+    """A number >= 0 or a 0-d array (None too if ``optional``); schedules are not values."""
+    if optional and value is None:
+        return None
+    if callable(value) and not is_array_scalar(value):
+        raise TypeError(f"{argname}={value!r} is a callable; a param group holds a value "
+                        "(a number or a 0-d array): schedule it with a scheduler instead")
+    return check_hyper(value, argname)
+
+
+def group_options(o, where: str, *, owner: str = "Muon", flags: Sequence[str] = (),
+                  optional_flags: Sequence[str] = (), callables=()) -> GroupOptions:
+    """Validate a mapping holding every shared option (names as in ``docs/adapters.md``).
+
+    ``lr`` and ``weight_decay`` are numbers >= 0 or 0-d arrays, and so are
+    ``fallback_lr`` / ``fallback_weight_decay`` (or None); the Muon, fallback
+    and routing options go through :func:`muon_options`,
+    :func:`fallback_options` and :func:`check_routing_options`.  An adapter's
+    own keys can be checked too: ``flags`` (True/False), ``optional_flags``
+    (True/False or absent/None) and ``callables`` (None or a callable; a
+    mapping ``{key: "its signature"}`` puts the signature in the message).
+
+    Every error keeps its type (``TypeError`` / ``ValueError``) and reads
+    ``"{owner}: {shared message} ({where})"``: the shared message names the
+    option, its value and what is allowed, ``where`` names the group.
+    """
+    try:
+        lr = _check_value(o["lr"], "lr")
+        fallback_lr = _check_value(o["fallback_lr"], "fallback_lr", optional=True)
+        weight_decay = _check_value(o["weight_decay"], "weight_decay")
+        fallback_weight_decay = _check_value(o["fallback_weight_decay"], "fallback_weight_decay", optional=True)
+        muon = muon_options(
+            momentum=o["momentum"], nesterov=o["nesterov"], momentum_form=o["momentum_form"],
+            ns_coefficients=o["ns_coefficients"], ns_steps=o["ns_steps"], eps=o["eps"],
+            safety_factor=o["safety_factor"], adjust_lr_fn=o["adjust_lr_fn"], conv_mode=o["conv_mode"],
+            normalize_spatial=o["normalize_spatial"], ns_dtype=o["ns_dtype"], batched=o["batched"],
+            preconditioning=o["preconditioning"], adaptive=o["adaptive"],
+            consistent_rms=o["consistent_rms"])
+        fallback = fallback_options(fallback=o["fallback"], betas=o["betas"], fallback_eps=o["fallback_eps"])
+        min_dim_size, max_aspect_ratio = check_routing_options(o["min_dim_size"], o["max_aspect_ratio"])
+        for key in flags:
+            _check_bool(o[key], key)
+        for key in optional_flags:
+            if o.get(key) is not None:
+                _check_bool(o[key], key)
+        for key in callables:
+            if o.get(key) is not None and not callable(o[key]):
+                sig = f" {callables[key]}" if isinstance(callables, dict) else ""
+                raise TypeError(f"{key}={o[key]!r} must be None or a callable{sig}")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{owner}: {e} ({where})") from None
+    return GroupOptions(muon, fallback, lr, fallback_lr, weight_decay, fallback_weight_decay,
+                        min_dim_size, max_aspect_ratio)
+
+
+__all__ += ["GroupOptions", "group_options"]

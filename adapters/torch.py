@@ -39,6 +39,35 @@ Newton-Schulz in the state dtype (float32 for bf16/f16 parameters, else the
 parameter's dtype).  ``state_dict()`` / ``load_state_dict()`` keep those
 dtypes (torch's default load would cast float32 state down to bf16).
 
+torch conventions:
+
+* ``lr`` and ``fallback_lr`` may be 1-element float tensors (torch.optim's
+  convention; a multi-element one is a ``ValueError``).  LR schedulers write
+  them in place (``fill_``); the step never reads their value on the host.
+* LR schedulers with ``cycle_momentum=True`` (``OneCycleLR``, ``CyclicLR``)
+  cycle ``betas[0]``, because our defaults contain ``betas``, and mark the
+  group with ``max_momentum`` / ``base_momentum``.  While those marks are
+  present, Muon's momentum is ``betas[0]`` too (the scheduler's value, as
+  ``torch.optim.Muon``'s ``momentum`` would be); ``group["momentum"]`` is
+  then not read.  Without the marks ``momentum`` is Muon's and ``betas[0]``
+  the fallback's, as set.
+* ``torch.compile(opt.step, fullgraph=True)`` traces one graph: routing,
+  state creation and checks live in ``_init_group``, which dynamo runs
+  eagerly (as for torch.optim's optimizers); ``step`` counts are 0-d
+  tensors on the param's device (an int would recompile every step and be
+  baked into a CUDA graph); warnings are raised when params are added.  Use a
+  tensor ``lr`` so that schedulers do not recompile.  Every torch LR
+  scheduler wraps ``opt.step`` in a function dynamo will not trace: compile
+  ``opt.step`` before building the scheduler for ``fullgraph=True``, or
+  compile it after without ``fullgraph`` (the wrapper runs eagerly, the step
+  is still one graph).
+* ``load_state_dict``: the checkpoint's hyperparameters win (torch's rule);
+  options a checkpoint's group lacks (an older xpopt, ``torch.optim.Muon``)
+  keep this optimizer's values; every group is validated before anything
+  loads.  A ``torch.optim.Muon`` checkpoint loads directly (its
+  ``adjust_lr_fn=None`` is ``"original"``, its buffers are EMA momentum);
+  :func:`torch_optim_state_dict` merges it with an AdamW checkpoint.
+
 Non-finite gradients: there is no implicit check (it would force a device
 sync every step, which ``torch.optim`` avoids too).  A NaN or Inf in a
 gradient propagates into that parameter's state and value (for Muon, into
@@ -52,35 +81,30 @@ from __future__ import annotations
 import logging
 import numbers
 import warnings
-from itertools import chain
+from itertools import chain, count
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
 from ..backends import torch as _torch_backend
-from ..core.adam import adam_update, check_betas
+from ..core._xp import namespace
+from ..core.adam import adam_update
 from ..core.muon import (
-    ADJUST_LR_FNS,
-    CONV_MODES,
     DEFAULT_RMS,
-    MOMENTUM_FORMS,
     batch_groups,
-    check_momentum,
     debias_factor,
     matrix_shape,
     momentum_update,
     orthogonalized_updates,
     suitability,
 )
-from ..core.newton_schulz import PRECONDITIONINGS, resolve_coefficients
 from . import _common as C
 
-__all__ = ["Muon", "Route"]
+__all__ = ["Muon", "Route", "torch_optim_state_dict"]
 
 _logger = logging.getLogger("xpopt")
 
-FALLBACKS = ("adamw", "nadamw")
-_NS_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+FALLBACKS = C.FALLBACKS
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Options used only when parameters are routed (construction / add_param_group).
 # ``fallback_filter`` is usually a lambda, which cannot be pickled, so it is left
@@ -94,7 +118,7 @@ _WARM_STEP = 10**6
 
 
 def _ns_dtype_label(ns_dtype, p: torch.Tensor) -> str:
-    if ns_dtype == "auto":  # as core resolves it
+    if ns_dtype == "auto":  # as Muon._muon_group resolves it
         ns_dtype = "bfloat16" if not p.is_complex() and _torch_backend.has_native_bf16(p) else None
     if ns_dtype is None:
         return str(_state_dtype(p)).replace("torch.", "")
@@ -129,96 +153,79 @@ def _state_dtype(p: torch.Tensor, key: str = "") -> torch.dtype:
     return dt
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _is_bf16(ns_dtype) -> bool:
     return ns_dtype == "bfloat16" or ns_dtype is torch.bfloat16
 
 
+#: Hyperparameters that may be tensors (torch.optim's convention for ``lr``;
+#: a tensor keeps schedulers from recompiling a compiled step).
+_TENSOR_HYPERS = ("lr", "fallback_lr")
+
+
 def _check_options(o: dict, where: str) -> None:
-    """Validate one set of options (the defaults, or one param group)."""
+    """Validate one set of options (the defaults, one added group, one loaded group).
 
-    def fail(msg: str, exc=ValueError):
-        raise exc(f"Muon: {msg} ({where})")
+    torch's own convention first (a 1-element floating tensor ``lr`` /
+    ``fallback_lr``, checked for a value >= 0 here, once), then everything
+    through the validators shared with the optax / arrays adapters
+    (``adapters/_common.group_options``): errors read ``"Muon: <the shared
+    message naming the option and value> (<where>)"``.  ``step()`` validates
+    nothing.
+    """
+    probe = o
+    for key in _TENSOR_HYPERS:
+        v = o.get(key)
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.numel() != 1:
+            raise ValueError(f"Muon: Tensor {key} must be 1-element (as in torch.optim), got shape "
+                             f"{tuple(v.shape)} ({where})")
+        if not v.is_floating_point():
+            raise TypeError(f"Muon: {key}={v!r} must be a floating tensor, e.g. torch.tensor(0.02) ({where})")
+        if not float(v) >= 0:  # concrete here; a value check inside step() would sync
+            raise ValueError(f"Muon: {key} must be >= 0, got {float(v)!r} ({where})")
+        if probe is o:
+            probe = dict(o)
+        probe[key] = v.reshape(())  # the shared check takes 0-d arrays
+    C.group_options(probe, where, flags=("verbose",), optional_flags=("use_fallback", "use_muon"),
+                    callables={"fallback_filter": "(name, param) -> bool"})
 
-    def nonneg(key: str, optional: bool = False, what: str = ">= 0"):
-        v = o[key]
-        if optional and v is None:
-            return
-        if not _is_real(v):
-            fail(f"{key}={v!r} must be a real number {what}"
-                 + (" or None" if optional else ""), TypeError)
-        if not v >= 0:  # also rejects NaN
-            fail(f"{key}={v!r} is invalid: it must be {what}")
 
-    def flag(key: str):
-        if not isinstance(o[key], bool):
-            fail(f"{key}={o[key]!r} must be True or False", TypeError)
+def _scalar(x):
+    """A 1-element tensor hyperparameter as 0-d (broadcasts into any param); numbers unchanged."""
+    return x.reshape(()) if isinstance(x, torch.Tensor) and x.dim() else x
 
-    def choice(key: str, choices):
-        if o[key] not in choices:
-            fail(f"{key}={o[key]!r} is not valid; use one of {list(choices)}")
 
-    nonneg("lr")
-    nonneg("fallback_lr", optional=True)
-    try:
-        check_momentum(o["momentum"])
-    except ValueError as e:
-        fail(f"momentum={o['momentum']!r} is invalid: {e}; 0.95 is the usual value")
-    flag("nesterov")
-    choice("momentum_form", MOMENTUM_FORMS)
-    nonneg("weight_decay")
-    nonneg("fallback_weight_decay", optional=True)
-    steps = o["ns_steps"]
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
-        fail(f"ns_steps={steps!r} is invalid: it must be an integer >= 1, or None for the preset's own count")
-    try:
-        resolve_coefficients(o["ns_coefficients"], None if steps is None else int(steps))
-    except ValueError as e:
-        fail(f"ns_coefficients={o['ns_coefficients']!r} is invalid: {e}")
-    choice("preconditioning", PRECONDITIONINGS)
-    flag("adaptive")
-    try:
-        C.check_consistent_rms(o["consistent_rms"], o["adjust_lr_fn"])
-    except (TypeError, ValueError) as e:
-        fail(str(e), type(e))
-    nonneg("eps")
-    sf = o["safety_factor"]
-    if not _is_real(sf) or not sf > 0:
-        fail(f"safety_factor={sf!r} is invalid: it must be a real number > 0 (1.0, or 1.01 for Polar Express)")
-    choice("adjust_lr_fn", ADJUST_LR_FNS)
-    choice("conv_mode", CONV_MODES)
-    flag("normalize_spatial")
-    nd = o["ns_dtype"]
-    if not (nd is None or nd in _NS_DTYPE_NAMES or nd == "auto"
-            or (isinstance(nd, torch.dtype) and nd.is_floating_point and not nd.is_complex)):
-        fail(f"ns_dtype={nd!r} is invalid: use None, 'auto', one of {list(_NS_DTYPE_NAMES)} or a "
-             "floating torch.dtype")
-    try:
-        C.check_batched(o["batched"])
-    except ValueError as e:
-        fail(str(e))
-    choice("fallback", FALLBACKS)
-    try:
-        check_betas(o["betas"])
-    except ValueError as e:
-        fail(f"betas={o['betas']!r} is invalid: {e}; (0.9, 0.95) is the default")
-    nonneg("fallback_eps")
-    mds = o["min_dim_size"]
-    if isinstance(mds, bool) or not isinstance(mds, numbers.Integral) or mds < 1:
-        fail(f"min_dim_size={mds!r} is invalid: it must be an integer >= 1")
-    mar = o["max_aspect_ratio"]
-    if not _is_real(mar) or not mar >= 1:
-        fail(f"max_aspect_ratio={mar!r} is invalid: it must be a real number >= 1")
-    flag("verbose")
-    if o["fallback_filter"] is not None and not callable(o["fallback_filter"]):
-        fail(f"fallback_filter={o['fallback_filter']!r} must be None or a callable (name, param) -> bool",
-             TypeError)
-    for key in ("use_fallback", "use_muon"):
-        if o.get(key) is not None and not isinstance(o[key], bool):
-            fail(f"{key}={o[key]!r} must be True or False", TypeError)
+def _is_on(x) -> bool:
+    """False only for a Python zero: a tensor counts as on (no sync to look at it)."""
+    return True if isinstance(x, torch.Tensor) else bool(x)
+
+
+def _momentum_scheduled(group: dict) -> bool:
+    """True while an LR scheduler with ``cycle_momentum=True`` drives the group.
+
+    ``OneCycleLR`` / ``CyclicLR`` cycle ``betas[0]`` of an optimizer whose
+    defaults contain ``betas`` (ours do, for the fallback) and mark the group
+    with ``max_momentum`` / ``base_momentum``; Muon's momentum then follows
+    ``betas[0]`` too, as ``torch.optim.Muon``'s ``momentum`` would.
+    """
+    return "max_momentum" in group and "base_momentum" in group
+
+
+def _muon_momentum(group: dict):
+    return group["betas"][0] if _momentum_scheduled(group) else group["momentum"]
+
+
+def _step_dtype(p: torch.Tensor) -> torch.dtype:
+    # float32 counts exactly to 2**24 (16.7M steps), as torch.optim's tensor steps.
+    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _step_tensor(p: torch.Tensor, value) -> torch.Tensor:
+    """A step count as a 0-d tensor on ``p``'s device (compile- and CUDA-graph-friendly)."""
+    if isinstance(value, torch.Tensor):
+        value = float(value.item())
+    return torch.tensor(float(value), dtype=_step_dtype(p), device=p.device)
 
 
 class Muon(torch.optim.Optimizer):
@@ -229,7 +236,8 @@ class Muon(torch.optim.Optimizer):
         (``model.named_parameters()``), or of group dicts. A group may set any
         option below, plus ``use_fallback=True`` (send the whole group to the
         fallback) or ``use_muon=True/False`` (force the route; timm-compatible).
-      lr: Muon learning rate (also the fallback's unless ``fallback_lr``).
+      lr: Muon learning rate (also the fallback's unless ``fallback_lr``); a
+        number or a 1-element float tensor (for ``torch.compile``).
       momentum, nesterov, momentum_form: momentum coefficient in [0, 1),
         Nesterov look-ahead, ``"ema"`` (torch.optim / timm lerp form) or
         ``"classic"`` (``buf = mu*buf + g``).
@@ -259,9 +267,11 @@ class Muon(torch.optim.Optimizer):
         matrices up to 256x512 on CPUs), or True / False.
       fallback, fallback_lr, betas, fallback_eps, fallback_weight_decay: the
         AdamW / NAdamW used for non-Muon params. ``fallback_lr`` is a fixed
-        number: LR schedulers only change ``lr``; to schedule a separate
-        fallback LR, put those params in their own group (``use_fallback=True``)
-        with its own ``lr``.
+        number or 1-element tensor: LR schedulers only change ``lr``; to
+        schedule a separate fallback LR, put those params in their own group
+        (``use_fallback=True``) with its own ``lr``.  A scheduler with
+        ``cycle_momentum=True`` drives ``betas[0]`` and, through it, Muon's
+        momentum (module docstring).
       min_dim_size, max_aspect_ratio: ``core.muon.suitability`` thresholds.
       verbose: log one INFO line per parameter (name, shape, route, reason) on
         the ``"xpopt"`` logger when it is routed.
@@ -314,6 +324,10 @@ class Muon(torch.optim.Optimizer):
         self._routes: dict[torch.Tensor, Route] = {}
         self._device: Optional[torch.device] = None
         self._device_owner: str = ""
+        # Whether the params' device multiplies bf16 natively: decided once, with
+        # the first parameter (all params share one device), so that step()
+        # resolves ns_dtype="auto" without probing the device.
+        self._native_bf16: Optional[bool] = None
         self._warned_bf16 = False
         super().__init__(params, defaults)
 
@@ -349,11 +363,14 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._device, self._device_owner = device, owner
+        if self._native_bf16 is None and group["params"]:
+            self._native_bf16 = bool(_torch_backend.has_native_bf16(group["params"][0]))
         for p, r in zip(group["params"], routes):
             self._routes[p] = r
             if group["verbose"]:
                 _logger.info("xpopt Muon: %s shape=%s -> %s (%s)%s", r.name, r.shape, r.route, r.reason,
                              f" ns_dtype={r.ns_dtype}" if r.ns_dtype else "")
+        self._warn_emulated_bf16()
 
     @staticmethod
     def _decide(group, g, i, p, name, label) -> Route:
@@ -383,122 +400,174 @@ class Muon(torch.optim.Optimizer):
         """Every parameter's routing decision, in param-group order."""
         return [self._routes[p] for group in self.param_groups for p in group["params"]]
 
+    def _warn_emulated_bf16(self) -> None:
+        """One UserWarning per optimizer if Muon params run bf16 NS on a device that emulates it.
+
+        Checked when params are added or state is loaded, never in step():
+        ``warnings.warn`` inside a compiled step would break its graph.
+        """
+        if self._warned_bf16 or self._native_bf16 is not False:
+            return
+        for group in self.param_groups:
+            if _is_bf16(group["ns_dtype"]) and any(self._routes[p].route == "muon" for p in group["params"]):
+                self._warned_bf16 = True
+                warnings.warn(
+                    f"Muon: ns_dtype=bfloat16 on {self._device.type}, which has no native bf16 matmul "
+                    "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
+                    "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
+                    UserWarning, stacklevel=_user_stacklevel())
+                return
+
     # ------------------------------------------------------------------- step
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimisation step; returns the closure's loss (None without one)."""
+        """One optimisation step; returns the closure's loss (None without one).
+
+        Compiles as one graph: ``torch.compile(opt.step, fullgraph=True)``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every gradient before touching any parameter, so an error
-        # leaves the model and the state as they were.
-        plan = []
+        # Collect (and check) every group before touching any parameter, so an
+        # error leaves the model and the step counts as they were.
+        work = []
         for group in self.param_groups:
-            muon, fallback = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                r = self._routes.get(p)
-                if r is None:
-                    raise RuntimeError(
-                        "Muon: a parameter in param_groups was never routed; add parameters with "
-                        "add_param_group(), not by editing param_groups")
-                if p.grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"Muon: parameter {r.name!r} has a sparse gradient ({p.grad.layout}); Muon and "
-                        "its AdamW fallback need dense gradients (e.g. nn.Embedding(sparse=False))")
-                (muon if r.route == "muon" else fallback).append(p)
-            plan.append((group, muon, fallback))
-        for group, muon, fallback in plan:
-            if muon:
-                self._muon_group(group, muon)
-            if fallback:
-                self._fallback_group(group, fallback)
+            muon_params: list = []
+            muon_grads: list = []
+            muon_bufs: list = []
+            muon_steps: list = []
+            fb_params: list = []
+            fb_grads: list = []
+            fb_exp_avgs: list = []
+            fb_exp_avg_sqs: list = []
+            fb_steps: list = []
+            self._init_group(group, muon_params, muon_grads, muon_bufs, muon_steps,
+                             fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps)
+            work.append((group, muon_params, muon_grads, muon_bufs, muon_steps,
+                         fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps))
+        for group, mp, mg, mb, ms, fp, fg, fm, fv, fs in work:
+            if mp:
+                self._muon_group(group, mp, mg, mb, ms)
+            if fp:
+                self._fallback_group(group, fp, fg, fm, fv, fs)
         return loss
 
-    def _state(self, p: torch.Tensor, keys: tuple[str, ...]) -> dict:
-        state = self.state[p]
-        if not state:
+    def _init_group(self, group, muon_params, muon_grads, muon_bufs, muon_steps,
+                    fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps) -> bool:
+        """Fill the lists with the group's params that have gradients, and their state.
+
+        Bookkeeping only, no maths: state is created here on first use, routes
+        are looked up, gradients checked.  Under ``torch.compile`` dynamo runs
+        an optimizer's ``_init_group`` eagerly and guards on what it returns
+        (as for torch.optim's own optimizers), so the traced step holds only
+        the arithmetic.  Raises before creating any state of the group.
+        """
+        with_grad = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            r = self._routes.get(p)
+            if r is None:
+                raise RuntimeError(
+                    "Muon: a parameter in param_groups was never routed; add parameters with "
+                    "add_param_group(), not by editing param_groups")
+            if p.grad.layout != torch.strided:
+                raise RuntimeError(
+                    f"Muon: parameter {r.name!r} has a sparse gradient ({p.grad.layout}); Muon and "
+                    "its AdamW fallback need dense gradients (e.g. nn.Embedding(sparse=False))")
+            with_grad.append((p, r.route == "muon"))
+        for p, is_muon in with_grad:
+            state = self.state[p]
+            keys = ("momentum_buffer",) if is_muon else ("exp_avg", "exp_avg_sq")
+            fresh = keys[0] not in state
             for k in keys:
-                state[k] = 0 if k == "step" else torch.zeros_like(
-                    p, dtype=_state_dtype(p, k), memory_format=torch.preserve_format)
-        elif "step" in keys and "step" not in state:
-            # A momentum buffer from an older xpopt or torch.optim.Muon: its
-            # age is unknown, so treat it as warmed up (bias correction 1).
-            state["step"] = _WARM_STEP
-        return state
+                if k not in state:
+                    state[k] = torch.zeros_like(p, dtype=_state_dtype(p, k), memory_format=torch.preserve_format)
+            step = state.get("step")
+            if step is None:
+                # A momentum buffer from torch.optim.Muon (or set by hand): its age is
+                # unknown, so treat it as warmed up (adaptive's bias correction 1).
+                state["step"] = _step_tensor(p, 0 if fresh else _WARM_STEP)
+            elif not isinstance(step, torch.Tensor) or step.device != p.device or step.dtype != _step_dtype(p):
+                state["step"] = _step_tensor(p, step)
+            if is_muon:
+                muon_params.append(p)
+                muon_grads.append(p.grad)
+                muon_bufs.append(state["momentum_buffer"])
+                muon_steps.append(state["step"])
+            else:
+                fb_params.append(p)
+                fb_grads.append(p.grad)
+                fb_exp_avgs.append(state["exp_avg"])
+                fb_exp_avg_sqs.append(state["exp_avg_sq"])
+                fb_steps.append(state["step"])
+            # core looks the array namespace up by type: fill that cache here,
+            # eagerly (the first lookup imports a backend, which dynamo cannot trace).
+            namespace(p.grad, names=("grad",))
+        return False
 
     @staticmethod
-    def _apply(p: torch.Tensor, direction: torch.Tensor, lr: float, wd: float) -> None:
+    def _apply(p: torch.Tensor, direction: torch.Tensor, lr, wd) -> None:
         # W <- W * (1 - lr*wd) - lr * direction, in the state dtype: a bf16/f16
         # param is updated in float32 and rounded once.  The direction may be
-        # narrower (bf16 Newton-Schulz output): add_ widens it exactly.
+        # narrower (bf16 Newton-Schulz output): the update widens it exactly.
+        # ``lr`` is a number or a 0-d tensor (no sync: it stays a tensor).
         sd = _state_dtype(p)
         target = p if p.dtype == sd else p.to(sd)
-        if wd:
+        if _is_on(wd):
             target.mul_(1.0 - lr * wd)
-        target.add_(direction, alpha=-lr)
+        if isinstance(lr, torch.Tensor):
+            target.sub_(direction * lr)
+        else:
+            target.add_(direction, alpha=-lr)
         if target is not p:
             p.copy_(target)
 
-    def _muon_group(self, group: dict, params: list) -> None:
-        states = [self._state(p, ("step", "momentum_buffer")) for p in params]
-        ns_dtype = group["ns_dtype"]  # "auto" is resolved by core per matrix (complex stays complex)
-        if _is_bf16(ns_dtype) and not self._warned_bf16 \
-                and not _torch_backend.has_native_bf16(params[0]):
-            self._warned_bf16 = True
-            warnings.warn(
-                f"Muon: ns_dtype=bfloat16 on {params[0].device.type}, which has no native bf16 matmul "
-                "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
-                "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
-                UserWarning, stacklevel=3)
+    def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
+        mu = _muon_momentum(group)
+        nesterov, form = group["nesterov"], group["momentum_form"]
+        torch._foreach_add_(steps, 1.0)
+        ns_dtype = group["ns_dtype"]
+        # "auto" as core resolves it, from the device probe made once when the
+        # params were added (a probe in step() would not trace); complex stays complex.
+        auto = isinstance(ns_dtype, str) and ns_dtype == "auto"
         rms = DEFAULT_RMS if group["consistent_rms"] is None else group["consistent_rms"]
         common = dict(
             conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
-            adjust_lr_fn=group["adjust_lr_fn"], rms=rms, coefficients=group["ns_coefficients"],
-            steps=group["ns_steps"], eps=group["eps"], safety_factor=group["safety_factor"],
-            compute_dtype=ns_dtype, preconditioning=group["preconditioning"], cast_back=False)
-        bufs = [st["momentum_buffer"] for st in states]
-        # Momentum, Newton-Schulz and the update run group by group (a group is
-        # one matrix unless batching pays), so each matrix is still in cache for
-        # the next phase, as in torch.optim's per-parameter loop.
+            adjust_lr_fn=group["adjust_lr_fn"], rms=rms, adaptive=group["adaptive"], debias=1.0,
+            coefficients=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"],
+            safety_factor=group["safety_factor"], preconditioning=group["preconditioning"], cast_back=False)
+        lr, wd = _scalar(group["lr"]), group["weight_decay"]
+        # Momentum, Newton-Schulz and the update run batch group by batch group
+        # (one matrix unless batching pays), so each matrix is still in cache
+        # for the next phase, as in torch.optim's per-parameter loop.
         for idx in batch_groups(bufs, conv_mode=group["conv_mode"], batch=group["batched"]):
-            updates, steps = [], []
+            updates = []
             for i in idx:
-                states[i]["step"] += 1
-                steps.append(states[i]["step"])
-                _, u = momentum_update(bufs[i], params[i].grad.to(bufs[i].dtype), momentum=group["momentum"],
-                                       nesterov=group["nesterov"], form=group["momentum_form"], inplace=True)
+                _, u = momentum_update(bufs[i], grads[i].to(bufs[i].dtype), momentum=mu, nesterov=nesterov,
+                                       form=form, inplace=True)
                 updates.append(u)
-            if group["adaptive"] and len(set(steps)) > 1:
-                # parameters added at different times have different bias corrections
-                directions = [orthogonalized_updates(
-                    [u], batch=False, adaptive=True, debias=self._debias(group, t), **common)[0]
-                    for u, t in zip(updates, steps)]
-            else:
-                directions = orthogonalized_updates(
-                    updates, batch=True, adaptive=group["adaptive"],
-                    debias=self._debias(group, steps[0]) if group["adaptive"] else 1.0, **common)
+            cdt = ("bfloat16" if self._native_bf16 and not bufs[idx[0]].is_complex() else None) if auto else ns_dtype
+            directions = orthogonalized_updates(updates, batch=True, compute_dtype=cdt, **common)
             for i, d in zip(idx, directions):
-                self._apply(params[i], d, group["lr"], group["weight_decay"])
+                if group["adaptive"]:
+                    # each param's own bias correction (params added or loaded at
+                    # different times have different step counts)
+                    d = d * debias_factor(mu, steps[i], nesterov=nesterov, form=form)
+                self._apply(params[i], d, lr, wd)
 
-    @staticmethod
-    def _debias(group: dict, step: int) -> float:
-        return debias_factor(group["momentum"], step, nesterov=group["nesterov"], form=group["momentum_form"])
-
-    def _fallback_group(self, group: dict, params: list) -> None:
-        beta1, beta2 = check_betas(group["betas"])
-        lr = group["lr"] if group["fallback_lr"] is None else group["fallback_lr"]
+    def _fallback_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
+                        steps: list) -> None:
+        beta1, beta2 = group["betas"]
+        lr = _scalar(group["lr"] if group["fallback_lr"] is None else group["fallback_lr"])
         wd = group["weight_decay"] if group["fallback_weight_decay"] is None else group["fallback_weight_decay"]
-        for p in params:
-            state = self._state(p, ("step", "exp_avg", "exp_avg_sq"))
-            state["step"] += 1
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            direction, new_m, new_v = adam_update(
-                p.grad.to(m.dtype), m, v, state["step"], beta1=beta1, beta2=beta2,
-                eps=group["fallback_eps"], nesterov=group["fallback"] == "nadamw")
+        eps, nesterov = group["fallback_eps"], group["fallback"] == "nadamw"
+        torch._foreach_add_(steps, 1.0)
+        for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            direction, new_m, new_v = adam_update(g.to(m.dtype), m, v, t, beta1=beta1, beta2=beta2, eps=eps,
+                                                  nesterov=nesterov)
             m.copy_(new_m)
             v.copy_(new_v)
             self._apply(p, direction, lr, wd)
@@ -514,29 +583,39 @@ class Muon(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, but state keeps its own dtype (float32 for bf16/f16 params).
+        """torch's load, completed and validated; state keeps its own dtype.
 
-        torch's ``Optimizer._process_value_according_to_param_policy`` casts
-        floating state to the param dtype, and is called through the base class
-        (``Optimizer._process_...``), so overriding it has no effect.  Instead a
-        pre-hook, registered last for this call so that it sees the state dict
-        every user pre-hook produced, validates it against this optimizer's
-        routing and keeps it; a post-hook, run first, re-copies its floating
-        tensors in the right dtype.  Loaded state is copied, never shared with
-        ``state_dict``.  An int ``step`` (ours) or 0-d tensor (torch/timm) is
-        kept as an int.
+        Options: the checkpoint's values win (torch's rule: loading restores
+        hyperparameters); an option the checkpoint's group lacks (saved by an
+        older xpopt, or by ``torch.optim.Muon``) keeps this optimizer's value
+        for that group.  ``adjust_lr_fn=None`` (torch.optim.Muon) means
+        ``"original"``; a group without ``momentum_form`` holds EMA buffers
+        (torch.optim.Muon's form, and every xpopt checkpoint has the key).
+        Every completed group is validated like a new one before anything is
+        loaded.  Routing is this optimizer's: state must fit it.
+
+        State: torch's ``Optimizer._process_value_according_to_param_policy``
+        casts floating state to the param dtype (it is called through the base
+        class, so overriding it has no effect).  Instead a pre-hook, registered
+        last for this call so that it sees the state dict every user pre-hook
+        produced, completes and validates it; a post-hook, run first, re-copies
+        its tensors in the right dtype (float32 for bf16/f16 params).  Loaded
+        state is copied, never shared with ``state_dict``.  A ``step`` saved as
+        an int (older xpopt) or a tensor (ours, torch, timm) becomes a 0-d tensor
+        on the param's device; a momentum buffer without one gets a large count
+        (warmed up).
         """
-        kept = [{k: g[k] for k in _CONSTRUCTION_ONLY if k in g} for g in self.param_groups]
         box: dict = {}
 
         def pre(opt, sd):
-            box["sd"] = sd
+            sd = opt._complete_loaded(sd)
             opt._validate_loaded(sd)
+            box["sd"] = sd
+            return sd
 
         def post(opt):
             opt._recast_loaded(box["sd"])
-            for g, kv in zip(opt.param_groups, kept):
-                g.update(kv)
+            opt._warn_emulated_bf16()
 
         h_pre = self.register_load_state_dict_pre_hook(pre)
         h_post = self.register_load_state_dict_post_hook(post, prepend=True)
@@ -545,6 +624,27 @@ class Muon(torch.optim.Optimizer):
         finally:
             h_pre.remove()
             h_post.remove()
+
+    def _complete_loaded(self, sd: dict) -> dict:
+        saved = sd.get("param_groups")
+        if not isinstance(saved, list) or len(saved) != len(self.param_groups):
+            return sd  # torch raises its own error for this right after the pre-hooks
+        groups = []
+        for g, (s, live) in enumerate(zip(saved, self.param_groups)):
+            s = dict(s)
+            if "adjust_lr_fn" in s and s["adjust_lr_fn"] is None:
+                s["adjust_lr_fn"] = "original"     # torch.optim.Muon: None means Keller Jordan's rule
+            s.setdefault("momentum_form", "ema")   # torch.optim.Muon's buffers (xpopt always saves it)
+            for k, v in live.items():
+                if k in _CONSTRUCTION_ONLY:
+                    s[k] = v                       # never saved (not picklable): the live one
+                elif k not in ("params", "param_names"):
+                    s.setdefault(k, v)
+            _check_options(s, f"param group {g} of the loaded state_dict")
+            groups.append(s)
+        sd = dict(sd)
+        sd["param_groups"] = groups
+        return sd
 
     def _loaded_pairs(self, sd):
         saved_groups = sd["param_groups"]
@@ -566,7 +666,12 @@ class Muon(torch.optim.Optimizer):
                     "the same routing options (fallback_filter, use_fallback/use_muon, min_dim_size, "
                     "max_aspect_ratio) as the one that saved the state")
             for k, v in st.items():
-                if k != "step" and (not isinstance(v, torch.Tensor) or tuple(v.shape) != r.shape):
+                if k == "step":
+                    if not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+                        raise ValueError(
+                            f"Muon.load_state_dict: state 'step' of parameter {r.name!r} is {v!r}; "
+                            "expected a number or a 1-element tensor")
+                elif not isinstance(v, torch.Tensor) or tuple(v.shape) != r.shape:
                     raise ValueError(
                         f"Muon.load_state_dict: state {k!r} of parameter {r.name!r} has shape "
                         f"{tuple(getattr(v, 'shape', ()))}, expected {r.shape}; the state dict comes "
@@ -577,13 +682,125 @@ class Muon(torch.optim.Optimizer):
             live = self.state[p]
             for k, v in st.items():
                 if k == "step":
-                    live[k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                    live[k] = _step_tensor(p, v)
                 elif isinstance(v, torch.Tensor):
                     live[k] = v.to(device=p.device, dtype=_state_dtype(p, k), copy=True)
+            if "step" not in live:
+                live["step"] = _step_tensor(p, _WARM_STEP)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups of an older pickle lack newer options: the defaults fill them
+        # (what torch.optim.AdamW does for its own additions).
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        if getattr(self, "_native_bf16", None) is None:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            self._native_bf16 = None if first is None else bool(_torch_backend.has_native_bf16(first))
 
     # torch pickles only defaults/state/param_groups; keep the routing too.
     def __getstate__(self) -> dict:
         s = super().__getstate__()
         s.update(_routes=self._routes, _device=self._device, _device_owner=self._device_owner,
-                 _warned_bf16=self._warned_bf16)
+                 _native_bf16=self._native_bf16, _warned_bf16=self._warned_bf16)
         return s
+
+
+#: Keys of a torch.optim.Muon param group (torch >= 2.9).
+_TORCH_MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps",
+                    "adjust_lr_fn")
+#: torch.optim.AdamW group keys with no xpopt counterpart (their values must be the defaults).
+_ADAMW_ONLY = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+               "decoupled_weight_decay")
+
+
+def torch_optim_state_dict(muon: dict, adamw: Optional[dict] = None) -> dict:
+    """One state dict for :class:`Muon` from ``torch.optim.Muon``'s (and ``torch.optim.AdamW``'s).
+
+    torch.optim.Muon takes 2-D params only, so a torch run usually pairs it
+    with an AdamW for the rest.  To continue such a run with xpopt, build
+    ``Muon`` with the same param groups in the same order, torch.optim.Muon's
+    first, then AdamW's with ``use_fallback=True``, and load the result::
+
+        opt = Muon([{"params": matrices}, {"params": others, "use_fallback": True}],
+                   ns_dtype=torch.bfloat16)     # torch.optim.Muon's NS dtype
+        opt.load_state_dict(torch_optim_state_dict(ckpt["muon"], ckpt["adamw"]))
+
+    With a torch.optim.Muon checkpoint alone (and a ``Muon`` over the same
+    params) ``opt.load_state_dict(ckpt)`` is enough; this function adds the
+    AdamW part.  Param ids are renumbered (Muon's first).  Muon groups are
+    passed through (``load_state_dict`` reads their ``adjust_lr_fn=None`` as
+    ``"original"`` and their buffers as EMA momentum); each AdamW group
+    becomes a fallback group: ``eps`` -> ``fallback_eps``, ``lr`` and
+    ``weight_decay`` used as they are (``fallback_lr`` / ``fallback_weight_decay``
+    None), ``fallback="adamw"``, ``use_fallback=True``; its ``step`` /
+    ``exp_avg`` / ``exp_avg_sq`` are the fallback's state.  AdamW options
+    xpopt lacks (``amsgrad``, ``maximize``) must be off, and a
+    ``torch.optim.Adam`` state (L2, not decoupled weight decay) needs
+    ``weight_decay=0``.  As with any load, the checkpoint's hyperparameters
+    win; options it lacks (``ns_dtype``, ``batched``, ...) keep the new
+    optimizer's values.
+    """
+    groups: list = []
+    state: dict = {}
+    new_ids = count()
+
+    def take(sd, what, translate):
+        if not (isinstance(sd, dict) and isinstance(sd.get("param_groups"), list) and "state" in sd):
+            raise TypeError(f"torch_optim_state_dict: {what} must be a state_dict() (a dict with 'state' "
+                            f"and 'param_groups'), got {type(sd).__name__}")
+        ids = {}
+        for g, group in enumerate(sd["param_groups"]):
+            new = translate(dict(group), f"{what} param group {g}")
+            new["params"] = []
+            for i in group["params"]:
+                ids[i] = next(new_ids)
+                new["params"].append(ids[i])
+            groups.append(new)
+        for i, st in sd["state"].items():
+            if i not in ids:
+                raise ValueError(f"torch_optim_state_dict: {what} has state for param id {i!r}, which no "
+                                 "param group lists; pass the optimizer's state_dict() unchanged")
+            state[ids[i]] = st
+
+    def from_muon(g, where):
+        missing = [k for k in _TORCH_MUON_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"torch_optim_state_dict: {where} lacks {missing}; is it a torch.optim.Muon "
+                             "state_dict()?")
+        return g
+
+    def from_adamw(g, where):
+        for k in ("amsgrad", "maximize"):
+            if g.get(k):
+                raise ValueError(f"torch_optim_state_dict: {where} has {k}=True, which xpopt's AdamW "
+                                 "fallback does not implement")
+        if g.get("decoupled_weight_decay") is False and g.get("weight_decay", 0):
+            raise ValueError(f"torch_optim_state_dict: {where} is torch.optim.Adam with weight_decay="
+                             f"{g['weight_decay']} (L2 added to the gradient); xpopt's fallback decays "
+                             "decoupled (AdamW): take it over only with weight_decay=0")
+        missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in g]
+        if missing:
+            raise ValueError(f"torch_optim_state_dict: {where} lacks {missing}; is it a torch.optim.AdamW "
+                             "state_dict()?")
+        out = {k: v for k, v in g.items() if k not in _ADAMW_ONLY and k != "eps"}
+        out.update(fallback_eps=g["eps"], fallback_lr=None, fallback_weight_decay=None, fallback="adamw",
+                   use_fallback=True)
+        return out
+
+    take(muon, "muon", from_muon)
+    if adamw is not None:
+        take(adamw, "adamw", from_adamw)
+    return {"state": state, "param_groups": groups}
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside xpopt and torch.optim."""
+    import sys
+
+    level, f = 1, sys._getframe(1)
+    while f is not None and (f.f_code.co_filename == __file__ or "torch/optim" in f.f_code.co_filename.replace("\\", "/")):
+        level += 1
+        f = f.f_back
+    return level

@@ -50,6 +50,21 @@ def _sqrt(x):
     return math.sqrt(x) if is_number(x) else x ** 0.5
 
 
+def _bias_correction(xp, beta, step):
+    """``1 - beta**step``.
+
+    A Python ``step`` is computed in float64.  An array ``step`` (a 0-d
+    float32 tensor on the device, optax's int32 count under jit) would give
+    ``1 - beta**step`` in float32, which cancels: ``beta = 0.999`` is stored
+    with a 6e-8 error, so ``1 - beta`` is off by 1e-5 relative at step 1
+    (0.9999: 1e-4).  ``-expm1(step * log(beta))`` takes ``log(beta)`` in
+    float64 and keeps the float32 result within a few ulp at every step.
+    """
+    if is_number(step) or not is_number(beta) or not 0.0 < beta < 1.0:
+        return 1.0 - beta ** step
+    return -xp.expm1(step * math.log(beta))
+
+
 def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     """Return ``(direction, new_m, new_v)``; the step is ``-lr * direction``.
 
@@ -60,8 +75,8 @@ def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     mag = xp.abs(grad) if is_complex(xp, grad) else grad
     m = m + (1.0 - beta1) * (grad - m)
     v = beta2 * v + ((1.0 - beta2) * mag) * mag
-    bc1 = 1.0 - beta1 ** step
-    bc2_sqrt = _sqrt(1.0 - beta2 ** step)
+    bc1 = _bias_correction(xp, beta1, step)
+    bc2_sqrt = _sqrt(_bias_correction(xp, beta2, step))
     m_used = m + (1.0 - beta1) * (grad - m) if nesterov else m
     direction = (m_used / bc1) / (v ** 0.5 / bc2_sqrt + eps)
     return direction, m, v

@@ -28,7 +28,6 @@ around 1 rather than on it.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Sequence, Union
 
@@ -134,17 +133,22 @@ def resolve_coefficients(coefficients: CoefficientSpec, steps: int | None = None
     """
     # Called once per matrix per step: remember hashable specs (names, tuples).
     # Only exact ints go through the cache: True == 1 would hit 1's entry.
+    # A plain dict, not functools.lru_cache: torch.compile traces dict lookups
+    # but warns on (and bypasses) lru_cache wrappers.
     if steps is None or type(steps) is int:
         try:
-            return _resolve_cached(coefficients, steps)
+            hit = _RESOLVED.get((coefficients, steps))
         except TypeError:  # a list: unhashable
-            pass
+            return _resolve(coefficients, steps)
+        if hit is None:
+            hit = _resolve(coefficients, steps)
+            if len(_RESOLVED) < 256:
+                _RESOLVED[(coefficients, steps)] = hit
+        return hit
     return _resolve(coefficients, steps)
 
 
-@functools.lru_cache(maxsize=256)
-def _resolve_cached(coefficients, steps):
-    return _resolve(coefficients, steps)
+_RESOLVED: dict = {}
 
 
 def _resolve(coefficients, steps):
