@@ -1,0 +1,431 @@
+"""PSGD Kron: a Kronecker-factored preconditioner ``P = Ql^T Ql (x) Qr^T Qr`` fitted online.
+
+Update rule, per parameter (``g`` its gradient, ``t`` the 1-based step)::
+
+    mu   = b1 * mu + (1 - b1) * g ;  m = mu / (1 - b1^t)     # b1 = 0: m = g
+    m    = m / (||m|| + 1e-6)                     if normalize_grads
+    per block G of m (core.blocking: merged to 2-D, tiled, zero padded):
+        if the preconditioner updates this step (probability p(t), drawn from the key):
+            Pg   = Ql^T Ql (G + noise) Qr^T Qr     # noise ~ noise_scale * N(0, 1)
+            Ql  <- step(Ql, Pg Pg^T,  n),  Qr <- step(Qr, Pg^T Pg, m)   # dense side
+                   (diagonal side: the same on the diagonal: sum(Pg^2) along the other axis)
+        D    = Ql^T Ql G Qr^T Qr                   # the new factors
+    D    = D * 1.1 / max(rms(D), 1.1)              # RMS clip, per parameter
+    D    = D / 5                                   if lr_style == "adam"
+    W    = W - lr * (D + wd * W)                   # the adapters
+
+``step(Q, term1, term2)``, with the Lipschitz estimate ``L`` of the
+preconditioner loss and its LR ``plr(t) = max(preconditioner_lr /
+sqrt(1 + t/10000), min(0.4, preconditioner_lr))``::
+
+    ell = ||term1||_lb + term2 ;  L = max(0.95 L + 0.05 ell, ell)
+    QUAD:  z = plr / (2L);  Q <- (I - z (term1 - term2 I)) Q (I - z (term1 - term2 I)), symmetrised
+           diagonal: Q <- Q * (1 - z (term1 - term2))^2
+    skew:  z = plr / L;     Q <- procrustes(Q - z (term1 - term2 I) Q)       (Q0.5EQ1.5)
+           diagonal: Q <- Q * (1 - z (term1 - term2))
+
+``||.||_lb`` is a power-iteration lower bound of the spectral norm started
+from the row of largest energy (deterministic; ``<=`` the true norm).
+Every 100 steps the two factors of each block are balanced (scaled to the
+same max-abs; their Kronecker product is unchanged).
+
+Guards (per block, no data-dependent Python branches): a block whose gradient
+is all zero or not finite leaves its factors and ``L`` untouched; a block
+whose largest entry lies outside ``[2^-40, 2^40]`` is divided by a power of
+two (exact) before it updates the factors, since ``Pg Pg^T`` would leave
+float32's range; the RMS clip is computed overflow-safe.  Factors are stored
+in ``dtype`` (bf16 or float32); every computation is in float32 (float64 for
+float64 gradients).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+from . import blocking
+from .adam import _bias_correction
+from ._xp import is_number, namespace
+
+__all__ = ["KronOptions", "Factors", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
+           "update_probability", "kron_updates", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
+
+UPDATE_STYLES = ("QUAD", "skew")
+FACTOR_DTYPES = ("bfloat16", "float32")
+BETA_L = 0.95          # Lipschitz estimate EMA
+RMS_CLIP = 1.1
+ADAM_DIVISOR = 5.0     # lr_style="adam": Adam-like update size
+BALANCE_EVERY = 100
+PROCRUSTES_MAX_STEP = 0.125
+_SAFE_LO, _SAFE_HI = 2.0 ** -40, 2.0 ** 40
+#: ``precond_update_prob`` by name: heavyball's schedule (every step for 1000
+#: steps, then decaying by 0.999 a step to a floor of 0.03).
+PROB_SCHEDULES = ("heavyball",)
+
+
+def _heavyball_prob(step):
+    if is_number(step):
+        return max(0.03, 0.999 ** max(step - 1000, 0))
+    xp, _ = namespace(step, names=("step",))
+    t = xp.astype(step, xp.float32)
+    return xp.maximum(xp.asarray(0.03, dtype=xp.float32), 0.999 ** xp.maximum(t - 1000.0, 0.0 * t))
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class KronOptions:
+    """Every structural Kron option, validated once (the adapters forward these)."""
+
+    b1: Any = 0.95
+    normalize_grads: bool = False
+    max_size_dense: int = 16384
+    preconditioner_lr: Any = 0.7
+    preconditioner_init_scale: Any = 1.0
+    preconditioner_update_style: str = "skew"
+    dtype: str = "bfloat16"
+    block_size: int = 256
+    noise_scale: Any = 1e-9
+    lr_style: Optional[str] = "adam"
+    precond_update_prob: Union[float, str, Callable] = 1.0
+    mu_dtype: Optional[str] = None   # None: same as dtype
+
+    def __post_init__(self):
+        _check(self.preconditioner_update_style in UPDATE_STYLES,
+               f"preconditioner_update_style={self.preconditioner_update_style!r} is not valid; use 'skew' "
+               "(Q0.5EQ1.5 with a Procrustes step) or 'QUAD'")
+        _check(self.dtype in FACTOR_DTYPES,
+               f"dtype={self.dtype!r} is not valid: factors are stored in 'bfloat16' or 'float32'")
+        _check(self.mu_dtype is None or self.mu_dtype in FACTOR_DTYPES,
+               f"mu_dtype={self.mu_dtype!r} is not valid: use None (same as dtype), 'bfloat16' or 'float32'")
+        for name in ("block_size", "max_size_dense"):
+            v = getattr(self, name)
+            _check(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1,
+                   f"{name}={v!r} is not valid: it must be an integer >= 1")
+        if is_number(self.b1):
+            _check(0.0 <= self.b1 < 1.0, f"b1={self.b1!r} is not valid: it must be in [0, 1) (0 disables momentum)")
+        for name in ("preconditioner_lr", "preconditioner_init_scale"):
+            v = getattr(self, name)
+            if is_number(v):
+                _check(v > 0, f"{name}={v!r} is not valid: it must be > 0")
+        if is_number(self.noise_scale):
+            _check(self.noise_scale >= 0, f"noise_scale={self.noise_scale!r} is not valid: it must be >= 0")
+        _check(self.lr_style in (None, "adam"), f"lr_style={self.lr_style!r} is not valid; use 'adam' or None")
+        _check(isinstance(self.normalize_grads, bool), f"normalize_grads={self.normalize_grads!r} must be True or False")
+        p = self.precond_update_prob
+        if isinstance(p, str):
+            _check(p in PROB_SCHEDULES, f"precond_update_prob={p!r} is not a known schedule; use one of "
+                   f"{list(PROB_SCHEDULES)}, a number in (0, 1] or a callable step -> probability")
+        elif is_number(p):
+            _check(0.0 < p <= 1.0, f"precond_update_prob={p!r} is not valid: it must be in (0, 1]")
+        elif not callable(p) and getattr(p, "shape", None) != ():
+            raise ValueError(f"precond_update_prob={p!r} is not valid: a number in (0, 1], "
+                             f"a schedule name {list(PROB_SCHEDULES)} or a callable step -> probability")
+
+    @property
+    def state_dtype(self) -> str:
+        return self.mu_dtype or self.dtype
+
+
+class Factors(NamedTuple):
+    """One parameter's preconditioner: per block factors and Lipschitz estimates.
+
+    ``Ql``: ``(S, tr, tr)`` dense, ``(S, m)`` diagonal, or None (vectors);
+    ``Qr``: ``(S, tc, tc)`` or ``(S, n)``; ``Ll``, ``Lr``: ``(S,)`` float32.
+    """
+
+    Ql: Any
+    Qr: Any
+    Ll: Any
+    Lr: Any
+
+
+# ------------------------------------------------------------------ schedules
+
+def precond_lr(step, preconditioner_lr=0.7):
+    """``max(lr / sqrt(1 + t/10000), min(0.4, lr))``.
+
+    The seed floors at 0.4 whatever ``preconditioner_lr`` is, which would
+    *raise* a smaller one to 0.4; the floor here is ``min(0.4, lr)``, the
+    same for the default 0.7.
+    """
+    if is_number(step) and is_number(preconditioner_lr):
+        return max(preconditioner_lr / math.sqrt(1.0 + step / 10000.0), min(0.4, preconditioner_lr))
+    xp, _ = namespace(step, names=("step",))
+    t = xp.astype(step, xp.float32)
+    floor = min(0.4, preconditioner_lr) if is_number(preconditioner_lr) else xp.minimum(0.4, preconditioner_lr)
+    return xp.maximum(preconditioner_lr / xp.sqrt(1.0 + t / 10000.0), floor)
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def update_probability(spec, step):
+    """``precond_update_prob`` at ``step``: a number, a schedule name or a callable."""
+    if isinstance(spec, str):
+        p = _heavyball_prob(step)
+    elif callable(spec):
+        p = spec(step)
+    else:
+        p = spec
+    # float32 on every path, so the draw u < p decides the same everywhere
+    return _f32(float(p)) if is_number(p) else p
+
+
+# ------------------------------------------------------------------ factors
+
+def init_factors(like, lay: blocking.Layout, *, dtype, init_scale=1.0) -> Factors:
+    """Identity factors (times ``init_scale``) on each block's valid part, zero on padding.
+
+    ``like``: an array of the target namespace/device; ``dtype``: the storage dtype.
+    """
+    xp, _ = namespace(like, names=("like",))
+    dev = like.device
+    vr, vc = blocking.valid_sizes(lay)
+    L = xp.zeros((lay.blocks,), dtype=xp.float32, device=dev)
+
+    def dense(t, valid):
+        mask = xp.arange(t, device=dev)[None, :] < xp.asarray(valid, device=dev)[:, None]
+        eye = xp.eye(t, dtype=dtype, device=dev)
+        return eye[None, :, :] * xp.astype(mask, dtype)[:, :, None] * init_scale
+
+    def diag(t):
+        return xp.ones((lay.blocks, t), dtype=dtype, device=dev) * init_scale
+
+    Ql = None if lay.left is None else (dense(lay.tr, vr) if lay.left == "dense" else diag(lay.tr))
+    Qr = dense(lay.tc, vc) if lay.right == "dense" else diag(lay.tc)
+    return Factors(Ql, Qr, L, xp.zeros((lay.blocks,), dtype=xp.float32, device=dev))
+
+
+def _mT(xp, x):
+    return xp.matrix_transpose(x)
+
+
+def _apply(xp, f: Factors, lay, X):
+    """``Ql^T Ql X Qr^T Qr`` per block (diagonal factors multiply rows / columns)."""
+    if lay.left == "dense":
+        X = _mT(xp, f.Ql) @ (f.Ql @ X)
+    elif lay.left == "diag":
+        X = (f.Ql * f.Ql)[:, :, None] * X
+    if lay.right == "dense":
+        X = (X @ _mT(xp, f.Qr)) @ f.Qr
+    else:
+        X = X * (f.Qr * f.Qr)[:, None, :]
+    return X
+
+
+def _amax(xp, X, axes):
+    return xp.max(xp.abs(X), axis=axes)
+
+
+def _norm_lower_bound(xp, A, iters: int = 4):
+    """A lower bound of ``||A||_2`` per matrix of the stack ``(S, t, t)``: power
+    iteration from the row of largest energy (``||x A|| / ||x|| <= ||A||``)."""
+    scale = _amax(xp, A, (-2, -1))
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    A = A / scale[:, None, None]
+    energy = xp.sum(A * A, axis=-1)                                   # (S, t)
+    j = xp.argmax(energy, axis=-1)                                    # (S,)
+    onehot = xp.astype(xp.arange(A.shape[-1], device=A.device)[None, :] == j[:, None], A.dtype)
+    x = onehot[:, None, :] @ A                                        # (S, 1, t): that row
+    for _ in range(iters):
+        s = _amax(xp, x, (-2, -1))
+        x = (x / xp.where(s > 0, s, xp.ones_like(s))[:, None, None]) @ A
+    n = xp.linalg.vector_norm(x, axis=(-2, -1))
+    n = xp.where(n > 0, n, xp.ones_like(n))
+    return xp.linalg.vector_norm((x / n[:, None, None]) @ A, axis=(-2, -1)) * scale
+
+
+def _trace_of_product(xp, A, B):
+    """``trace(A @ B)`` per matrix without forming the product."""
+    return xp.sum(A * _mT(xp, B), axis=(-2, -1))
+
+
+def _procrustes(xp, Q):
+    """One step of ``Q`` towards the closest orthogonal-times-SPD form: rotate by
+    ``exp(a R)`` (second order), ``R = Q^T - Q`` normalised, when that raises
+    ``trace(Q)``; the step ``a <= 1/8 / ||R||`` and stops at the trace's maximum."""
+    R = _mT(xp, Q) - Q
+    mx = _amax(xp, R, (-2, -1))
+    ok = mx > 1e-30
+    R = R / xp.where(ok, mx, xp.ones_like(mx))[:, None, None]
+    RQ = R @ Q
+    tr_RQ = _trace_of_product(xp, R, Q)
+    nlb = _norm_lower_bound(xp, R)
+    a = PROCRUSTES_MAX_STEP / xp.where(nlb > 0, nlb, xp.ones_like(nlb))
+    RRQ = R @ RQ
+    tr_RRQ = _trace_of_product(xp, R, RQ)
+    neg = tr_RRQ < 0
+    a = xp.where(neg, xp.minimum(a, -tr_RQ / xp.where(neg, tr_RRQ, -xp.ones_like(tr_RRQ))), a)
+    a = a[:, None, None]
+    rotated = Q + a * (RQ + 0.5 * a * RRQ)
+    return xp.where((ok & (tr_RQ > 0))[:, None, None], rotated, Q)
+
+
+def _lipschitz(xp, L, ell):
+    return xp.maximum(BETA_L * L + (1.0 - BETA_L) * ell, ell)
+
+
+def _dense_step(xp, Q, term1, term2, L, plr, style):
+    ell = _norm_lower_bound(xp, term1) + term2
+    L = _lipschitz(xp, L, ell)
+    t2 = term2[:, None, None]
+    if style == "QUAD":
+        z = (plr / (2.0 * L))[:, None, None]
+        P = Q - z * (term1 @ Q - t2 * Q)
+        P = P - z * (P @ term1 - P * t2)
+        return (P + _mT(xp, P)) / 2.0, L
+    z = (plr / L)[:, None, None]
+    return _procrustes(xp, Q - z * (term1 @ Q - t2 * Q)), L
+
+
+def _diag_step(xp, Q, term1, term2, L, plr, style):
+    ell = xp.max(term1, axis=-1) + term2
+    L = _lipschitz(xp, L, ell)
+    z = (plr / (2.0 * L) if style == "QUAD" else plr / L)[:, None]
+    gain = 1.0 - z * (term1 - term2[:, None])
+    return (Q * gain * gain if style == "QUAD" else Q * gain), L
+
+
+def _balance(xp, f: Factors) -> Factors:
+    """Scale both factors of each block to the same max-abs (their product is unchanged)."""
+    if f.Ql is None:
+        return f
+    axes_l = (-2, -1) if f.Ql.ndim == 3 else (-1,)
+    axes_r = (-2, -1) if f.Qr.ndim == 3 else (-1,)
+    nl, nr = _amax(xp, f.Ql, axes_l), _amax(xp, f.Qr, axes_r)
+    ok = (nl > 0) & (nr > 0)
+    nl, nr = xp.where(ok, nl, xp.ones_like(nl)), xp.where(ok, nr, xp.ones_like(nr))
+    gm = xp.sqrt(nl * nr)
+    shape_l = (-1,) + (1,) * (f.Ql.ndim - 1)
+    shape_r = (-1,) + (1,) * (f.Qr.ndim - 1)
+    return f._replace(Ql=f.Ql * xp.reshape(gm / nl, shape_l), Qr=f.Qr * xp.reshape(gm / nr, shape_r))
+
+
+def _valid(xp, lay, like):
+    vr, vc = blocking.valid_sizes(lay)
+    dev = like.device
+    return (xp.asarray(vr, dtype=like.dtype, device=dev), xp.asarray(vc, dtype=like.dtype, device=dev))
+
+
+def _noise_mask(xp, lay, like):
+    vr, vc = blocking.valid_sizes(lay)
+    dev = like.device
+    rows = xp.arange(lay.tr, device=dev)[None, :] < xp.asarray(vr, device=dev)[:, None]
+    cols = xp.arange(lay.tc, device=dev)[None, :] < xp.asarray(vc, device=dev)[:, None]
+    return xp.astype(rows[:, :, None] & cols[:, None, :], like.dtype)
+
+
+def _fit(xp, G, f: Factors, lay, *, noise, plr, style) -> Factors:
+    """The factors after one fit to the blocks ``G`` (float32), with the guards."""
+    amax = _amax(xp, G, (-2, -1))
+    ok = (amax > 0) & (amax < math.inf)           # False for NaN too
+    safe = ok & (amax >= _SAFE_LO) & (amax <= _SAFE_HI)
+    p2 = 2.0 ** xp.floor(xp.log2(xp.where(ok, amax, xp.ones_like(amax))))
+    Gs = G / xp.where(safe | ~ok, xp.ones_like(p2), p2)[:, None, None]
+    Gs = xp.where(ok[:, None, None], Gs, xp.zeros_like(Gs))
+    if noise is not None:
+        Gs = Gs + noise
+    Pg = _apply(xp, f, lay, Gs)
+    vr, vc = _valid(xp, lay, G)
+    Ql, Ll = f.Ql, f.Ll
+    if lay.left == "dense":
+        Ql, Ll = _dense_step(xp, f.Ql, Pg @ _mT(xp, Pg), vc, f.Ll, plr, style)
+    elif lay.left == "diag":
+        Ql, Ll = _diag_step(xp, f.Ql, xp.sum(Pg * Pg, axis=-1), vc, f.Ll, plr, style)
+    if lay.right == "dense":
+        Qr, Lr = _dense_step(xp, f.Qr, _mT(xp, Pg) @ Pg, vr, f.Lr, plr, style)
+    else:
+        Qr, Lr = _diag_step(xp, f.Qr, xp.sum(Pg * Pg, axis=-2), vr, f.Lr, plr, style)
+
+    def keep(new, old):
+        if old is None:
+            return None
+        return xp.where(xp.reshape(ok, (-1,) + (1,) * (old.ndim - 1)), new, old)
+
+    return Factors(keep(Ql, f.Ql), keep(Qr, f.Qr), keep(Ll, f.Ll), keep(Lr, f.Lr))
+
+
+def precondition(m, f: Factors, lay: blocking.Layout, *, update, balance: bool = False, plr=0.7,
+                 style: str = "skew", noise=None, cond=None):
+    """``(D, new_factors)`` for one parameter's (momentum) gradient ``m``, in float32.
+
+    ``f`` holds float32 factors.  ``update``: fit the factors first (a bool,
+    or a 0-d bool array with ``cond``, the backend's branch, under jit).
+    ``noise``: ``(S, tr, tc)`` already scaled and masked, or None.
+    """
+    xp, _ = namespace(m, names=("m",))
+    G = blocking.to_blocks(m, lay)
+    if balance:
+        f = _balance(xp, f)
+    if update is True:
+        f = _fit(xp, G, f, lay, noise=noise, plr=plr, style=style)
+    elif update is not False:
+        f = cond(update, lambda f: _fit(xp, G, f, lay, noise=noise, plr=plr, style=style), lambda f: f, f)
+    return blocking.from_blocks(_apply(xp, f, lay, G), lay), f
+
+
+def rms_clip(xp, D, limit: float = RMS_CLIP):
+    """``D * limit / max(rms(D), limit)``, the RMS taken overflow-safe."""
+    amax = _amax(xp, xp.reshape(D, (-1,)), (-1,)) if D.ndim else xp.abs(D)
+    amax = xp.where(amax > 0, amax, xp.ones_like(amax))
+    rms = amax * xp.sqrt(xp.mean((D / amax) ** 2)) if D.size else amax
+    return D * (limit / xp.maximum(rms, xp.full_like(rms, limit)))
+
+
+# ------------------------------------------------------------------ one step
+
+def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, update=True, noise=None,
+                 cond=None, compute_dtype=None):
+    """One Kron step over a list of parameters: ``(directions, new_mus, new_factors)``.
+
+    ``step``: the 1-based step (int or 0-d integer array); ``mus`` the momentum
+    buffers (None entries when ``b1 == 0``); ``factors`` in storage dtype;
+    ``update``: whether the preconditioners are fitted this step (see
+    :func:`precondition`); ``noise``: per parameter ``(S, tr, tc)`` arrays or
+    None.  Directions are float32 (float64 for float64 gradients); the
+    adapter applies ``-lr * (D + wd * W)``.
+    """
+    if not grads:
+        return [], [], []
+    xp, backend = namespace(*grads, names=tuple(f"grads[{i}]" for i in range(len(grads))))
+    plr = precond_lr(step, opts.preconditioner_lr)
+    balance = is_number(step) and step % BALANCE_EVERY == 0
+    dirs, new_mus, new_f = [], [], []
+    b1 = opts.b1
+    use_mu = not (is_number(b1) and b1 == 0)
+    for i, (g, mu, f, lay) in enumerate(zip(grads, mus, factors, layouts)):
+        cdt = compute_dtype or (xp.float64 if g.dtype == xp.float64 else xp.float32)
+        g = xp.astype(g, cdt)
+        if use_mu:
+            mu32 = xp.astype(mu, cdt)
+            mu32 = mu32 + (1.0 - b1) * (g - mu32)
+            new_mus.append(xp.astype(mu32, mu.dtype))
+            m = mu32 / _bias_correction(xp, b1, step)
+        else:
+            new_mus.append(mu)
+            m = g
+        if opts.normalize_grads:
+            m = m / (xp.linalg.vector_norm(xp.reshape(m, (-1,))) + 1e-6)
+        f32 = Factors(*(None if q is None else xp.astype(q, cdt) for q in f[:2]),
+                      xp.astype(f.Ll, cdt), xp.astype(f.Lr, cdt))
+        bal = balance if is_number(step) else False
+        if not is_number(step):
+            f32 = cond(step % BALANCE_EVERY == 0, lambda f: _balance(xp, f), lambda f: f, f32)
+        D, f32 = precondition(m, f32, lay, update=update, balance=bal, plr=plr,
+                              style=opts.preconditioner_update_style,
+                              noise=None if noise is None else noise[i], cond=cond)
+        new_f.append(Factors(*(None if q is None else xp.astype(q, o.dtype) for q, o in zip(f32[:2], f[:2])),
+                             xp.astype(f32.Ll, f.Ll.dtype), xp.astype(f32.Lr, f.Lr.dtype)))
+        D = rms_clip(xp, D)
+        if opts.lr_style == "adam":
+            D = D / ADAM_DIVISOR
+        dirs.append(D)
+    return dirs, new_mus, new_f
