@@ -804,3 +804,8 @@ def _user_stacklevel() -> int:
         level += 1
         f = f.f_back
     return level
+
+
+from ._kron_torch import Kron  # noqa: E402  (PSGD Kron lives in its own module)
+
+__all__ += ["Kron"]

@@ -429,3 +429,78 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
             D = D / ADAM_DIVISOR
         dirs.append(D)
     return dirs, new_mus, new_f
+
+
+# ------------------------------------------------------------------ randomness
+
+def param_key(key, index: int):
+    """The key of parameter ``index`` (its position in the flattened parameter list)."""
+    from . import random as R
+
+    return R.fold_in(key, index)
+
+
+def step_keys(key, step):
+    """``(noise_key, decision_key)`` of one parameter at ``step``: Threefry, so the
+    same on every backend and rank (``core.random``)."""
+    from . import random as R
+
+    ks = R.split(R.fold_in(key, step), 2)
+    return ks[0], ks[1]
+
+
+def draw_update(decision_key, p):
+    """Whether the preconditioner is fitted: ``uniform(decision_key) < p`` (exact
+    uniform bits, so only a ``p`` within one float32 ulp of the draw can differ)."""
+    from . import random as R
+
+    xp, _ = namespace(decision_key, names=("decision_key",))
+    return R.uniform(decision_key, (), xp.float32) < p
+
+
+def make_noise(noise_key, lay: blocking.Layout, like, scale):
+    """``scale * N(0, 1)`` of the block stack's shape, zero on padding."""
+    from . import random as R
+
+    xp, _ = namespace(like, names=("like",))
+    z = R.normal(noise_key, (lay.blocks, lay.tr, lay.tc), like.dtype) * scale
+    if lay.padded:
+        z = z * _noise_mask(xp, lay, like)
+    return z
+
+
+# ------------------------------------------------------------------ planning
+
+_BYTES = {"bfloat16": 2, "float32": 4}
+
+
+def _side_flops(kind, t, other, style):
+    """(apply, fit) FLOPs of one side of one block: ``t`` its size, ``other`` the other side's."""
+    if kind is None:
+        return 0, 0
+    if kind == "diag":
+        return 2 * t * other, 4 * t * other
+    step = (4 if style == "QUAD" else 6) * t ** 3
+    return 4 * t * t * other, 2 * t * t * other + step
+
+
+def plan_row(lay: blocking.Layout, opts: KronOptions, *, name: str, adamw_state_bytes: int = 8) -> dict:
+    """One parameter of a memory / compute plan: layout, state bytes, FLOPs per step."""
+    import math as _m
+
+    numel = _m.prod(lay.shape)
+    fb = _BYTES[opts.dtype]
+
+    def side_bytes(kind, t):
+        if kind is None:
+            return 0
+        return lay.blocks * (t * t if kind == "dense" else t) * fb
+
+    mu = 0 if (is_number(opts.b1) and opts.b1 == 0) else numel * _BYTES[opts.state_dtype]
+    factors = side_bytes(lay.left, lay.tr) + side_bytes(lay.right, lay.tc) + 2 * 4 * lay.blocks
+    al, fl = _side_flops(lay.left, lay.tr, lay.tc, opts.preconditioner_update_style)
+    ar, fr = _side_flops(lay.right, lay.tc, lay.tr, opts.preconditioner_update_style)
+    apply = lay.blocks * (al + ar)
+    return dict(name=name, shape=lay.shape, layout=lay.describe(), state_bytes=mu + factors,
+                momentum_bytes=mu, factor_bytes=factors, adamw_bytes=numel * adamw_state_bytes,
+                flops_apply=apply, flops_fit=2 * apply + lay.blocks * (fl + fr))

@@ -1,0 +1,234 @@
+"""``xpopt.adapters.torch.Kron``: PSGD Kron (QUAD / skew) as a ``torch.optim.Optimizer``.
+
+Update rule: ``xpopt.core.kron`` (its module docstring), then per parameter
+``W <- W - lr * (D + weight_decay * W)`` (the seed's ``chain(scale_by_kron,
+add_decayed_weights, scale_by_learning_rate)``); bf16/f16 params are updated
+in float32 and rounded once.
+
+State per parameter: ``step`` (int), ``key`` (the parameter's Threefry key,
+2 x uint32 as an int64 CPU tensor: ``fold_in(PRNGKey(seed), index)``, index =
+the parameter's position over all groups), ``mu`` (in ``mu_dtype``, default
+``dtype``; absent when ``b1 == 0``), ``Ql``/``Qr`` (in ``dtype``; ``Ql`` absent
+for vectors), ``Ll``/``Lr`` (float32).  ``state_dict()`` holds all of it, so a
+load continues bit-exactly.  The noise and the "fit the preconditioner this
+step?" draw come from ``key`` and ``step``: the same on every backend (the
+optax and arrays adapters draw the same numbers for the same seed and
+parameter order).  The draw is made on the host (NumPy, no device sync).
+
+Structural options (``block_size``, ``max_size_dense``, ``scanned``) are read
+when a parameter is added; the layout (``Kron.plan()``) is fixed from then on.
+Non-finite gradients: a block whose gradient is not finite leaves its factors
+untouched, but its update (and so the parameter) becomes non-finite, as in
+torch.optim; guard with ``torch.isfinite`` if your run can produce them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from ..core import blocking
+from ..core import kron as K
+from . import _common as C
+
+__all__ = ["Kron"]
+
+_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", "bfloat16": "bfloat16", "float32": "float32"}
+_STRUCTURAL = ("b1", "normalize_grads", "max_size_dense", "preconditioner_lr", "preconditioner_init_scale",
+               "preconditioner_update_style", "dtype", "block_size", "noise_scale", "lr_style",
+               "precond_update_prob", "mu_dtype")
+
+
+def _dtype_name(v, argname):
+    try:
+        return None if v is None and argname == "mu_dtype" else _DTYPES[v]
+    except (KeyError, TypeError):
+        raise ValueError(f"Kron: {argname}={v!r} is not valid: factors are stored in torch.bfloat16 or "
+                         "torch.float32 ('bfloat16' / 'float32')") from None
+
+
+def _options(group: dict, where: str) -> K.KronOptions:
+    kw = {k: group[k] for k in _STRUCTURAL}
+    kw["dtype"] = _dtype_name(kw["dtype"], "dtype")
+    kw["mu_dtype"] = _dtype_name(kw["mu_dtype"], "mu_dtype")
+    try:
+        C.check_nonnegative(group["lr"], "lr") if not isinstance(group["lr"], torch.Tensor) else None
+        C.check_nonnegative(group["weight_decay"], "weight_decay")
+        if not isinstance(group["scanned"], bool):
+            raise TypeError(f"scanned={group['scanned']!r} must be True or False")
+        return K.KronOptions(**kw)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"Kron: {e} ({where})") from None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+class Kron(torch.optim.Optimizer):
+    """PSGD Kron with the seed's option names; see the module docstring.
+
+    Args (defaults as eformer's ``white_kron``, except ``weight_decay=0`` as torch.optim):
+      lr: learning rate (a float or 1-element tensor; schedulers drive it).
+      b1: momentum (EMA, bias corrected) of the gradient, in [0, 1).
+      weight_decay: decoupled, ``W -= lr * wd * W``.
+      preconditioner_update_style: ``"skew"`` (Q0.5EQ1.5 with a Procrustes step) or ``"QUAD"``.
+      preconditioner_lr, preconditioner_init_scale: the factors' LR (decayed, see
+        ``core.kron.precond_lr``) and initial scale (identity times it).
+      precond_update_prob: fit the preconditioner with this probability per step
+        (a float in (0, 1], ``"heavyball"`` or a callable ``step -> p``).
+      max_size_dense, block_size: layout (``core.blocking``).
+      dtype, mu_dtype: storage of factors / momentum (bf16 or float32; maths is float32).
+      normalize_grads, lr_style (``"adam"``: divide by 5, or None), noise_scale.
+      scanned: the params of this group have a leading layer axis.
+      seed: the Threefry seed of the noise and the update draws.
+    """
+
+    def __init__(self, params, lr: Any = 1e-3, b1: float = 0.95, weight_decay: float = 0.0,
+                 preconditioner_update_style: str = "skew", preconditioner_lr: float = 0.7,
+                 preconditioner_init_scale: float = 1.0,
+                 precond_update_prob: Union[float, str, Callable[[int], float]] = 1.0,
+                 max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.bfloat16,
+                 mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
+                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0):
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+            raise ValueError(f"Kron: seed={seed!r} must be an integer in [0, 2**64)")
+        defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
+                        preconditioner_update_style=preconditioner_update_style,
+                        preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
+                        precond_update_prob=precond_update_prob, max_size_dense=max_size_dense,
+                        block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
+                        lr_style=lr_style, noise_scale=noise_scale, scanned=scanned)
+        _options(defaults, "Kron(...) arguments")
+        self._seed = seed
+        self._layouts: dict = {}
+        self._index: dict = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        g = len(self.param_groups) - 1
+        group = self.param_groups[g]
+        try:
+            _options(group, f"param group {g}")
+            for i, p in enumerate(group["params"]):
+                if not p.is_floating_point():
+                    raise TypeError(f"Kron: parameter {i} of group {g} has dtype {p.dtype}; Kron needs a real "
+                                    "floating dtype (float32, float64, bfloat16, float16)")
+                lay = blocking.layout(p.shape, max_size_dense=group["max_size_dense"],
+                                      block_size=group["block_size"], scanned=group["scanned"])
+                self._layouts[p] = lay
+                self._index.setdefault(p, len(self._index))
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def plan(self) -> list[dict]:
+        """Per parameter: layout, state bytes (as stored) and FLOPs of one fitted step."""
+        rows = []
+        for g, group in enumerate(self.param_groups):
+            opts = _options(group, f"param group {g}")
+            for p in group["params"]:
+                rows.append(K.plan_row(self._layouts[p], opts, name=f"group {g}, param {self._index[p]}"))
+        return rows
+
+    # ----------------------------------------------------------------- step
+
+    def _init_state(self, p, group, opts) -> dict:
+        lay = self._layouts[p]
+        st = self.state[p]
+        st["step"] = 0
+        key = K.param_key(np.asarray(_prng_key(self._seed)), self._index[p])
+        st["key"] = torch.as_tensor(np.asarray(key, dtype=np.int64))
+        if not (isinstance(opts.b1, (int, float)) and opts.b1 == 0):
+            st["mu"] = torch.zeros_like(p, dtype=_torch_dtype(opts.state_dtype), memory_format=torch.preserve_format)
+        like = torch.empty(0, dtype=torch.float32, device=p.device)
+        f = K.init_factors(like, lay, dtype=_torch_dtype(opts.dtype), init_scale=opts.preconditioner_init_scale)
+        if f.Ql is not None:
+            st["Ql"] = f.Ql
+        st["Qr"], st["Ll"], st["Lr"] = f.Qr, f.Ll, f.Lr
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g, group in enumerate(self.param_groups):
+            opts = _options(group, f"param group {g}")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Kron: sparse gradients are not supported (use dense gradients)")
+                st = self.state[p] if self.state[p] else self._init_state(p, group, opts)
+                self._step_param(p, st, group, opts)
+        return loss
+
+    def _step_param(self, p, st, group, opts) -> None:
+        lay = self._layouts[p]
+        st["step"] += 1
+        t = st["step"]
+        key = np.asarray(st["key"].tolist(), dtype=np.uint32)
+        noise_key, decision_key = K.step_keys(key, t)
+        prob = K.update_probability(opts.precond_update_prob, t)
+        update = True if prob >= 1.0 else bool(K.draw_update(decision_key, prob))
+        cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        noise = None
+        if update and opts.noise_scale:
+            nk = torch.as_tensor(np.asarray(noise_key, dtype=np.int64)).to(p.device)
+            noise = K.make_noise(_as_key(nk), lay, torch.empty(0, dtype=cdt, device=p.device), opts.noise_scale)
+        f = K.Factors(st.get("Ql"), st["Qr"], st["Ll"], st["Lr"])
+        (D,), (mu,), (nf,) = K.kron_updates([p.grad], [st.get("mu")], [f], [lay], step=t, opts=opts,
+                                            update=update, noise=None if noise is None else [noise])
+        if mu is not None:
+            st["mu"].copy_(mu)
+        for k, v in zip(("Ql", "Qr", "Ll", "Lr"), nf):
+            if v is not None:
+                st[k].copy_(v)
+        lr, wd = group["lr"], group["weight_decay"]
+        target = p if p.dtype == D.dtype else p.to(D.dtype)
+        if wd:
+            target.mul_(1.0 - lr * wd)
+        if isinstance(lr, torch.Tensor):
+            target.sub_(D * lr)
+        else:
+            target.add_(D, alpha=-lr)
+        if target is not p:
+            p.copy_(target)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the param's dtype: restore the storage dtypes.
+        for group in self.param_groups:
+            opts = _options(group, "loaded state")
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                fd = _torch_dtype(opts.dtype)
+                for k in ("Ql", "Qr"):
+                    if k in st:
+                        st[k] = st[k].to(fd)
+                if "mu" in st:
+                    st["mu"] = st["mu"].to(_torch_dtype(opts.state_dtype))
+                for k in ("Ll", "Lr"):
+                    st[k] = st[k].to(torch.float32)
+                st["key"] = st["key"].to(device="cpu", dtype=torch.int64)
+                st["step"] = int(st["step"])
+
+
+def _prng_key(seed: int):
+    from ..core import random as R
+
+    return R.PRNGKey(seed, like=np.zeros(0, np.uint32))
+
+
+def _as_key(t: torch.Tensor):
+    """A key in the form ``core.random`` takes for torch (uint32 where it can)."""
+    from ..core import random as R
+
+    return R.as_key(t) if hasattr(R, "as_key") else t
