@@ -608,3 +608,11 @@ STATIC_ARGS = tuple(n for n in inspect.signature(muon).parameters if n not in IN
 
 #: The same for :func:`scale_by_muon` (``static_args`` must name its own arguments).
 SCALE_BY_MUON_STATIC_ARGS = tuple(n for n in inspect.signature(scale_by_muon).parameters if n not in INJECTABLE)
+
+
+from ._kron_optax import (  # noqa: E402  (PSGD Kron lives in its own module)
+    KRON_STATIC_ARGS, KronState, kron_plan, quad, scale_by_kron, scale_by_quad, scale_by_skew, skew,
+)
+
+__all__ += ["KRON_STATIC_ARGS", "KronState", "kron_plan", "quad", "scale_by_kron", "scale_by_quad",
+            "scale_by_skew", "skew"]

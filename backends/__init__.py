@@ -28,6 +28,8 @@ not already use.  Each backend module exposes the same small surface:
     True inside ``jax.jit`` tracing (Python branching on values is forbidden).
 ``has_native_bf16(x)``
     whether bf16 matmuls run at hardware speed where ``x`` lives.
+``cond(pred, true_fn, false_fn, operand)``
+    a branch on a bool / 0-d array: Python ``if`` eagerly, ``lax.cond`` in JAX.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CuPy backend (GPU): same in-place addmm as NumPy, cuBLAS underneath."""
 
 from ._inplace import addmm, div_, lerp, lerp_
-from .generic import frobenius_norm  # noqa: F401  (no one-pass safe norm: core's path)  # noqa: F401
+from .generic import cond, frobenius_norm  # noqa: F401  (no one-pass safe norm: core's path)  # noqa: F401
 
 MUTABLE = True
 NAME = "cupy"

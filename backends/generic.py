@@ -61,3 +61,12 @@ def is_traced(x) -> bool:
 
 def has_native_bf16(x) -> bool:
     return False
+
+
+def cond(pred, true_fn, false_fn, operand):
+    """``true_fn(operand) if pred else false_fn(operand)``; ``pred`` a bool or 0-d array.
+
+    Eager backends branch in Python (a device sync for a device array); JAX
+    uses ``lax.cond``, so a traced ``pred`` works under ``jax.jit``.
+    """
+    return true_fn(operand) if bool(pred) else false_fn(operand)

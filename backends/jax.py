@@ -53,3 +53,10 @@ def has_native_bf16(x) -> bool:
     except Exception:
         return False
     return bool(platforms - {"cpu"})
+
+
+def cond(pred, true_fn, false_fn, operand):
+    """``lax.cond``: ``pred`` may be traced."""
+    if isinstance(pred, bool):
+        return true_fn(operand) if pred else false_fn(operand)
+    return jax.lax.cond(pred, true_fn, false_fn, operand)

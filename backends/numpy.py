@@ -3,7 +3,7 @@
 import numpy as np
 
 from ._inplace import addmm, div_, lerp, lerp_
-from .generic import frobenius_norm  # noqa: F401  (no one-pass safe norm: core's path)  # noqa: F401  (re-exported: part of the backend surface)
+from .generic import cond, frobenius_norm  # noqa: F401  (no one-pass safe norm: core's path)  # noqa: F401  (re-exported: part of the backend surface)
 
 MUTABLE = True
 NAME = "numpy"

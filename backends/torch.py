@@ -4,6 +4,8 @@ import functools
 
 import torch
 
+from .generic import cond  # noqa: F401  (eager: a Python branch)
+
 NAME = "torch"
 
 
@@ -107,3 +109,8 @@ def has_native_bf16(x) -> bool:
     if x.device.type == "cpu":
         return _cpu_bf16_fast()
     return True
+
+
+def rng_words(xp):
+    """Threefry's 32-bit words: int64 holding [0, 2^32) (CPU uint32 tensors lack arithmetic)."""
+    return torch.int64

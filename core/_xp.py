@@ -48,3 +48,8 @@ def is_number(v) -> bool:
     under tracing.  Adapters validate them where they are concrete.
     """
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def device(x):
+    """``x``'s device, also for a traced JAX array (which has no ``.device``)."""
+    return array_api_compat.device(x)

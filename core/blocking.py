@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._xp import namespace
+from ._xp import device, namespace
 
 __all__ = ["Layout", "layout", "merge_dims", "tiles", "to_blocks", "from_blocks", "valid_sizes"]
 
@@ -132,7 +132,7 @@ def _pad_axis(xp, x, axis: int, extra: int):
         return x
     shape = list(x.shape)
     shape[axis] = extra
-    return xp.concat([x, xp.zeros(tuple(shape), dtype=x.dtype, device=x.device)], axis=axis)
+    return xp.concat([x, xp.zeros(tuple(shape), dtype=x.dtype, device=device(x))], axis=axis)
 
 
 def to_blocks(x, lay: Layout):

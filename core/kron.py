@@ -6,7 +6,7 @@ Update rule, per parameter (``g`` its gradient, ``t`` the 1-based step)::
     m    = m / (||m|| + 1e-6)                     if normalize_grads
     per block G of m (core.blocking: merged to 2-D, tiled, zero padded):
         if the preconditioner updates this step (probability p(t), drawn from the key):
-            Pg   = Ql^T Ql (G + noise) Qr^T Qr     # noise ~ noise_scale * N(0, 1)
+            Pg   = Ql^T Ql (G + noise) Qr^T Qr     # noise: noise_scale * N(0, 1) entries (make_noise)
             Ql  <- step(Ql, Pg Pg^T,  n),  Qr <- step(Qr, Pg^T Pg, m)   # dense side
                    (diagonal side: the same on the diagonal: sum(Pg^2) along the other axis)
         D    = Ql^T Ql G Qr^T Qr                   # the new factors
@@ -48,7 +48,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 from . import blocking
 from .adam import _bias_correction
-from ._xp import is_number, namespace
+from ._xp import device, is_number, namespace
 
 __all__ = ["KronOptions", "Factors", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
            "update_probability", "kron_updates", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
@@ -187,7 +187,7 @@ def init_factors(like, lay: blocking.Layout, *, dtype, init_scale=1.0) -> Factor
     ``like``: an array of the target namespace/device; ``dtype``: the storage dtype.
     """
     xp, _ = namespace(like, names=("like",))
-    dev = like.device
+    dev = device(like)
     vr, vc = blocking.valid_sizes(lay)
     L = xp.zeros((lay.blocks,), dtype=xp.float32, device=dev)
 
@@ -233,7 +233,7 @@ def _norm_lower_bound(xp, A, iters: int = 4):
     A = A / scale[:, None, None]
     energy = xp.sum(A * A, axis=-1)                                   # (S, t)
     j = xp.argmax(energy, axis=-1)                                    # (S,)
-    onehot = xp.astype(xp.arange(A.shape[-1], device=A.device)[None, :] == j[:, None], A.dtype)
+    onehot = xp.astype(xp.arange(A.shape[-1], device=device(A))[None, :] == j[:, None], A.dtype)
     x = onehot[:, None, :] @ A                                        # (S, 1, t): that row
     for _ in range(iters):
         s = _amax(xp, x, (-2, -1))
@@ -311,13 +311,13 @@ def _balance(xp, f: Factors) -> Factors:
 
 def _valid(xp, lay, like):
     vr, vc = blocking.valid_sizes(lay)
-    dev = like.device
+    dev = device(like)
     return (xp.asarray(vr, dtype=like.dtype, device=dev), xp.asarray(vc, dtype=like.dtype, device=dev))
 
 
 def _noise_mask(xp, lay, like):
     vr, vc = blocking.valid_sizes(lay)
-    dev = like.device
+    dev = device(like)
     rows = xp.arange(lay.tr, device=dev)[None, :] < xp.asarray(vr, device=dev)[:, None]
     cols = xp.arange(lay.tc, device=dev)[None, :] < xp.asarray(vc, device=dev)[:, None]
     return xp.astype(rows[:, :, None] & cols[:, None, :], like.dtype)
@@ -361,7 +361,8 @@ def precondition(m, f: Factors, lay: blocking.Layout, *, update, balance: bool =
     or a 0-d bool array with ``cond``, the backend's branch, under jit).
     ``noise``: ``(S, tr, tc)`` already scaled and masked, or None.
     """
-    xp, _ = namespace(m, names=("m",))
+    xp, backend = namespace(m, names=("m",))
+    cond = cond or backend.cond
     G = blocking.to_blocks(m, lay)
     if balance:
         f = _balance(xp, f)
@@ -396,6 +397,7 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
     if not grads:
         return [], [], []
     xp, backend = namespace(*grads, names=tuple(f"grads[{i}]" for i in range(len(grads))))
+    cond = cond or backend.cond
     plr = precond_lr(step, opts.preconditioner_lr)
     balance = is_number(step) and step % BALANCE_EVERY == 0
     dirs, new_mus, new_f = [], [], []
@@ -459,48 +461,24 @@ def draw_update(decision_key, p):
 
 
 def make_noise(noise_key, lay: blocking.Layout, like, scale):
-    """``scale * N(0, 1)`` of the block stack's shape, zero on padding."""
+    """``scale`` times a random Toeplitz matrix per block, zero on padding.
+
+    ``T[i, j] = v[i - j + tc - 1]`` with ``v`` of ``tr + tc - 1`` standard
+    normals (``core.random.normal``): every entry is N(0, 1) and ``T`` has
+    full rank almost surely, which is what the noise is for (``Pg Pg^T``
+    never singular), from ``tr + tc - 1`` draws instead of ``tr * tc``.
+    Counter-based draws cost ~100 integer passes each, so i.i.d. noise of
+    the gradient's size would cost more than the preconditioner fit on a CPU.
+    """
     from . import random as R
 
     xp, _ = namespace(like, names=("like",))
-    z = R.normal(noise_key, (lay.blocks, lay.tr, lay.tc), like.dtype) * scale
+    tr, tc = lay.tr, lay.tc
+    v = R.normal(noise_key, (lay.blocks, tr + tc - 1), like.dtype) * scale
+    i = xp.arange(tr, device=device(like))[:, None]
+    j = xp.arange(tc, device=device(like))[None, :]
+    idx = xp.reshape(i - j + (tc - 1), (-1,))
+    z = xp.reshape(xp.take(v, idx, axis=1), (lay.blocks, tr, tc))
     if lay.padded:
         z = z * _noise_mask(xp, lay, like)
     return z
-
-
-# ------------------------------------------------------------------ planning
-
-_BYTES = {"bfloat16": 2, "float32": 4}
-
-
-def _side_flops(kind, t, other, style):
-    """(apply, fit) FLOPs of one side of one block: ``t`` its size, ``other`` the other side's."""
-    if kind is None:
-        return 0, 0
-    if kind == "diag":
-        return 2 * t * other, 4 * t * other
-    step = (4 if style == "QUAD" else 6) * t ** 3
-    return 4 * t * t * other, 2 * t * t * other + step
-
-
-def plan_row(lay: blocking.Layout, opts: KronOptions, *, name: str, adamw_state_bytes: int = 8) -> dict:
-    """One parameter of a memory / compute plan: layout, state bytes, FLOPs per step."""
-    import math as _m
-
-    numel = _m.prod(lay.shape)
-    fb = _BYTES[opts.dtype]
-
-    def side_bytes(kind, t):
-        if kind is None:
-            return 0
-        return lay.blocks * (t * t if kind == "dense" else t) * fb
-
-    mu = 0 if (is_number(opts.b1) and opts.b1 == 0) else numel * _BYTES[opts.state_dtype]
-    factors = side_bytes(lay.left, lay.tr) + side_bytes(lay.right, lay.tc) + 2 * 4 * lay.blocks
-    al, fl = _side_flops(lay.left, lay.tr, lay.tc, opts.preconditioner_update_style)
-    ar, fr = _side_flops(lay.right, lay.tc, lay.tr, opts.preconditioner_update_style)
-    apply = lay.blocks * (al + ar)
-    return dict(name=name, shape=lay.shape, layout=lay.describe(), state_bytes=mu + factors,
-                momentum_bytes=mu, factor_bytes=factors, adamw_bytes=numel * adamw_state_bytes,
-                flops_apply=apply, flops_fit=2 * apply + lay.blocks * (fl + fr))

@@ -1,0 +1,192 @@
+"""PSGD Kron as optax transforms: ``scale_by_kron`` / ``scale_by_quad`` / ``scale_by_skew``, ``quad`` / ``skew``.
+
+Option names and defaults are the seed's (eformer ``white_kron``): ``quad(learning_rate=1e-3,
+lr_style="adam", b1=0.95, weight_decay=0.1, weight_decay_mask=None, normalize_grads=False,
+max_size_dense=16384, preconditioner_lr=0.7, preconditioner_init_scale=1.0, dtype=jnp.bfloat16,
+scanned_layers=None, block_size=256, noise_scale=1e-9)``, plus ``precond_update_prob``,
+``mu_dtype`` and ``seed``.  The update rule is ``xpopt.core.kron``; ``quad`` / ``skew``
+are ``chain(scale_by_*, add_decayed_weights(weight_decay, mask), scale_by_learning_rate)``.
+
+State: :class:`KronState` (``count``, ``key`` = ``PRNGKey(seed)`` as 2 x uint32, ``mu``
+(a params-like tree, None leaves when ``b1 == 0``), ``factors``: one
+``core.kron.Factors`` per leaf).  Leaf ``i`` (flattening order) draws its noise and
+its "fit this step?" decision from ``fold_in(key, i)`` and the step: the same numbers
+as ``xpopt.adapters.torch.Kron`` for the same seed and parameter order.  Under
+``jax.jit`` the decision is a ``lax.cond``.  With ``optax.inject_hyperparams``
+list :data:`KRON_STATIC_ARGS` in ``static_args`` (the layout options shape the state).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..core import blocking
+from ..core import kron as K
+from ..core import random as R
+from ..core._xp import is_number
+from . import _common as C
+
+__all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
+           "KRON_STATIC_ARGS"]
+
+#: Arguments that shape the state or the computation: ``static_args`` for inject_hyperparams.
+KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditioner_update_style", "dtype",
+                    "mu_dtype", "scanned_layers", "block_size", "precond_update_prob", "seed",
+                    "weight_decay_mask")
+
+
+class KronState(NamedTuple):
+    count: Any      # int32 steps taken
+    key: Any        # uint32[2], PRNGKey(seed)
+    mu: Any         # params-like tree (None leaves when b1 == 0)
+    factors: Any    # tuple of core.kron.Factors, one per leaf
+
+
+def _dtype_name(v, argname):
+    if v is None and argname == "mu_dtype":
+        return None
+    if C.is_array_scalar(v):
+        raise TypeError(f"{argname} is an array: optax.inject_hyperparams calls dtype classes as schedules; "
+                        f"give it by name ({argname}='bfloat16') or list it in static_args (xo.KRON_STATIC_ARGS)")
+    name = v if isinstance(v, str) else getattr(jnp.dtype(v), "name", str(v))
+    if name not in K.FACTOR_DTYPES:
+        raise ValueError(f"{argname}={v!r} is not valid: factors are stored in bfloat16 or float32")
+    return name
+
+
+def _options(**kw) -> K.KronOptions:
+    kw["dtype"] = _dtype_name(kw["dtype"], "dtype")
+    kw["mu_dtype"] = _dtype_name(kw["mu_dtype"], "mu_dtype")
+    for name in ("max_size_dense", "block_size"):
+        kw[name] = C.static_number(kw[name], name, integer=True)
+    return K.KronOptions(**kw)
+
+
+def _layouts(leaves, scanned, opts):
+    return [blocking.layout(x.shape, max_size_dense=opts.max_size_dense, block_size=opts.block_size,
+                            scanned=bool(s)) for x, s in zip(leaves, scanned)]
+
+
+def _scanned_flags(scanned_layers, params, treedef, n):
+    if scanned_layers is None:
+        return [False] * n
+    flags = scanned_layers(params) if callable(scanned_layers) else scanned_layers
+    return treedef.flatten_up_to(flags)
+
+
+def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_grads: bool = False,
+                  max_size_dense: int = 16384, preconditioner_lr: float = 0.7,
+                  preconditioner_init_scale: float = 1.0, preconditioner_update_style: str = "skew",
+                  dtype: Any = jnp.bfloat16, scanned_layers: Any = None, block_size: int = 256,
+                  noise_scale: float = 1e-9, precond_update_prob: Union[float, str, Callable] = 1.0,
+                  mu_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+    """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
+    opts = _options(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
+                    preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
+                    preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
+                    noise_scale=noise_scale, precond_update_prob=precond_update_prob, mu_dtype=mu_dtype)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
+    fdt = jnp.dtype(opts.dtype)
+    mdt = jnp.dtype(opts.state_dtype)
+    use_mu = not (is_number(b1) and b1 == 0)
+
+    def init_fn(params):
+        leaves, treedef = jax.tree.flatten(params)
+        lays = _layouts(leaves, _scanned_flags(scanned_layers, params, treedef, len(leaves)), opts)
+        like = jnp.zeros((0,), jnp.float32)
+        factors = tuple(K.init_factors(like, lay, dtype=fdt, init_scale=opts.preconditioner_init_scale)
+                        for lay in lays)
+        mu = treedef.unflatten([jnp.zeros(x.shape, mdt) if use_mu else None for x in leaves])
+        key = R.PRNGKey(seed, like=jnp.zeros((0,), jnp.uint32))
+        return KronState(jnp.zeros([], jnp.int32), key, mu, factors)
+
+    def update_fn(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        if not leaves:
+            return updates, state
+        lays = _layouts(leaves, _scanned_flags(scanned_layers, updates, treedef, len(leaves)), opts)
+        count = optax.safe_increment(state.count)
+        prob = K.update_probability(opts.precond_update_prob, count)
+        always = is_number(prob) and prob >= 1.0
+        mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
+        out, new_mu, new_f = [], [], []
+        for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
+            nkey, dkey = K.step_keys(K.param_key(state.key, i), count)
+            update = True if always else K.draw_update(dkey, prob)
+            cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
+            noise = None
+            if not (is_number(opts.noise_scale) and opts.noise_scale == 0):
+                noise = [K.make_noise(nkey, lay, jnp.zeros((0,), cdt), opts.noise_scale)]
+            (d,), (m,), (nf,) = K.kron_updates([g], [mu], [f], [lay], step=count, opts=opts, update=update,
+                                               noise=noise)
+            out.append(d.astype(g.dtype))
+            new_mu.append(m)
+            new_f.append(nf)
+        mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
+        return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_quad(**kw) -> optax.GradientTransformation:
+    """:func:`scale_by_kron` with ``preconditioner_update_style="QUAD"``."""
+    return scale_by_kron(preconditioner_update_style="QUAD", **kw)
+
+
+def scale_by_skew(**kw) -> optax.GradientTransformation:
+    """:func:`scale_by_kron` with ``preconditioner_update_style="skew"`` (Q0.5EQ1.5 + Procrustes)."""
+    return scale_by_kron(preconditioner_update_style="skew", **kw)
+
+
+def _full(style, learning_rate, weight_decay, weight_decay_mask, kw):
+    tx = [scale_by_kron(preconditioner_update_style=style, **kw)]
+    if not (is_number(weight_decay) and weight_decay == 0):
+        C.check_hyper(weight_decay, "weight_decay")
+        tx.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    tx.append(optax.scale_by_learning_rate(C.check_lr(learning_rate, "learning_rate")))
+    return optax.chain(*tx)
+
+
+def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
+         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: int = 16384,
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = jnp.bfloat16,
+         scanned_layers: Any = None, block_size: int = 256, noise_scale: float = 1e-9,
+         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+    """PSGD Kron with QUAD preconditioner updates, weight decay and LR (the seed's ``quad``)."""
+    kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
+              preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
+              dtype=dtype, scanned_layers=scanned_layers, block_size=block_size, noise_scale=noise_scale,
+              precond_update_prob=precond_update_prob, mu_dtype=mu_dtype, seed=seed)
+    return _full("QUAD", learning_rate, weight_decay, weight_decay_mask, kw)
+
+
+def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
+         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: int = 16384,
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = jnp.bfloat16,
+         scanned_layers: Any = None, block_size: int = 256, noise_scale: float = 1e-9,
+         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+    """PSGD Kron with skew (Q0.5EQ1.5 + Procrustes) updates, weight decay and LR (the seed's ``skew``)."""
+    kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
+              preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
+              dtype=dtype, scanned_layers=scanned_layers, block_size=block_size, noise_scale=noise_scale,
+              precond_update_prob=precond_update_prob, mu_dtype=mu_dtype, seed=seed)
+    return _full("skew", learning_rate, weight_decay, weight_decay_mask, kw)
+
+
+def kron_plan(params, *, max_size_dense: int = 16384, block_size: int = 256, dtype: Any = "bfloat16",
+              mu_dtype: Any = None, b1: float = 0.95, preconditioner_update_style: str = "skew",
+              scanned_layers: Any = None) -> list[dict]:
+    """Per leaf (by pytree path): layout, state bytes and FLOPs, before allocating anything."""
+    opts = _options(lr_style="adam", b1=b1, normalize_grads=False, max_size_dense=max_size_dense,
+                    preconditioner_lr=0.7, preconditioner_init_scale=1.0,
+                    preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
+                    noise_scale=0.0, precond_update_prob=1.0, mu_dtype=mu_dtype)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [x for _, x in paths]
+    lays = _layouts(leaves, _scanned_flags(scanned_layers, params, treedef, len(leaves)), opts)
+    return [K.plan_row(lay, opts, name=jax.tree_util.keystr(path)) for (path, _), lay in zip(paths, lays)]
