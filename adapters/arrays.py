@@ -395,3 +395,8 @@ def apply_updates(params, updates):
             raise ValueError(f"update for {nm} has shape {tuple(u.shape)}, param has {tuple(p.shape)}")
         out.append(_cast(p + u, p.dtype))
     return _rebuild(kind, keys, out)
+
+
+from ._kron_arrays import Kron, KronState, kron  # noqa: E402  (PSGD Kron lives in its own module)
+
+__all__ += ["Kron", "KronState", "kron"]

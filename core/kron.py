@@ -25,7 +25,8 @@ sqrt(1 + t/10000), min(0.4, preconditioner_lr))``::
            diagonal: Q <- Q * (1 - z (term1 - term2))
 
 ``||.||_lb`` is a power-iteration lower bound of the spectral norm started
-from the row of largest energy (deterministic; ``<=`` the true norm).
+from the rows' energies (deterministic, smooth in its input; ``<=`` the
+true norm).
 Every 100 steps the two factors of each block are balanced (scaled to the
 same max-abs; their Kronecker product is unchanged).
 
@@ -226,15 +227,18 @@ def _amax(xp, X, axes):
 
 
 def _norm_lower_bound(xp, A, iters: int = 4):
-    """A lower bound of ``||A||_2`` per matrix of the stack ``(S, t, t)``: power
-    iteration from the row of largest energy (``||x A|| / ||x|| <= ||A||``)."""
+    """A lower bound of ``||A||_2`` per matrix of the stack ``(S, t, t)``.
+
+    Power iteration (``||x A|| / ||x|| <= ||A||`` for any ``x``) started from
+    the rows' energies ``x_i = ||A_i||^2``: a start that depends smoothly on
+    ``A``.  (Starting from the row of largest energy, as the seed does, jumps
+    when two rows' energies cross, and two backends rounding differently
+    then take different steps: a trajectory test would measure that kink.)
+    """
     scale = _amax(xp, A, (-2, -1))
     scale = xp.where(scale > 0, scale, xp.ones_like(scale))
     A = A / scale[:, None, None]
-    energy = xp.sum(A * A, axis=-1)                                   # (S, t)
-    j = xp.argmax(energy, axis=-1)                                    # (S,)
-    onehot = xp.astype(xp.arange(A.shape[-1], device=device(A))[None, :] == j[:, None], A.dtype)
-    x = onehot[:, None, :] @ A                                        # (S, 1, t): that row
+    x = xp.sum(A * A, axis=-1)[:, None, :]                            # (S, 1, t)
     for _ in range(iters):
         s = _amax(xp, x, (-2, -1))
         x = (x / xp.where(s > 0, s, xp.ones_like(s))[:, None, None]) @ A
@@ -482,3 +486,42 @@ def make_noise(noise_key, lay: blocking.Layout, like, scale):
     if lay.padded:
         z = z * _noise_mask(xp, lay, like)
     return z
+
+
+
+
+# ------------------------------------------------------------------ planning
+
+_BYTES = {"bfloat16": 2, "float32": 4}
+
+
+def _side_flops(kind, t, other, style):
+    """(apply, fit) FLOPs of one side of one block: ``t`` its size, ``other`` the other side's."""
+    if kind is None:
+        return 0, 0
+    if kind == "diag":
+        return 2 * t * other, 4 * t * other
+    step = (4 if style == "QUAD" else 6) * t ** 3
+    return 4 * t * t * other, 2 * t * t * other + step
+
+
+def plan_row(lay: blocking.Layout, opts: KronOptions, *, name: str, adamw_state_bytes: int = 8) -> dict:
+    """One parameter of a memory / compute plan: layout, state bytes, FLOPs per step."""
+    import math as _m
+
+    numel = _m.prod(lay.shape)
+    fb = _BYTES[opts.dtype]
+
+    def side_bytes(kind, t):
+        if kind is None:
+            return 0
+        return lay.blocks * (t * t if kind == "dense" else t) * fb
+
+    mu = 0 if (is_number(opts.b1) and opts.b1 == 0) else numel * _BYTES[opts.state_dtype]
+    factors = side_bytes(lay.left, lay.tr) + side_bytes(lay.right, lay.tc) + 2 * 4 * lay.blocks
+    al, fl = _side_flops(lay.left, lay.tr, lay.tc, opts.preconditioner_update_style)
+    ar, fr = _side_flops(lay.right, lay.tc, lay.tr, opts.preconditioner_update_style)
+    apply = lay.blocks * (al + ar)
+    return dict(name=name, shape=lay.shape, layout=lay.describe(), state_bytes=mu + factors,
+                momentum_bytes=mu, factor_bytes=factors, adamw_bytes=numel * adamw_state_bytes,
+                flops_apply=apply, flops_fit=2 * apply + lay.blocks * (fl + fr))

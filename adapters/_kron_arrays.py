@@ -1,0 +1,127 @@
+"""PSGD Kron for NumPy / CuPy arrays, functional (``xpopt.adapters.arrays.kron``).
+
+::
+
+    opt = arrays.kron(lr=1e-3, b1=0.95, weight_decay=0.0, preconditioner_update_style="skew")
+    state = opt.init(params)                 # list, tuple or flat dict of arrays
+    updates, state = opt.update(grads, state, params)
+    params = arrays.apply_updates(params, updates)
+
+Same options, state content and random draws as ``xpopt.adapters.torch.Kron``
+(parameter ``i`` in container order draws from ``fold_in(PRNGKey(seed), i)``),
+so the same seed gives the same numbers; ``update`` returns the deltas
+``-lr * (D + weight_decay * W)``.  ``dtype="bfloat16"`` stores factors as
+``ml_dtypes.bfloat16`` on NumPy (exact, slow); ``"float32"`` is the NumPy default here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..backends import resolve_dtype
+from ..core import blocking
+from ..core import kron as K
+from ..core import random as R
+from ..core._xp import is_number, namespace
+from . import _common as C
+
+__all__ = ["KronState", "Kron", "kron"]
+
+
+class KronState(NamedTuple):
+    step: int        # updates taken so far
+    key: Any         # uint32[2]: PRNGKey(seed)
+    mu: list         # momentum per param (None when b1 == 0)
+    factors: list    # core.kron.Factors per param
+
+
+class Kron:
+    """``init`` / ``update`` pair; build it with :func:`kron`."""
+
+    def __init__(self, lr, weight_decay, opts: K.KronOptions, scanned, seed):
+        self.lr, self.weight_decay, self.opts, self.scanned, self.seed = lr, weight_decay, opts, scanned, seed
+
+    def _layouts(self, values):
+        flags = self.scanned if isinstance(self.scanned, (list, tuple)) else [bool(self.scanned)] * len(values)
+        return [blocking.layout(x.shape, max_size_dense=self.opts.max_size_dense, block_size=self.opts.block_size,
+                                scanned=s) for x, s in zip(values, flags)]
+
+    def init(self, params) -> KronState:
+        from .arrays import _check_arrays, _flatten
+
+        keys, values, names, _ = _flatten(params, "params")
+        _check_arrays(values, names, "params")
+        use_mu = not (is_number(self.opts.b1) and self.opts.b1 == 0)
+        mu, factors = [], []
+        for x, lay in zip(values, self._layouts(values)):
+            xp, backend = namespace(x, names=("params",))
+            fdt = resolve_dtype(xp, backend, self.opts.dtype)
+            mdt = resolve_dtype(xp, backend, self.opts.state_dtype)
+            mu.append(xp.zeros(x.shape, dtype=mdt) if use_mu else None)
+            factors.append(K.init_factors(xp.zeros((0,), dtype=xp.float32), lay, dtype=fdt,
+                                          init_scale=self.opts.preconditioner_init_scale))
+        like = values[0] if values else None
+        key = R.PRNGKey(self.seed, like=like if like is not None else _np_like())
+        return KronState(0, key, mu, factors)
+
+    def update(self, grads, state: KronState, params=None):
+        from .arrays import _flatten, _matching, _rebuild
+
+        keys, gs, _, kind = _flatten(grads, "grads")
+        t = state.step + 1
+        lays = self._layouts(gs)
+        ps = _matching(params, keys, kind, "params", "grads") if params is not None else [None] * len(gs)
+        prob = K.update_probability(self.opts.precond_update_prob, t)
+        out, new_mu, new_f = [], [], []
+        for i, (g, mu, f, lay, p) in enumerate(zip(gs, state.mu, state.factors, lays, ps)):
+            xp, _ = namespace(g, names=(f"grads[{keys[i]!r}]",))
+            nkey, dkey = K.step_keys(K.param_key(state.key, i), t)
+            update = True if prob >= 1.0 else bool(K.draw_update(dkey, prob))
+            cdt = xp.float64 if g.dtype == xp.float64 else xp.float32
+            noise = None
+            if update and self.opts.noise_scale:
+                noise = [K.make_noise(nkey, lay, xp.zeros((0,), dtype=cdt), self.opts.noise_scale)]
+            (d,), (m,), (nf,) = K.kron_updates([g], [mu], [f], [lay], step=t, opts=self.opts, update=update,
+                                               noise=noise)
+            delta = -self.lr * d
+            if self.weight_decay:
+                if p is None:
+                    raise ValueError("weight_decay needs params: call update(grads, state, params)")
+                delta = delta - (self.lr * self.weight_decay) * xp.astype(p, d.dtype)
+            out.append(delta)
+            new_mu.append(m)
+            new_f.append(nf)
+        return _rebuild(kind, keys, out), KronState(t, state.key, new_mu, new_f)
+
+    def plan(self, params) -> list[dict]:
+        from .arrays import _flatten
+
+        keys, values, _, _ = _flatten(params, "params")
+        return [K.plan_row(lay, self.opts, name=str(k)) for k, lay in zip(keys, self._layouts(values))]
+
+
+def _np_like():
+    import numpy as np
+
+    return np.zeros((0,), np.uint32)
+
+
+def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, preconditioner_update_style: str = "skew",
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, precond_update_prob: Any = 1.0,
+         max_size_dense: int = 16384, block_size: int = 256, dtype: str = "float32", mu_dtype: Any = None,
+         normalize_grads: bool = False, lr_style: Any = "adam", noise_scale: float = 1e-9, scanned: Any = False,
+         seed: int = 0) -> Kron:
+    """PSGD Kron for NumPy / CuPy (see the module docstring; options as ``xpopt.adapters.torch.Kron``)."""
+    try:
+        C.check_nonnegative(lr, "lr")
+        C.check_nonnegative(weight_decay, "weight_decay")
+        opts = K.KronOptions(b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
+                             preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
+                             preconditioner_update_style=preconditioner_update_style, dtype=dtype,
+                             block_size=block_size, noise_scale=noise_scale, lr_style=lr_style,
+                             precond_update_prob=precond_update_prob, mu_dtype=mu_dtype)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"kron: {e}") from None
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"kron: seed={seed!r} must be an integer in [0, 2**64)")
+    return Kron(lr, weight_decay, opts, scanned, seed)
