@@ -85,9 +85,9 @@ DEFAULT_OUT = "xpopt-out"
 #   still catches everything the float32 tolerance would.
 TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 TOLERANCE_REASON = (
-    "{dtype} rounding (u = {u:.0e}) in forward, backward and Newton-Schulz, amplified along small "
-    "singular directions by NS and accumulated over {steps} Muon steps; the injected bugs we "
-    "tried moved parameters by 4e-3 to 0.7"
+    "{dtype} rounding (u = {u:.0e}) in forward, backward and the optimizer's matrix maths (Newton-Schulz / "
+    "the Kron factors), amplified along small singular directions and accumulated over {steps} "
+    "{optimizer} steps; the injected bugs we tried moved parameters by 4e-3 to 0.7"
 )
 _UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float64": 2.0 ** -53}
 # Beyond this many steps float32 trajectories of this (chaotic) training run may
@@ -254,6 +254,10 @@ class OptimizerSpec:
     # (adapter module, hyperparameters, schedule) -> optax.GradientTransformation
     make_optax: Callable[[Any, dict, Callable], Any]
     tolerance: dict = dataclasses.field(default_factory=lambda: dict(TOLERANCE))
+    # JAX weights in flax layout (in, out), checking the adapter's layout
+    # translation; False keeps torch's (out, in) (Kron has no layout option:
+    # a transposed matrix swaps its factors and its noise's arrangement).
+    jax_flax_layout: bool = True
 
 
 # One set of Muon hyperparameters for every backend.  The defaults of
@@ -298,8 +302,74 @@ def _muon_optax(mod, hp, schedule):
     return mod.muon(schedule, labels=dict(LABELS), **hp)
 
 
+# PSGD Kron: the seed's defaults except float32 factors (NumPy has no fast
+# bf16, and the oracle must be able to match) and no weight decay on the
+# embedding-free parameters' biases... kept simple: one decoupled weight decay
+# for all, as the seed's quad/skew.  ``noise_scale`` is raised from 1e-9 to
+# 1e-4: the hidden weight's gradient (64 x 128, a batch of 64) has rank <= 64,
+# and without noise the right factor grows in the 64 directions the gradient
+# never visits, where it then amplifies float32 rounding (measured: float32
+# parted from float64 by 1e-2 within 20 steps).  The noise is drawn from the
+# same key on every backend, so it is part of what agrees.
+KRON_HP = {
+    "lr": 0.01,
+    "b1": 0.9,
+    "weight_decay": 0.01,
+    "preconditioner_update_style": "skew",
+    "preconditioner_lr": 0.7,
+    "dtype": "float32",
+    "noise_scale": 1e-4,
+    "seed": 0,
+}
+
+
+def _kron_arrays(mod, hp, schedule):
+    hp.pop("lr")
+    return _ScheduledKron(mod.kron(lr=1.0, **hp), schedule)
+
+
+def _sorted(d):
+    return dict(sorted(d.items())) if d is not None else None
+
+
+class _ScheduledKron:
+    """The arrays adapter's Kron takes a float lr: scale its deltas by the schedule.
+
+    Parameters go in sorted-name order, the order JAX flattens a dict in:
+    Kron draws parameter ``i``'s noise from ``fold_in(key, i)``, so every
+    adapter must see the parameters in one order to draw the same noise.
+    """
+
+    def __init__(self, opt, schedule):
+        self.opt, self.schedule = opt, schedule
+
+    def init(self, params):
+        return self.opt.init(_sorted(params))
+
+    def update(self, grads, state, params=None):
+        lr = self.schedule(state.step)
+        updates, state = self.opt.update(_sorted(grads), state, _sorted(params))
+        return {k: v * lr for k, v in updates.items()}, state
+
+
+def _kron_torch(mod, named_params, hp, schedule):
+    import torch
+
+    peak = hp["lr"]
+    hp["dtype"] = getattr(torch, hp["dtype"])
+    opt = mod.Kron([p for _, p in sorted(named_params, key=lambda np_: np_[0])], **hp)  # JAX's order
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: schedule(t) / peak)
+    return opt, sched
+
+
+def _kron_optax(mod, hp, schedule):
+    hp.pop("lr")
+    return mod.skew(schedule, **{k: v for k, v in hp.items() if k != "preconditioner_update_style"})
+
+
 OPTIMIZERS = {
     "muon": OptimizerSpec("muon", MUON_HP, _muon_arrays, _muon_torch, _muon_optax),
+    "kron": OptimizerSpec("kron", KRON_HP, _kron_arrays, _kron_torch, _kron_optax, jax_flax_layout=False),
 }
 
 
@@ -476,14 +546,17 @@ def _check_torch_routes(opt) -> None:
         raise AssertionError(f"torch Muon routed parameters differently from the labels (got, want): {wrong}")
 
 
-def _jax_loss(params, x, y):
-    """Cross-entropy with weights in flax layout ``(in, out)``."""
+def _jax_loss(params, x, y, flax: bool = True):
+    """Cross-entropy with weights in flax layout ``(in, out)`` (else torch's ``(out, in)``)."""
     import jax.numpy as jnp
     import optax
 
+    def w(name):
+        return params[name] if flax else params[name].T
+
     a0 = jnp.take(params["embedding"], x, axis=0).reshape(x.shape[0], -1)
-    hid = jnp.tanh(a0 @ params["hidden.weight"] + params["hidden.bias"])
-    logits = hid @ params["out.weight"] + params["out.bias"]
+    hid = jnp.tanh(a0 @ w("hidden.weight") + params["hidden.bias"])
+    logits = hid @ w("out.weight") + params["out.bias"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
@@ -496,9 +569,10 @@ def _run_jax(problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> Run
     adapter = importlib.import_module("xpopt.adapters.optax")
     # JAX has float64 only with x64 on; switch it on for this run alone.
     ctx = jax.enable_x64(True) if dtype == "float64" else nullcontext()
+    flax = spec.jax_flax_layout
     with ctx:
         params = {
-            n: jnp.asarray(p.T if n in WEIGHTS else p, dtype=dtype)   # flax layout (in, out)
+            n: jnp.asarray(p.T if flax and n in WEIGHTS else p, dtype=dtype)   # flax layout (in, out)
             for n, p in problem.params.items()
         }
         tx = spec.make_optax(adapter, dict(spec.hyperparameters), _schedule(spec, problem.steps))
@@ -507,7 +581,7 @@ def _run_jax(problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> Run
 
         @jax.jit
         def train_step(params, state, x, y):
-            loss, grads = jax.value_and_grad(_jax_loss)(params, x, y)
+            loss, grads = jax.value_and_grad(_jax_loss)(params, x, y, flax)
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state, loss
 
@@ -523,7 +597,7 @@ def _run_jax(problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> Run
     return RunResult(
         "jax", dtype,
         np.array([float(v) for v in losses]),
-        {n: (p.T if n in WEIGHTS else p) for n, p in out.items()},   # back to torch layout
+        {n: (p.T if flax and n in WEIGHTS else p) for n, p in out.items()},   # back to torch layout
         rate,
     )
 
@@ -785,7 +859,7 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
         "model": dataclasses.asdict(problem.config) | {"vocab_size": len(problem.vocab)},
         "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.hyperparameters.items()},
         "lr_schedule": "linear decay: lr * (1 - t / steps) for update t = 0..steps-1",
-        "labels": LABELS, "tolerance": {"max_rel_diff": tol, "dtype": dtype, "reason": TOLERANCE_REASON.format(steps=steps, dtype=dtype, u=_UNIT_ROUNDOFF[dtype])},
+        "labels": LABELS, "tolerance": {"max_rel_diff": tol, "dtype": dtype, "reason": TOLERANCE_REASON.format(steps=steps, dtype=dtype, u=_UNIT_ROUNDOFF[dtype], optimizer=optimizer)},
         "skipped": [{"backend": b, "reason": why} for b, why in skipped],
         "rows": rows, "ok": not diverged and oracle_ok, "diverged": diverged,
         "losses": {f"{r.backend} {r.dtype}": r.losses.tolist() for r in results},
@@ -798,7 +872,7 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
     p(format_table(rows))
     p("")
     p(f"max rel diff = max over params of ||p - p_ref|| / ||p_ref||, p_ref from numpy float64 (the oracle).")
-    p(f"tolerance {tol:.0e} for {dtype}: " + TOLERANCE_REASON.format(steps=steps, dtype=dtype, u=_UNIT_ROUNDOFF[dtype]) + ".")
+    p(f"tolerance {tol:.0e} for {dtype}: " + TOLERANCE_REASON.format(steps=steps, dtype=dtype, u=_UNIT_ROUNDOFF[dtype], optimizer=optimizer) + ".")
     p("steps/s excludes the first step (JAX compile, lazy set-up).")
     if dtype == "float32" and steps > FLOAT32_HORIZON:
         p(f"note: beyond ~{FLOAT32_HORIZON} steps float32 runs of this training separate from float64 "
