@@ -4,7 +4,9 @@ Option names and defaults are the seed's (eformer ``white_kron``): ``quad(learni
 lr_style="adam", b1=0.95, weight_decay=0.1, weight_decay_mask=None, normalize_grads=False,
 max_size_dense=16384, preconditioner_lr=0.7, preconditioner_init_scale=1.0, dtype=jnp.bfloat16,
 scanned_layers=None, block_size=256, noise_scale=1e-9)``, plus ``precond_update_prob``,
-``mu_dtype`` and ``seed``.  The update rule is ``xpopt.core.kron``; ``quad`` / ``skew``
+``mu_dtype`` and ``seed``.  ``max_size_dense``, ``block_size`` and ``seed`` default to None
+(16384, 256, 0) so that ``optax.inject_hyperparams(xo.quad)(learning_rate=...)`` leaves
+them static.  The update rule is ``xpopt.core.kron``; ``quad`` / ``skew``
 are ``chain(scale_by_*, add_decayed_weights(weight_decay, mask), scale_by_learning_rate)``.
 
 State: :class:`KronState` (``count``, ``key`` = ``PRNGKey(seed)`` as 2 x uint32, ``mu``
@@ -61,8 +63,9 @@ def _dtype_name(v, argname):
 def _options(**kw) -> K.KronOptions:
     kw["dtype"] = _dtype_name(kw["dtype"], "dtype")
     kw["mu_dtype"] = _dtype_name(kw["mu_dtype"], "mu_dtype")
-    for name in ("max_size_dense", "block_size"):
-        kw[name] = C.static_number(kw[name], name, integer=True)
+    for name, default in (("max_size_dense", 16384), ("block_size", 256)):
+        v = C.static_number(kw[name], name, integer=True)
+        kw[name] = default if v is None else v
     return K.KronOptions(**kw)
 
 
@@ -79,18 +82,24 @@ def _scanned_flags(scanned_layers, params, treedef, n):
 
 
 def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_grads: bool = False,
-                  max_size_dense: int = 16384, preconditioner_lr: float = 0.7,
+                  max_size_dense: Optional[int] = None, preconditioner_lr: float = 0.7,
                   preconditioner_init_scale: float = 1.0, preconditioner_update_style: str = "skew",
-                  dtype: Any = jnp.bfloat16, scanned_layers: Any = None, block_size: int = 256,
+                  dtype: Any = "bfloat16", scanned_layers: Any = None, block_size: Optional[int] = None,
                   noise_scale: float = 1e-9, precond_update_prob: Union[float, str, Callable] = 1.0,
-                  mu_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+                  mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
     opts = _options(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
                     preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
                     preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
                     noise_scale=noise_scale, precond_update_prob=precond_update_prob, mu_dtype=mu_dtype)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
+    # seed is read by init only; under inject_hyperparams it arrives as an array
+    # (traced inside a jitted update, where it is not needed).
+    if C.is_array_scalar(seed) and C.is_traced(seed):
+        seed = None
+    else:
+        seed = 0 if seed is None else C.static_number(seed, "seed", integer=True)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
     fdt = jnp.dtype(opts.dtype)
     mdt = jnp.dtype(opts.state_dtype)
     use_mu = not (is_number(b1) and b1 == 0)
@@ -102,6 +111,8 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         factors = tuple(K.init_factors(like, lay, dtype=fdt, init_scale=opts.preconditioner_init_scale)
                         for lay in lays)
         mu = treedef.unflatten([jnp.zeros(x.shape, mdt) if use_mu else None for x in leaves])
+        if seed is None:
+            raise TypeError("seed is traced: call init outside jax.jit, or list 'seed' in static_args")
         key = R.PRNGKey(seed, like=jnp.zeros((0,), jnp.uint32))
         return KronState(jnp.zeros([], jnp.int32), key, mu, factors)
 
@@ -153,10 +164,10 @@ def _full(style, learning_rate, weight_decay, weight_decay_mask, kw):
 
 
 def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
-         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: int = 16384,
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = jnp.bfloat16,
-         scanned_layers: Any = None, block_size: int = 256, noise_scale: float = 1e-9,
-         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
+         scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
+         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """PSGD Kron with QUAD preconditioner updates, weight decay and LR (the seed's ``quad``)."""
     kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
               preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
@@ -166,10 +177,10 @@ def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
 
 
 def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
-         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: int = 16384,
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = jnp.bfloat16,
-         scanned_layers: Any = None, block_size: int = 256, noise_scale: float = 1e-9,
-         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
+         scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
+         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """PSGD Kron with skew (Q0.5EQ1.5 + Procrustes) updates, weight decay and LR (the seed's ``skew``)."""
     kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
               preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
@@ -178,7 +189,7 @@ def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
     return _full("skew", learning_rate, weight_decay, weight_decay_mask, kw)
 
 
-def kron_plan(params, *, max_size_dense: int = 16384, block_size: int = 256, dtype: Any = "bfloat16",
+def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optional[int] = None, dtype: Any = "bfloat16",
               mu_dtype: Any = None, b1: float = 0.95, preconditioner_update_style: str = "skew",
               scanned_layers: Any = None) -> list[dict]:
     """Per leaf (by pytree path): layout, state bytes and FLOPs, before allocating anything."""

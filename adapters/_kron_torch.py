@@ -201,24 +201,32 @@ class Kron(torch.optim.Optimizer):
             p.copy_(target)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, then every state tensor re-copied from ``state_dict`` in its own dtype.
+
+        torch casts all tensor state of a floating param to the param's dtype
+        (the int64 key through float32 would lose bits; float32 ``L`` of a
+        bf16 param would be rounded), so the saved tensors are taken as saved.
+        """
+        saved = state_dict.get("state", {})
+        ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
         super().load_state_dict(state_dict)
-        # torch casts floating state to the param's dtype: restore the storage dtypes.
-        for group in self.param_groups:
-            opts = _options(group, "loaded state")
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
-                    continue
-                fd = _torch_dtype(opts.dtype)
-                for k in ("Ql", "Qr"):
-                    if k in st:
-                        st[k] = st[k].to(fd)
-                if "mu" in st:
-                    st["mu"] = st["mu"].to(_torch_dtype(opts.state_dtype))
-                for k in ("Ll", "Lr"):
-                    st[k] = st[k].to(torch.float32)
-                st["key"] = st["key"].to(device="cpu", dtype=torch.int64)
-                st["step"] = int(st["step"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i not in saved:
+                continue
+            st = self.state[p]
+            for k, v in saved[i].items():
+                if torch.is_tensor(v):
+                    st[k] = v.to(device="cpu" if k == "key" else p.device, copy=True)
+            st["step"] = int(st["step"])
+            lay = self._layouts[p]
+            for k, v in st.items():
+                want = {"Ql": (lay.blocks,), "Qr": (lay.blocks,), "Ll": (lay.blocks,), "Lr": (lay.blocks,),
+                        "mu": tuple(p.shape), "key": (2,)}.get(k)
+                if want is not None and tuple(v.shape[:len(want)]) != want:
+                    raise ValueError(f"Kron.load_state_dict: state {k!r} of parameter {self._index[p]} has shape "
+                                     f"{tuple(v.shape)}, which does not fit its layout ({lay.describe()}); "
+                                     "the state dict comes from a different model or block_size")
 
 
 def _prng_key(seed: int):

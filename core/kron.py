@@ -158,10 +158,13 @@ def precond_lr(step, preconditioner_lr=0.7):
     """
     if is_number(step) and is_number(preconditioner_lr):
         return max(preconditioner_lr / math.sqrt(1.0 + step / 10000.0), min(0.4, preconditioner_lr))
-    xp, _ = namespace(step, names=("step",))
-    t = xp.astype(step, xp.float32)
-    floor = min(0.4, preconditioner_lr) if is_number(preconditioner_lr) else xp.minimum(0.4, preconditioner_lr)
-    return xp.maximum(preconditioner_lr / xp.sqrt(1.0 + t / 10000.0), floor)
+    arrays = [v for v in (step, preconditioner_lr) if not is_number(v)]
+    xp, _ = namespace(*arrays[:1], names=("step",))
+    t = step if is_number(step) else xp.astype(step, xp.float32)
+    lr = preconditioner_lr
+    floor = min(0.4, lr) if is_number(lr) else xp.minimum(xp.asarray(0.4, dtype=lr.dtype), lr)
+    decay = math.sqrt(1.0 + t / 10000.0) if is_number(t) else xp.sqrt(1.0 + t / 10000.0)
+    return xp.maximum(lr / decay, floor)
 
 
 def _f32(x: float) -> float:
