@@ -24,6 +24,7 @@ torch.optim; guard with ``torch.isfinite`` if your run can produce them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -34,6 +35,20 @@ from ..core import kron as K
 from . import _common as C
 
 __all__ = ["Kron"]
+
+_logger = logging.getLogger("xpopt")
+
+
+class _hybrid:
+    """``Kron.plan(params, **options)`` on the class, ``opt.plan()`` on an instance."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __get__(self, obj, cls):
+        if obj is not None:
+            return self.fn.__get__(obj, cls)
+        return lambda params, **kw: self.fn(cls(params, **kw))
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", "bfloat16": "bfloat16", "float32": "float32"}
 _STRUCTURAL = ("b1", "normalize_grads", "max_size_dense", "preconditioner_lr", "preconditioner_init_scale",
@@ -56,8 +71,9 @@ def _options(group: dict, where: str) -> K.KronOptions:
     try:
         C.check_nonnegative(group["lr"], "lr") if not isinstance(group["lr"], torch.Tensor) else None
         C.check_nonnegative(group["weight_decay"], "weight_decay")
-        if not isinstance(group["scanned"], bool):
-            raise TypeError(f"scanned={group['scanned']!r} must be True or False")
+        for flag in ("scanned", "verbose"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{flag}={group[flag]!r} must be True or False")
         return K.KronOptions(**kw)
     except (TypeError, ValueError) as e:
         raise type(e)(f"Kron: {e} ({where})") from None
@@ -84,6 +100,7 @@ class Kron(torch.optim.Optimizer):
       normalize_grads, lr_style (``"adam"``: divide by 5, or None), noise_scale.
       scanned: the params of this group have a leading layer axis.
       seed: the Threefry seed of the noise and the update draws.
+      verbose: log each parameter's layout (INFO, ``"xpopt"`` logger) when it is added.
     """
 
     def __init__(self, params, lr: Any = 1e-3, b1: float = 0.95, weight_decay: float = 0.0,
@@ -92,7 +109,7 @@ class Kron(torch.optim.Optimizer):
                  precond_update_prob: Union[float, str, Callable[[int], float]] = 1.0,
                  max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.bfloat16,
                  mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
-                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0):
+                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"Kron: seed={seed!r} must be an integer in [0, 2**64)")
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
@@ -100,7 +117,7 @@ class Kron(torch.optim.Optimizer):
                         preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
                         precond_update_prob=precond_update_prob, max_size_dense=max_size_dense,
                         block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
-                        lr_style=lr_style, noise_scale=noise_scale, scanned=scanned)
+                        lr_style=lr_style, noise_scale=noise_scale, scanned=scanned, verbose=verbose)
         _options(defaults, "Kron(...) arguments")
         self._seed = seed
         self._layouts: dict = {}
@@ -121,12 +138,20 @@ class Kron(torch.optim.Optimizer):
                                       block_size=group["block_size"], scanned=group["scanned"])
                 self._layouts[p] = lay
                 self._index.setdefault(p, len(self._index))
+                if group["verbose"]:
+                    _logger.info("xpopt Kron: param %d shape=%s -> %s", self._index[p], tuple(p.shape),
+                                 lay.describe())
         except Exception:
             self.param_groups.pop()
             raise
 
+    @_hybrid
     def plan(self) -> list[dict]:
-        """Per parameter: layout, state bytes (as stored) and FLOPs of one fitted step."""
+        """Per parameter: layout, state bytes (as stored), AdamW's bytes, FLOPs with / without a fit.
+
+        Nothing is allocated (state is created at the first step): call it on
+        the optimizer, or on the class as ``Kron.plan(params, **options)``.
+        """
         rows = []
         for g, group in enumerate(self.param_groups):
             opts = _options(group, f"param group {g}")
