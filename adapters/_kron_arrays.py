@@ -71,7 +71,7 @@ class Kron:
         t = state.step + 1
         lays = self._layouts(gs)
         ps = _matching(params, keys, kind, "params", "grads") if params is not None else [None] * len(gs)
-        prob = K.update_probability(self.opts.precond_update_prob, t)
+        prob = K.update_probability(self.opts.preconditioner_update_probability, t)
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay, p) in enumerate(zip(gs, state.mu, state.factors, lays, ps)):
             xp, _ = namespace(g, names=(f"grads[{keys[i]!r}]",))
@@ -107,7 +107,7 @@ def _np_like():
 
 
 def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, preconditioner_update_style: str = "skew",
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, precond_update_prob: Any = 1.0,
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, preconditioner_update_probability: Any = 1.0,
          max_size_dense: int = 16384, block_size: int = 256, dtype: str = "float32", mu_dtype: Any = None,
          normalize_grads: bool = False, lr_style: Any = "adam", noise_scale: float = 1e-9, scanned: Any = False,
          seed: int = 0) -> Kron:
@@ -119,7 +119,7 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
                              preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
                              preconditioner_update_style=preconditioner_update_style, dtype=dtype,
                              block_size=block_size, noise_scale=noise_scale, lr_style=lr_style,
-                             precond_update_prob=precond_update_prob, mu_dtype=mu_dtype)
+                             preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype)
     except (TypeError, ValueError) as e:
         raise type(e)(f"kron: {e}") from None
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:

@@ -3,7 +3,7 @@
 Option names and defaults are the seed's (eformer ``white_kron``): ``quad(learning_rate=1e-3,
 lr_style="adam", b1=0.95, weight_decay=0.1, weight_decay_mask=None, normalize_grads=False,
 max_size_dense=16384, preconditioner_lr=0.7, preconditioner_init_scale=1.0, dtype=jnp.bfloat16,
-scanned_layers=None, block_size=256, noise_scale=1e-9)``, plus ``precond_update_prob``,
+scanned_layers=None, block_size=256, noise_scale=1e-9)``, plus ``preconditioner_update_probability``,
 ``mu_dtype`` and ``seed``.  ``max_size_dense``, ``block_size`` and ``seed`` default to None
 (16384, 256, 0) so that ``optax.inject_hyperparams(xo.quad)(learning_rate=...)`` leaves
 them static.  The update rule is ``xpopt.core.kron``; ``quad`` / ``skew``
@@ -37,7 +37,7 @@ __all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad
 
 #: Arguments that shape the state or the computation: ``static_args`` for inject_hyperparams.
 KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditioner_update_style", "dtype",
-                    "mu_dtype", "scanned_layers", "block_size", "precond_update_prob", "seed",
+                    "mu_dtype", "scanned_layers", "block_size", "preconditioner_update_probability", "seed",
                     "weight_decay_mask")
 
 
@@ -85,13 +85,13 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
                   max_size_dense: Optional[int] = None, preconditioner_lr: float = 0.7,
                   preconditioner_init_scale: float = 1.0, preconditioner_update_style: str = "skew",
                   dtype: Any = "bfloat16", scanned_layers: Any = None, block_size: Optional[int] = None,
-                  noise_scale: float = 1e-9, precond_update_prob: Union[float, str, Callable] = 1.0,
+                  noise_scale: float = 1e-9, preconditioner_update_probability: Union[float, str, Callable] = 1.0,
                   mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
     opts = _options(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
                     preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
                     preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
-                    noise_scale=noise_scale, precond_update_prob=precond_update_prob, mu_dtype=mu_dtype)
+                    noise_scale=noise_scale, preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype)
     # seed is read by init only; under inject_hyperparams it arrives as an array
     # (traced inside a jitted update, where it is not needed).
     if C.is_array_scalar(seed) and C.is_traced(seed):
@@ -122,7 +122,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             return updates, state
         lays = _layouts(leaves, _scanned_flags(scanned_layers, updates, treedef, len(leaves)), opts)
         count = optax.safe_increment(state.count)
-        prob = K.update_probability(opts.precond_update_prob, count)
+        prob = K.update_probability(opts.preconditioner_update_probability, count)
         always = is_number(prob) and prob >= 1.0
         mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
         out, new_mu, new_f = [], [], []
@@ -167,12 +167,12 @@ def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
          weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
          preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
-         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
+         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """PSGD Kron with QUAD preconditioner updates, weight decay and LR (the seed's ``quad``)."""
     kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
               preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
               dtype=dtype, scanned_layers=scanned_layers, block_size=block_size, noise_scale=noise_scale,
-              precond_update_prob=precond_update_prob, mu_dtype=mu_dtype, seed=seed)
+              preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype, seed=seed)
     return _full("QUAD", learning_rate, weight_decay, weight_decay_mask, kw)
 
 
@@ -180,12 +180,12 @@ def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
          weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
          preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
-         precond_update_prob: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
+         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """PSGD Kron with skew (Q0.5EQ1.5 + Procrustes) updates, weight decay and LR (the seed's ``skew``)."""
     kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
               preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
               dtype=dtype, scanned_layers=scanned_layers, block_size=block_size, noise_scale=noise_scale,
-              precond_update_prob=precond_update_prob, mu_dtype=mu_dtype, seed=seed)
+              preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype, seed=seed)
     return _full("skew", learning_rate, weight_decay, weight_decay_mask, kw)
 
 
@@ -196,7 +196,7 @@ def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optio
     opts = _options(lr_style="adam", b1=b1, normalize_grads=False, max_size_dense=max_size_dense,
                     preconditioner_lr=0.7, preconditioner_init_scale=1.0,
                     preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
-                    noise_scale=0.0, precond_update_prob=1.0, mu_dtype=mu_dtype)
+                    noise_scale=0.0, preconditioner_update_probability=1.0, mu_dtype=mu_dtype)
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [x for _, x in paths]
     lays = _layouts(leaves, _scanned_flags(scanned_layers, params, treedef, len(leaves)), opts)

@@ -53,7 +53,7 @@ class _hybrid:
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", "bfloat16": "bfloat16", "float32": "float32"}
 _STRUCTURAL = ("b1", "normalize_grads", "max_size_dense", "preconditioner_lr", "preconditioner_init_scale",
                "preconditioner_update_style", "dtype", "block_size", "noise_scale", "lr_style",
-               "precond_update_prob", "mu_dtype")
+               "preconditioner_update_probability", "mu_dtype")
 
 
 def _dtype_name(v, argname):
@@ -93,7 +93,7 @@ class Kron(torch.optim.Optimizer):
       preconditioner_update_style: ``"skew"`` (Q0.5EQ1.5 with a Procrustes step) or ``"QUAD"``.
       preconditioner_lr, preconditioner_init_scale: the factors' LR (decayed, see
         ``core.kron.precond_lr``) and initial scale (identity times it).
-      precond_update_prob: fit the preconditioner with this probability per step
+      preconditioner_update_probability: fit the preconditioner with this probability per step
         (a float in (0, 1], ``"heavyball"`` or a callable ``step -> p``).
       max_size_dense, block_size: layout (``core.blocking``).
       dtype, mu_dtype: storage of factors / momentum (bf16 or float32; maths is float32).
@@ -106,7 +106,7 @@ class Kron(torch.optim.Optimizer):
     def __init__(self, params, lr: Any = 1e-3, b1: float = 0.95, weight_decay: float = 0.0,
                  preconditioner_update_style: str = "skew", preconditioner_lr: float = 0.7,
                  preconditioner_init_scale: float = 1.0,
-                 precond_update_prob: Union[float, str, Callable[[int], float]] = 1.0,
+                 preconditioner_update_probability: Union[float, str, Callable[[int], float]] = 1.0,
                  max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.bfloat16,
                  mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
                  noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False):
@@ -115,7 +115,7 @@ class Kron(torch.optim.Optimizer):
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
                         preconditioner_update_style=preconditioner_update_style,
                         preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-                        precond_update_prob=precond_update_prob, max_size_dense=max_size_dense,
+                        preconditioner_update_probability=preconditioner_update_probability, max_size_dense=max_size_dense,
                         block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
                         lr_style=lr_style, noise_scale=noise_scale, scanned=scanned, verbose=verbose)
         _options(defaults, "Kron(...) arguments")
@@ -199,7 +199,7 @@ class Kron(torch.optim.Optimizer):
         t = st["step"]
         key = np.asarray(st["key"].tolist(), dtype=np.uint32)
         noise_key, decision_key = K.step_keys(key, t)
-        prob = K.update_probability(opts.precond_update_prob, t)
+        prob = K.update_probability(opts.preconditioner_update_probability, t)
         update = True if prob >= 1.0 else bool(K.draw_update(decision_key, prob))
         cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
         noise = None

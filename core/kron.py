@@ -62,7 +62,7 @@ ADAM_DIVISOR = 5.0     # lr_style="adam": Adam-like update size
 BALANCE_EVERY = 100
 PROCRUSTES_MAX_STEP = 0.125
 _SAFE_LO, _SAFE_HI = 2.0 ** -40, 2.0 ** 40
-#: ``precond_update_prob`` by name: heavyball's schedule (every step for 1000
+#: ``preconditioner_update_probability`` by name: heavyball's schedule (every step for 1000
 #: steps, then decaying by 0.999 a step to a floor of 0.03).
 PROB_SCHEDULES = ("heavyball",)
 
@@ -94,7 +94,7 @@ class KronOptions:
     block_size: int = 256
     noise_scale: Any = 1e-9
     lr_style: Optional[str] = "adam"
-    precond_update_prob: Union[float, str, Callable] = 1.0
+    preconditioner_update_probability: Union[float, str, Callable] = 1.0
     mu_dtype: Optional[str] = None   # None: same as dtype
 
     def __post_init__(self):
@@ -119,14 +119,14 @@ class KronOptions:
             _check(self.noise_scale >= 0, f"noise_scale={self.noise_scale!r} is not valid: it must be >= 0")
         _check(self.lr_style in (None, "adam"), f"lr_style={self.lr_style!r} is not valid; use 'adam' or None")
         _check(isinstance(self.normalize_grads, bool), f"normalize_grads={self.normalize_grads!r} must be True or False")
-        p = self.precond_update_prob
+        p = self.preconditioner_update_probability
         if isinstance(p, str):
-            _check(p in PROB_SCHEDULES, f"precond_update_prob={p!r} is not a known schedule; use one of "
+            _check(p in PROB_SCHEDULES, f"preconditioner_update_probability={p!r} is not a known schedule; use one of "
                    f"{list(PROB_SCHEDULES)}, a number in (0, 1] or a callable step -> probability")
         elif is_number(p):
-            _check(0.0 < p <= 1.0, f"precond_update_prob={p!r} is not valid: it must be in (0, 1]")
+            _check(0.0 < p <= 1.0, f"preconditioner_update_probability={p!r} is not valid: it must be in (0, 1]")
         elif not callable(p) and getattr(p, "shape", None) != ():
-            raise ValueError(f"precond_update_prob={p!r} is not valid: a number in (0, 1], "
+            raise ValueError(f"preconditioner_update_probability={p!r} is not valid: a number in (0, 1], "
                              f"a schedule name {list(PROB_SCHEDULES)} or a callable step -> probability")
 
     @property
@@ -172,7 +172,7 @@ def _f32(x: float) -> float:
 
 
 def update_probability(spec, step):
-    """``precond_update_prob`` at ``step``: a number, a schedule name or a callable."""
+    """``preconditioner_update_probability`` at ``step``: a number, a schedule name or a callable."""
     if isinstance(spec, str):
         p = _heavyball_prob(step)
     elif callable(spec):

@@ -34,7 +34,7 @@ def _start(seed=1):
     return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
 
 
-KW = dict(b1=0.9, block_size=16, max_size_dense=200, precond_update_prob=0.6, noise_scale=1e-2, weight_decay=0.1,
+KW = dict(b1=0.9, block_size=16, max_size_dense=200, preconditioner_update_probability=0.6, noise_scale=1e-2, weight_decay=0.1,
           preconditioner_update_style="skew", seed=3)
 
 
@@ -102,7 +102,7 @@ def test_a_wrong_option_is_seen():
     """The comparison has teeth: another style, seed or update probability moves the updates."""
     grads = _grads(6)
     ref, _, _ = _torch_updates(grads)
-    for change in (dict(preconditioner_update_style="QUAD"), dict(seed=4), dict(precond_update_prob=1.0)):
+    for change in (dict(preconditioner_update_style="QUAD"), dict(seed=4), dict(preconditioner_update_probability=1.0)):
         other, _, _ = _torch_updates(grads, dict(KW, **change))
         assert max(_rel(a, b) for a, b in zip(other, ref)) > 1e-2, change
 
@@ -178,8 +178,8 @@ def test_plan_matches_the_allocated_state():
     (dict(block_size=0), "block_size"),
     (dict(b1=1.0), "b1"),
     (dict(max_size_dense=0), "max_size_dense"),
-    (dict(precond_update_prob=0.0), "precond_update_prob"),
-    (dict(precond_update_prob=1.5), "precond_update_prob"),
+    (dict(preconditioner_update_probability=0.0), "preconditioner_update_probability"),
+    (dict(preconditioner_update_probability=1.5), "preconditioner_update_probability"),
     (dict(lr=-1.0), "lr"),
 ])
 def test_bad_options_name_themselves(kw, match):
