@@ -455,7 +455,7 @@ def step_keys(key, step):
     from . import random as R
 
     ks = R.split(R.fold_in(key, step), 2)
-    return ks[0], ks[1]
+    return ks[0, :], ks[1, :]
 
 
 def draw_update(decision_key, p):
