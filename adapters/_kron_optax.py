@@ -154,11 +154,15 @@ def scale_by_skew(**kw) -> optax.GradientTransformation:
     return scale_by_kron(preconditioner_update_style="skew", **kw)
 
 
-def _full(style, learning_rate, weight_decay, weight_decay_mask, kw):
-    tx = [scale_by_kron(preconditioner_update_style=style, **kw)]
+def _full(style, args: dict):
+    """``chain(scale_by_kron, add_decayed_weights, scale_by_learning_rate)`` from quad's / skew's arguments."""
+    args = dict(args)
+    learning_rate, weight_decay = args.pop("learning_rate"), args.pop("weight_decay")
+    mask = args.pop("weight_decay_mask")
+    tx = [scale_by_kron(preconditioner_update_style=style, **args)]
     if not (is_number(weight_decay) and weight_decay == 0):
         C.check_hyper(weight_decay, "weight_decay")
-        tx.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+        tx.append(optax.add_decayed_weights(weight_decay, mask))
     tx.append(optax.scale_by_learning_rate(C.check_lr(learning_rate, "learning_rate")))
     return optax.chain(*tx)
 
@@ -169,11 +173,7 @@ def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
          preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """PSGD Kron with QUAD preconditioner updates, weight decay and LR (the seed's ``quad``)."""
-    kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
-              preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-              dtype=dtype, scanned_layers=scanned_layers, block_size=block_size, noise_scale=noise_scale,
-              preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype, seed=seed)
-    return _full("QUAD", learning_rate, weight_decay, weight_decay_mask, kw)
+    return _full("QUAD", locals())
 
 
 def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
@@ -182,11 +182,7 @@ def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
          preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
     """PSGD Kron with skew (Q0.5EQ1.5 + Procrustes) updates, weight decay and LR (the seed's ``skew``)."""
-    kw = dict(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
-              preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-              dtype=dtype, scanned_layers=scanned_layers, block_size=block_size, noise_scale=noise_scale,
-              preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype, seed=seed)
-    return _full("skew", learning_rate, weight_decay, weight_decay_mask, kw)
+    return _full("skew", locals())
 
 
 def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optional[int] = None, dtype: Any = "bfloat16",
