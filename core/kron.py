@@ -33,8 +33,10 @@ same max-abs; their Kronecker product is unchanged).
 Guards (per block, no data-dependent Python branches): a block whose gradient
 is all zero or not finite leaves its factors and ``L`` untouched; a block
 whose largest entry lies outside ``[2^-40, 2^40]`` is divided by a power of
-two (exact) before it updates the factors, since ``Pg Pg^T`` would leave
-float32's range; the RMS clip is computed overflow-safe.  Factors are stored
+two (exact) before the factors see it, since ``Pg Pg^T`` would leave
+float32's range, and the power of two goes to the RMS clip instead of the
+gradient (``D * min(s, 1.1 / rms(D))``), so every finite gradient, 3e38
+included, gives a finite update.  Factors are stored
 in ``dtype`` (bf16 or float32); every computation is in float32 (float64 for
 float64 gradients).
 """
@@ -330,18 +332,28 @@ def _noise_mask(xp, lay, like):
     return xp.astype(rows[:, :, None] & cols[:, None, :], like.dtype)
 
 
-def _fit(xp, G, f: Factors, lay, *, noise, plr, style) -> Factors:
-    """The factors after one fit to the blocks ``G`` (float32), with the guards."""
+def _block_scales(xp, G):
+    """``(ok, s)`` per block: a usable gradient (finite, not all zero) and its power-of-two unit.
+
+    ``s`` is 1 while the block's largest entry lies in ``[2^-40, 2^40]`` (so
+    the usual case is computed exactly as written), else the power of two at
+    or below it: ``Pg Pg^T`` of a 1e30 gradient would overflow float32 and of
+    a 1e-30 one underflow.  Dividing by ``s`` is exact.
+    """
     amax = _amax(xp, G, (-2, -1))
     ok = (amax > 0) & (amax < math.inf)           # False for NaN too
-    safe = ok & (amax >= _SAFE_LO) & (amax <= _SAFE_HI)
+    safe = (amax >= _SAFE_LO) & (amax <= _SAFE_HI)
     p2 = 2.0 ** xp.floor(xp.log2(xp.where(ok, amax, xp.ones_like(amax))))
-    Gs = G / xp.where(safe | ~ok, xp.ones_like(p2), p2)[:, None, None]
+    return ok, xp.where(ok & ~safe, p2, xp.ones_like(p2))
+
+
+def _fit(xp, Gs, ok, f: Factors, lay, *, noise, plr, style) -> Factors:
+    """The factors after one fit to the (rescaled) blocks ``Gs``; unusable blocks keep theirs."""
     Gs = xp.where(ok[:, None, None], Gs, xp.zeros_like(Gs))
     if noise is not None:
         Gs = Gs + noise
     Pg = _apply(xp, f, lay, Gs)
-    vr, vc = _valid(xp, lay, G)
+    vr, vc = _valid(xp, lay, Gs)
     Ql, Ll = f.Ql, f.Ll
     if lay.left == "dense":
         Ql, Ll = _dense_step(xp, f.Ql, Pg @ _mT(xp, Pg), vc, f.Ll, plr, style)
@@ -362,30 +374,42 @@ def _fit(xp, G, f: Factors, lay, *, noise, plr, style) -> Factors:
 
 def precondition(m, f: Factors, lay: blocking.Layout, *, update, balance: bool = False, plr=0.7,
                  style: str = "skew", noise=None, cond=None):
-    """``(D, new_factors)`` for one parameter's (momentum) gradient ``m``, in float32.
+    """``(D, scale, new_factors)`` for one parameter's (momentum) gradient ``m``, in float32.
 
-    ``f`` holds float32 factors.  ``update``: fit the factors first (a bool,
-    or a 0-d bool array with ``cond``, the backend's branch, under jit).
-    ``noise``: ``(S, tr, tc)`` already scaled and masked, or None.
+    The preconditioned gradient is ``D * scale`` (``scale`` a 0-d power of
+    two, 1 unless some block was outside float32's safe range; kept apart so
+    that ``Q^T Q G`` of a 3e38 gradient does not overflow: :func:`rms_clip`
+    takes it).  ``f`` holds float32 factors.  ``update``: fit the factors
+    first (a bool, or a 0-d bool array with ``cond``, the backend's branch,
+    under jit).  ``noise``: ``(S, tr, tc)`` already scaled and masked, or None.
     """
     xp, backend = namespace(m, names=("m",))
     cond = cond or backend.cond
     G = blocking.to_blocks(m, lay)
+    ok, s = _block_scales(xp, G)
+    Gs = G / s[:, None, None]
     if balance:
         f = _balance(xp, f)
     if update is True:
-        f = _fit(xp, G, f, lay, noise=noise, plr=plr, style=style)
+        f = _fit(xp, Gs, ok, f, lay, noise=noise, plr=plr, style=style)
     elif update is not False:
-        f = cond(update, lambda f: _fit(xp, G, f, lay, noise=noise, plr=plr, style=style), lambda f: f, f)
-    return blocking.from_blocks(_apply(xp, f, lay, G), lay), f
+        f = cond(update, lambda f: _fit(xp, Gs, ok, f, lay, noise=noise, plr=plr, style=style), lambda f: f, f)
+    S = xp.max(s)
+    D = _apply(xp, f, lay, Gs) * (s / S)[:, None, None]      # one unit for the parameter, exact
+    return blocking.from_blocks(D, lay), S, f
 
 
-def rms_clip(xp, D, limit: float = RMS_CLIP):
-    """``D * limit / max(rms(D), limit)``, the RMS taken overflow-safe."""
+def rms_clip(xp, D, scale=1.0, limit: float = RMS_CLIP):
+    """``(D * scale) * limit / max(rms(D * scale), limit)`` = ``D * min(scale, limit / rms(D))``.
+
+    Overflow-safe: the RMS is taken of ``D / max|D|``, and ``scale`` (a power
+    of two from :func:`precondition`) never multiplies ``D`` before the clip.
+    """
     amax = _amax(xp, xp.reshape(D, (-1,)), (-1,)) if D.ndim else xp.abs(D)
     amax = xp.where(amax > 0, amax, xp.ones_like(amax))
     rms = amax * xp.sqrt(xp.mean((D / amax) ** 2)) if D.size else amax
-    return D * (limit / xp.maximum(rms, xp.full_like(rms, limit)))
+    rms = xp.where(rms > 0, rms, xp.ones_like(rms))
+    return D * xp.minimum(scale * xp.ones_like(rms), limit / rms)
 
 
 # ------------------------------------------------------------------ one step
@@ -415,7 +439,7 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
         g = xp.astype(g, cdt)
         if use_mu:
             mu32 = xp.astype(mu, cdt)
-            mu32 = mu32 + (1.0 - b1) * (g - mu32)
+            mu32 = b1 * mu32 + (1.0 - b1) * g          # a convex mix: never overflows
             new_mus.append(xp.astype(mu32, mu.dtype))
             m = mu32 / _bias_correction(xp, b1, step)
         else:
@@ -428,12 +452,12 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
         bal = balance if is_number(step) else False
         if not is_number(step):
             f32 = cond(step % BALANCE_EVERY == 0, lambda f: _balance(xp, f), lambda f: f, f32)
-        D, f32 = precondition(m, f32, lay, update=update, balance=bal, plr=plr,
-                              style=opts.preconditioner_update_style,
-                              noise=None if noise is None else noise[i], cond=cond)
+        D, scale, f32 = precondition(m, f32, lay, update=update, balance=bal, plr=plr,
+                                     style=opts.preconditioner_update_style,
+                                     noise=None if noise is None else noise[i], cond=cond)
         new_f.append(Factors(*(None if q is None else xp.astype(q, o.dtype) for q, o in zip(f32[:2], f[:2])),
                              xp.astype(f32.Ll, f.Ll.dtype), xp.astype(f32.Lr, f.Lr.dtype)))
-        D = rms_clip(xp, D)
+        D = rms_clip(xp, D, scale)
         if opts.lr_style == "adam":
             D = D / ADAM_DIVISOR
         dirs.append(D)
