@@ -1,10 +1,13 @@
 """PSGD Kron through its adapters: torch.optim conventions, optax conventions, the same numbers.
 
 Tolerances: the adapters call the same core function on the same float32
-inputs, so open-loop comparisons (fixed gradient sequence) differ only by each
-framework's rounding of the same ops: measured <= 6e-7 of the update size
-over 20 steps; SAME = 1e-5 keeps a 15x margin and is far below what a wrong
-option does (the "wrong" checks below move the updates by >= 1e-2).
+inputs (and draw the same noise from the same key), so open-loop comparisons
+(a fixed gradient sequence) differ only by each framework's rounding of the
+same ops.  Measured over 20 steps: 0 (bit-identical) for 14 steps on every
+parameter, then up to 2.6e-5 of the update size on the 24x24 parameter (four
+12x12 blocks: a one-ulp difference in a factor fit is amplified by the
+block's conditioning, ~1e2 for a 12x12 random block).  SAME = 1e-4 keeps a 4x
+margin and stays far below what a wrong option does (>= 1e-2, checked below).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 from xpopt.adapters import arrays  # noqa: E402
 from xpopt.adapters.torch import Kron  # noqa: E402
 
-SAME = 1e-5
+SAME = 1e-4
 SHAPES = [(24, 24), (40, 12), (30,), (3, 4, 5), (300, 20), ()]
 
 
