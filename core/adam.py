@@ -60,6 +60,8 @@ def _bias_correction(xp, beta, step):
     (0.9999: 1e-4).  ``-expm1(step * log(beta))`` takes ``log(beta)`` in
     float64 and keeps the float32 result within a few ulp at every step.
     """
+    if not is_number(step) and xp.isdtype(step.dtype, "integral"):
+        step = xp.astype(step, xp.float32)     # a weak int would become float64 under jax_enable_x64
     if is_number(step) or not is_number(beta) or not 0.0 < beta < 1.0:
         return 1.0 - beta ** step
     return -xp.expm1(step * math.log(beta))
