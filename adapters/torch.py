@@ -809,3 +809,10 @@ def _user_stacklevel() -> int:
 from ._kron_torch import Kron  # noqa: E402  (PSGD Kron lives in its own module)
 
 __all__ += ["Kron"]
+
+from ._mup_torch import (  # noqa: E402  (muP helpers live in their own module)
+    base_shapes, mup_init_, mup_param_groups, mup_plan, print_effective_hparams, save_base_shapes,
+)
+
+__all__ += ["base_shapes", "mup_init_", "mup_param_groups", "mup_plan", "print_effective_hparams",
+            "save_base_shapes"]

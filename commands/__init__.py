@@ -1,0 +1,1 @@
+"""Command implementations (``xpopt coordcheck``, ``xpopt transfer``); each imports its framework lazily."""
