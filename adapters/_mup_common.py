@@ -96,8 +96,14 @@ def infer_role(e: Entry, fan_in: int, fan_out: int, base_fan_in: int, base_fan_o
 def plan(entries: Sequence[Entry], base_shapes: Mapping[str, tuple], *, rule: str, optimizer: str,
          roles: Optional[Mapping[str, str]] = None, layout: str = "torch", wd_scaling: str = "independent",
          muon_adjust_lr_fn: str = "match_rms_adamw", muon_rms: float = 0.2,
-         fan_mapping: Optional[Mapping[str, Sequence[int]]] = None) -> list[dict]:
+         fan_mapping: Optional[Mapping[str, Sequence[int]]] = None,
+         delta_shapes: Optional[Mapping[str, tuple]] = None) -> list[dict]:
     """One row per parameter: name, shape, role, fans, base fans and :class:`core.mup.Multipliers`.
+
+    ``delta_shapes``: the same architecture at another width (microsoft/mup's
+    ``delta``): which fans grow is read from base vs delta instead of base vs
+    the model, so roles are the same at every width, the base width included
+    (where nothing grows and roles would otherwise fall back to position).
 
     ``fan_mapping``: ``{name: (fan_in, fan_out)}`` (seed 002's form) overriding the
     fans read from the shapes; its base values scale by the same ratio as the shape.
@@ -128,7 +134,12 @@ def plan(entries: Sequence[Entry], base_shapes: Mapping[str, tuple], *, rule: st
             fi, fo = (int(v) for v in fan_mapping[e.name])
             bfan_in, bfan_out = max(1, round(fi * bfan_in / fan_in)), max(1, round(fo * bfan_out / fan_out))
             fan_in, fan_out = fi, fo
-        role = _override(e.name, roles) or infer_role(e, fan_in, fan_out, bfan_in, bfan_out)
+        if delta_shapes is not None and e.name in delta_shapes:
+            dfan_in, dfan_out = M.fans(tuple(delta_shapes[e.name]), kind, layout)
+            inferred = infer_role(e, dfan_in, dfan_out, bfan_in, bfan_out)
+        else:
+            inferred = infer_role(e, fan_in, fan_out, bfan_in, bfan_out)
+        role = _override(e.name, roles) or inferred
         if role is None:
             raise ValueError(f"parameter {e.name!r} (shape {e.shape}) has no role: it is not an embedding, "
                              "linear/conv weight or vector; give one with roles={" + repr(e.name) + ": 'hidden'} "

@@ -71,15 +71,20 @@ def _entries(model: torch.nn.Module):
 def mup_plan(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str = "adam",
              roles: Optional[Mapping[str, str]] = None, wd_scaling: str = "independent",
              muon_adjust_lr_fn: str = "match_rms_adamw", muon_rms: float = 0.2,
-             fan_mapping: Optional[Mapping] = None) -> list[dict]:
-    """Per parameter (tied tensors once): name, role, fans, base fans and multipliers."""
+             fan_mapping: Optional[Mapping] = None, delta=None) -> list[dict]:
+    """Per parameter (tied tensors once): name, role, fans, base fans and multipliers.
+
+    ``base`` (and ``delta``): a model, ``{name: shape}`` or a base-shapes JSON path;
+    ``delta`` is the same architecture at another width, which fixes the roles at
+    the base width itself (see ``_mup_common.plan``)."""
     entries, _ = _entries(model)
     shapes = C.as_base_shapes(base, base_shapes)
     names = [e.name for e, _, _ in entries]
     shapes = {k: v for k, v in shapes.items() if k in names or k not in _all_names(model)}
     rows = C.plan([e for e, _, _ in entries], shapes, rule=rule, optimizer=optimizer, roles=roles,
                   layout="torch", wd_scaling=wd_scaling, muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms,
-                  fan_mapping=fan_mapping)
+                  fan_mapping=fan_mapping,
+                  delta_shapes=None if delta is None else C.as_base_shapes(delta, base_shapes))
     for row, (_, p, mod) in zip(rows, entries):
         row["param"], row["module"] = p, mod
         row["route"] = optimizer
@@ -100,7 +105,7 @@ def mup_param_groups(model: torch.nn.Module, base, *, lr: float, optimizer: str 
                      roles: Optional[Mapping[str, str]] = None, weight_decay: float = 0.0,
                      wd_scaling: str = "independent", eps: Optional[float] = None, scale_eps: bool = False,
                      fallback_lr: Optional[float] = None, muon_adjust_lr_fn: str = "match_rms_adamw",
-                     muon_rms: float = 0.2, fan_mapping: Optional[Mapping] = None) -> list[dict]:
+                     muon_rms: float = 0.2, fan_mapping: Optional[Mapping] = None, delta=None) -> list[dict]:
     """Param groups (one per parameter) with every scaled hyperparameter, for any torch optimizer.
 
     ``optimizer``: the table column (``sgd``, ``adam``, ``muon``, ``kron``).
@@ -114,7 +119,7 @@ def mup_param_groups(model: torch.nn.Module, base, *, lr: float, optimizer: str 
     (extra keys torch.optim keeps and ignores).
     """
     rows = mup_plan(model, base, rule=rule, optimizer=optimizer, roles=roles, wd_scaling=wd_scaling,
-                    muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms, fan_mapping=fan_mapping)
+                    muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms, fan_mapping=fan_mapping, delta=delta)
     groups = []
     for r in rows:
         m: M.Multipliers = r["mult"]
@@ -133,7 +138,7 @@ def mup_param_groups(model: torch.nn.Module, base, *, lr: float, optimizer: str 
 
 
 def mup_init_(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str = "adam",
-              roles: Optional[Mapping[str, str]] = None, fan_mapping: Optional[Mapping] = None) -> list:
+              roles: Optional[Mapping[str, str]] = None, fan_mapping: Optional[Mapping] = None, delta=None) -> list:
     """Rescale the model's (standard) init in place and attach its output multipliers.
 
     Each parameter is multiplied by its ``init`` multiplier (the model's own
@@ -147,7 +152,7 @@ def mup_init_(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str
     """
     if getattr(model, "_xpopt_mup", None) is not None:
         raise RuntimeError("mup_init_ was already applied to this model; build a fresh model to re-initialise")
-    rows = mup_plan(model, base, rule=rule, optimizer=optimizer, roles=roles, fan_mapping=fan_mapping)
+    rows = mup_plan(model, base, rule=rule, optimizer=optimizer, roles=roles, fan_mapping=fan_mapping, delta=delta)
     handles = []
     with torch.no_grad():
         for r in rows:

@@ -80,7 +80,7 @@ def _torch_forward(model, x, record=None):
     for name in MM.LAYERS:
         h = model[name](h)
         if record is not None:
-            record[name] = float(h.detach().abs().mean())
+            record[name] = h.detach().clone()
         if name != "output":
             h = torch.tanh(h)
     return h
@@ -101,29 +101,39 @@ def _torch_optimizer(optimizer: str, groups):
 
 
 def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0,
-              record_every: bool = False):
+              record_every: bool = False, table: Optional[str] = None):
     """Train one width; returns ``(per-step losses, last activation stats)``."""
     import torch
 
     from ..adapters.torch import mup_init_, mup_param_groups
 
     base = _torch_model(base_width, seed)
+    delta = _torch_model(2 * base_width, seed)     # fixes the roles at the base width too
     model = _torch_model(width, seed)
-    mup_init_(model, base, rule=rule)
-    groups = mup_param_groups(model, base, lr=lr, optimizer=optimizer, rule=rule)
+    mup_init_(model, base, rule=rule, delta=delta)
+    groups = mup_param_groups(model, base, lr=lr, optimizer=table or optimizer, rule=rule, delta=delta)
     opt = _torch_optimizer(optimizer, groups)
     x, y = (torch.from_numpy(a) for a in MM.data(seed))
-    losses, stats = [], {}
+    losses, h0, h = [], {}, {}
+    with torch.no_grad():
+        _torch_forward(model, x, h0)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = torch.mean((_torch_forward(model, x) - y) ** 2)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
-        final = float(torch.mean((_torch_forward(model, x, stats) - y) ** 2))
+        final = float(torch.mean((_torch_forward(model, x, h) - y) ** 2))
     losses.append(final)
-    return losses, stats
+    return losses, activation_stats(h0, h, lambda t: float(t.abs().mean()))
+
+
+def activation_stats(h0: dict, h: dict, mean_abs) -> dict:
+    """Per layer: mean |h| after training and mean |h - h0| (the change since init)."""
+    out = {name: mean_abs(h[name]) for name in MM.LAYERS}
+    out.update({f"d_{name}": mean_abs(h[name] - h0[name]) for name in MM.LAYERS})
+    return out
 
 
 # ------------------------------------------------------------------ entry points
