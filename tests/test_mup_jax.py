@@ -261,6 +261,20 @@ def test_jax_coord_check_adam_mup():
     assert list(c.stats) == ["input", "hidden1", "hidden2", "output"]
 
 
+def test_jax_coord_check_discriminates():
+    """Negative control: at 10x the default Adam LR standard parametrisation grows (slopes ~1), muP does not.
+
+    (At the default 3e-3 both pass: standard's internal slopes are ~0.13 then, under the 0.2 limit.)
+    """
+    from xpopt.commands.mup_tools import coord_check
+
+    sp = coord_check("jax", optimizer="adam", rule="standard", widths=(128, 256, 512), steps=3, lr=3e-2)
+    mup = coord_check("jax", optimizer="adam", rule="mup", widths=(128, 256, 512), steps=3, lr=3e-2)
+    print(sp.table(), mup.table(), sep="\n")
+    assert not sp.passed and sp.slopes["hidden2"] > 0.5
+    assert mup.passed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "muon", "kron"])
 def test_jax_coord_check_slow(optimizer):
