@@ -26,6 +26,20 @@ def _add_validate(sub) -> None:
     p.set_defaults(func=validate.run_validate, _parser=p)
 
 
+def _add_mup(sub) -> None:
+    from .commands import mup_cli
+
+    for name, help_, desc, add, run in [
+        ("coordcheck", "muP coordinate check: activation slopes vs width (PNG, table, exit code)",
+         mup_cli.COORD_DESCRIPTION, mup_cli.add_coord_arguments, mup_cli.run_coordcheck),
+        ("transfer", "muP LR transfer: best LR per width over a log2 grid (PNG, table, exit code)",
+         mup_cli.TRANSFER_DESCRIPTION, mup_cli.add_transfer_arguments, mup_cli.run_transfer),
+    ]:
+        p = sub.add_parser(name, help=help_, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add(p)
+        p.set_defaults(func=run, _parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpopt",
@@ -35,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xpopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_validate(sub)
+    _add_mup(sub)
     return parser
 
 

@@ -616,3 +616,11 @@ from ._kron_optax import (  # noqa: E402  (PSGD Kron lives in its own module)
 
 __all__ += ["KRON_STATIC_ARGS", "KronState", "kron_plan", "quad", "scale_by_kron", "scale_by_quad",
             "scale_by_skew", "skew"]
+
+from ._mup_optax import (  # noqa: E402  (muP / spectral scaling)
+    base_shapes, leaf_names, mup_init, mup_labels, mup_lr_multipliers, mup_plan, output_multipliers,
+    print_effective_hparams, save_base_shapes, scale_by_mup,
+)
+
+__all__ += ["base_shapes", "leaf_names", "mup_init", "mup_labels", "mup_lr_multipliers", "mup_plan",
+            "output_multipliers", "print_effective_hparams", "save_base_shapes", "scale_by_mup"]

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from . import _mup_models as MM
+from .mup_tools import KRON_INIT_SCALE, activation_stats
 
 #: Explicit roles: at the base width nothing grows, so role inference cannot tell
 #: the first layer (``input``) from a hidden one; with Muon that would route the
@@ -46,13 +47,13 @@ def base_params(width: int):
 
 
 def forward(params, x, out_mult: float = 1.0, record: bool = False):
-    """``(prediction, {layer: mean |pre-activation|})`` (the dict is empty unless ``record``)."""
+    """``(prediction, {layer: pre-activation})`` (the dict is empty unless ``record``)."""
     h, stats = x, {}
     for name in MM.LAYERS:
         inp = h * out_mult if name == "output" else h
         h = inp @ params[name]["kernel"] + params[name]["bias"]
         if record:
-            stats[name] = jnp.mean(jnp.abs(h))
+            stats[name] = h
         if name != "output":
             h = jnp.tanh(h)
     return h, stats
@@ -75,7 +76,8 @@ def make_optimizer(optimizer: str, lr: float, params, base, rule: str, roles=ROL
         labels = mup_labels(params, base, rule=rule, optimizer="muon", roles=roles)
         return optax.chain(xo.muon(lr, labels=labels, adjust_lr_fn="match_rms_adamw"), scale_by_mup(mults))
     if optimizer == "kron":
-        return optax.chain(xo.scale_by_kron(preconditioner_update_probability=1.0, dtype="float32", b1=0.9),
+        return optax.chain(xo.scale_by_kron(preconditioner_update_probability=1.0, dtype="float32", b1=0.9,
+                                                preconditioner_init_scale=KRON_INIT_SCALE),
                            scale_by_mup(mults), optax.scale_by_learning_rate(lr))
     raise ValueError(f"optimizer={optimizer!r} is not valid; use one of ['sgd', 'adam', 'muon', 'kron']")
 
@@ -92,6 +94,8 @@ def jax_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, bas
     tx = make_optimizer(optimizer, lr, params, base, rule)
     state = tx.init(params)
     x, y = (jnp.asarray(a) for a in MM.data(seed))
+    record = jax.jit(lambda p: forward(p, x, out_mult, record=True))
+    _, h0 = record(params)
 
     def loss_fn(p):
         return jnp.mean((forward(p, x, out_mult)[0] - y) ** 2)
@@ -106,6 +110,6 @@ def jax_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, bas
     for _ in range(steps):
         params, state, loss = step(params, state)
         losses.append(float(loss))
-    pred, stats = jax.jit(lambda p: forward(p, x, out_mult, record=True))(params)
+    pred, h = record(params)
     losses.append(float(jnp.mean((pred - y) ** 2)))
-    return losses, {k: float(stats[k]) for k in MM.LAYERS}
+    return losses, activation_stats(h0, h, lambda t: float(jnp.mean(jnp.abs(t))))

@@ -26,6 +26,13 @@ from . import _mup_models as MM
 SLOPE_LIMIT = 0.2          # seed 001
 SPREAD_LIMIT = 2.0         # seed 001: best-LR spread in log2 units
 DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "muon": 0.02, "kron": 3e-3}
+# The coordinate check's base LR: large enough that 3 steps move activations by O(1)
+# (at DEFAULT_LR standard parametrisation's growth hides behind the init for a few steps).
+# Kron under muP: "auto" makes the first preconditioned gradient unit-RMS (Adam's regime from
+# step 1); with the identity start its first steps are SGD-like and the Adam column over-shrinks
+# them (core/mup.py, "Kron").
+KRON_INIT_SCALE = "auto"
+COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.05, "kron": 3e-2}
 
 
 @dataclass
@@ -46,19 +53,26 @@ class CoordCheck:
 
     @property
     def passed(self) -> bool:
+        """Seed 001's criterion: every internal layer's mean |activation| has |slope| < 0.2."""
         return all(abs(self.slopes[k]) < SLOPE_LIMIT for k in self.internal)
+
+    @property
+    def changes_passed(self) -> bool:
+        """The stricter form: the change since init, ``mean |h - h0|``, is width-stable too."""
+        return all(abs(self.slopes["d_" + k]) < SLOPE_LIMIT for k in self.internal if "d_" + k in self.slopes)
 
     def table(self) -> str:
         head = f"coordcheck {self.framework} {self.optimizer} rule={self.rule} steps={self.steps}"
         cols = " ".join(f"{w:>9}" for w in self.widths)
-        lines = [head, f"{'layer':<9} {cols}   slope  verdict"]
+        lines = [head, f"{'layer':<9} {cols}   slope  verdict   (d_: mean |h - h0|, the change since init)"]
         for layer, vals in self.stats.items():
             ok = abs(self.slopes[layer]) < SLOPE_LIMIT
             verdict = ("ok" if ok else "GROWS" if self.slopes[layer] > 0 else "SHRINKS")
-            if layer not in self.internal:
-                verdict += " (readout)"
+            if layer.removeprefix("d_") not in self.internal:
+                verdict += " (readout: not judged)"
             lines.append(f"{layer:<9} " + " ".join(f"{v:9.3g}" for v in vals) + f"  {self.slopes[layer]:+.3f}  {verdict}")
-        lines.append("PASS" if self.passed else "FAIL")
+        lines.append(("PASS" if self.passed else "FAIL") + " (|activation|, seed 001); changes since init: "
+                     + ("width-stable" if self.changes_passed else "NOT width-stable"))
         return "\n".join(lines)
 
 
@@ -97,7 +111,8 @@ def _torch_optimizer(optimizer: str, groups):
         return torch.optim.Adam(groups)
     if optimizer == "muon":
         return Muon(groups, adjust_lr_fn="match_rms_adamw")
-    return Kron(groups, preconditioner_update_probability=1.0, dtype="float32", b1=0.9)
+    return Kron(groups, preconditioner_update_probability=1.0, dtype="float32", b1=0.9,
+                preconditioner_init_scale=KRON_INIT_SCALE)
 
 
 def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0,
@@ -141,10 +156,10 @@ def activation_stats(h0: dict, h: dict, mean_abs) -> dict:
 def coord_check(framework: str = "torch", *, optimizer: str = "adam", rule: str = "mup",
                 widths: Sequence[int] = (128, 256, 512, 1024), steps: int = 3, lr: Optional[float] = None,
                 base_width: Optional[int] = None, seed: int = 0, progress: bool = False) -> CoordCheck:
-    """Run a coordinate check; ``lr`` is the base width's (default per optimizer: ``DEFAULT_LR``)."""
+    """Run a coordinate check; ``lr`` is the base width's (default per optimizer: ``COORD_LR``)."""
     widths = sorted(int(w) for w in widths)
     base_width = base_width or widths[0]
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    lr = COORD_LR[optimizer] if lr is None else lr
     run = _runner(framework)
     stats: dict = {}
     for w in _progress(widths, progress, f"coordcheck {framework} {optimizer} {rule}"):
@@ -162,6 +177,7 @@ class Transfer:
     widths: list
     log2_lrs: list
     losses: dict             # width -> [final loss per lr]
+    steps: int = 0
 
     @property
     def best(self) -> dict:
@@ -209,7 +225,7 @@ def lr_transfer(framework: str = "torch", *, optimizer: str = "adam", rule: str 
             ls, _ = run(w, optimizer=optimizer, rule=rule, lr=2.0 ** l2, steps=steps, base_width=base_width,
                         seed=seed)
             losses[w].append(ls[-1] if np.isfinite(ls[-1]) else float("inf"))
-    return Transfer(framework, optimizer, rule, widths, list(log2_lrs), losses)
+    return Transfer(framework, optimizer, rule, widths, list(log2_lrs), losses, steps)
 
 
 def _runner(framework: str):

@@ -113,6 +113,8 @@ class KronOptions:
                    f"{name}={v!r} is not valid: it must be an integer >= 1")
         if is_number(self.b1):
             _check(0.0 <= self.b1 < 1.0, f"b1={self.b1!r} is not valid: it must be in [0, 1) (0 disables momentum)")
+        _check(not isinstance(self.preconditioner_init_scale, str) or self.preconditioner_init_scale == "auto",
+               f"preconditioner_init_scale={self.preconditioner_init_scale!r} is not valid: a number > 0 or 'auto'")
         for name in ("preconditioner_lr", "preconditioner_init_scale"):
             v = getattr(self, name)
             if is_number(v):
@@ -194,6 +196,8 @@ def init_factors(like, lay: blocking.Layout, *, dtype, init_scale=1.0) -> Factor
     """
     xp, _ = namespace(like, names=("like",))
     dev = device(like)
+    if isinstance(init_scale, str):      # "auto": identity now, scaled by the first fit (_auto_scale)
+        init_scale = 1.0
     vr, vc = blocking.valid_sizes(lay)
     L = xp.zeros((lay.blocks,), dtype=xp.float32, device=dev)
 
@@ -347,9 +351,28 @@ def _block_scales(xp, G):
     return ok, xp.where(ok & ~safe, p2, xp.ones_like(p2))
 
 
-def _fit(xp, Gs, ok, f: Factors, lay, *, noise, plr, style) -> Factors:
+def _auto_scale(xp, Gs, ok, f: Factors, lay) -> Factors:
+    """``preconditioner_init_scale="auto"``: at a block's first fit (``L == 0``) with a usable
+    gradient, scale its identity factors so that ``P = rms(G)^-1``: the first preconditioned
+    gradient has unit RMS, as Adam's does, instead of the gradient's own size.  A block whose
+    gradient is zero or not finite waits for a usable one (no division by zero)."""
+    vr, vc = _valid(xp, lay, Gs)
+    rms = xp.sqrt(xp.sum(Gs * Gs, axis=(-2, -1)) / (vr * vc))
+    first = ok & (f.Lr == 0.0) & (rms > 0)
+    rms = xp.where(first, rms, xp.ones_like(rms))
+    c = xp.where(first, rms ** (-0.25 if f.Ql is not None else -0.5), xp.ones_like(rms))
+
+    def scale(q):
+        return None if q is None else q * xp.reshape(c, (-1,) + (1,) * (q.ndim - 1))
+
+    return f._replace(Ql=scale(f.Ql), Qr=scale(f.Qr))
+
+
+def _fit(xp, Gs, ok, f: Factors, lay, *, noise, plr, style, auto_scale=False) -> Factors:
     """The factors after one fit to the (rescaled) blocks ``Gs``; unusable blocks keep theirs."""
     Gs = xp.where(ok[:, None, None], Gs, xp.zeros_like(Gs))
+    if auto_scale:
+        f = _auto_scale(xp, Gs, ok, f, lay)
     if noise is not None:
         Gs = Gs + noise
     Pg = _apply(xp, f, lay, Gs)
@@ -373,7 +396,7 @@ def _fit(xp, Gs, ok, f: Factors, lay, *, noise, plr, style) -> Factors:
 
 
 def precondition(m, f: Factors, lay: blocking.Layout, *, update, balance: bool = False, plr=0.7,
-                 style: str = "skew", noise=None, cond=None):
+                 style: str = "skew", noise=None, cond=None, auto_scale: bool = False):
     """``(D, scale, new_factors)`` for one parameter's (momentum) gradient ``m``, in float32.
 
     The preconditioned gradient is ``D * scale`` (``scale`` a 0-d power of
@@ -382,6 +405,7 @@ def precondition(m, f: Factors, lay: blocking.Layout, *, update, balance: bool =
     takes it).  ``f`` holds float32 factors.  ``update``: fit the factors
     first (a bool, or a 0-d bool array with ``cond``, the backend's branch,
     under jit).  ``noise``: ``(S, tr, tc)`` already scaled and masked, or None.
+    ``auto_scale``: ``preconditioner_init_scale="auto"`` (:func:`_auto_scale`).
     """
     xp, backend = namespace(m, names=("m",))
     cond = cond or backend.cond
@@ -390,10 +414,11 @@ def precondition(m, f: Factors, lay: blocking.Layout, *, update, balance: bool =
     Gs = G / s[:, None, None]
     if balance:
         f = _balance(xp, f)
+    kw = dict(noise=noise, plr=plr, style=style, auto_scale=auto_scale)
     if update is True:
-        f = _fit(xp, Gs, ok, f, lay, noise=noise, plr=plr, style=style)
+        f = _fit(xp, Gs, ok, f, lay, **kw)
     elif update is not False:
-        f = cond(update, lambda f: _fit(xp, Gs, ok, f, lay, noise=noise, plr=plr, style=style), lambda f: f, f)
+        f = cond(update, lambda f: _fit(xp, Gs, ok, f, lay, **kw), lambda f: f, f)
     S = xp.max(s)
     D = _apply(xp, f, lay, Gs) * (s / S)[:, None, None]      # one unit for the parameter, exact
     return blocking.from_blocks(D, lay), S, f
@@ -454,7 +479,8 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
             f32 = cond(step % BALANCE_EVERY == 0, lambda f: _balance(xp, f), lambda f: f, f32)
         D, scale, f32 = precondition(m, f32, lay, update=update, balance=bal, plr=plr,
                                      style=opts.preconditioner_update_style,
-                                     noise=None if noise is None else noise[i], cond=cond)
+                                     noise=None if noise is None else noise[i], cond=cond,
+                                     auto_scale=isinstance(opts.preconditioner_init_scale, str))
         new_f.append(Factors(*(None if q is None else xp.astype(q, o.dtype) for q, o in zip(f32[:2], f[:2])),
                              xp.astype(f32.Ll, f.Ll.dtype), xp.astype(f32.Lr, f.Lr.dtype)))
         D = rms_clip(xp, D, scale)

@@ -597,3 +597,31 @@ def test_heavyball_schedule():
     assert K.update_probability("heavyball", 1000) == 1.0
     assert math.isclose(K.update_probability("heavyball", 2000), 0.999 ** 1000, rel_tol=1e-6)
     assert math.isclose(K.update_probability("heavyball", 10 ** 6), 0.03, rel_tol=1e-6)
+
+
+def test_auto_init_scale():
+    """``preconditioner_init_scale="auto"``: the first fitted step's direction has the RMS it would
+    have for a unit-RMS gradient, whatever the gradient's scale; zero gradients wait (factors
+    untouched) and a later usable gradient scales them."""
+    opts = K.KronOptions(b1=0.0, dtype="float32", block_size=8, max_size_dense=20, noise_scale=0.0, lr_style=None,
+                         preconditioner_init_scale="auto")
+    lays, fs, mus = _state(opts)
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal(s).astype(np.float32) for s in GUARD_SHAPES]
+    base = [g / np.float32(np.sqrt(np.mean(g.astype(np.float64) ** 2))) for g in base]
+    ref, _, _ = _step(base, mus, fs, lays, 1, opts)
+    for scale in (1e-6, 1e-3, 1e3):       # powers-of-ten: inside float32's exact-rescaling range
+        dirs, _, _ = _step([g * np.float32(scale) for g in base], mus, fs, lays, 1, opts)
+        for d, r in zip(dirs, ref):
+            # the fit sees the scaled gradient after the auto scale: the same up to float32 rounding
+            np.testing.assert_allclose(d, r, rtol=2e-3, atol=2e-4 * np.abs(r).max())
+    zeros = [np.zeros(s, np.float32) for s in GUARD_SHAPES]
+    dirs, _, new = _step(zeros, mus, fs, lays, 1, opts)
+    for d, a, b in zip(dirs, fs, new):
+        assert np.all(d == 0)
+        _same_factors(a, b)
+    dirs, _, new = _step([g * np.float32(1e-3) for g in base], mus, new, lays, 2, opts)
+    assert all(np.all(np.isfinite(d)) for d in dirs)
+    assert not np.array_equal(new[0].Qr, fs[0].Qr)
+    with pytest.raises(ValueError, match="preconditioner_init_scale"):
+        K.KronOptions(preconditioner_init_scale="automatic")
