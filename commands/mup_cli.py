@@ -108,36 +108,39 @@ def _plt():
     return plt
 
 
-def _plot_coord(results: dict, path: str) -> None:
+def _figure(results: dict, path: str, draw) -> None:
+    """One panel per rule, ``draw(ax, rule, result)`` fills it."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (rule, c) in zip(axes[0], results.items()):
-        for layer, vals in c.stats.items():
-            if layer.startswith("d_"):
-                continue
-            ax.plot(c.widths, vals, "o-", label=f"{layer} ({c.slopes[layer]:+.2f})")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("width")
-        ax.set_ylabel(f"mean |activation| after {c.steps} steps")
-        ax.set_title(f"{c.framework} {c.optimizer}: {rule} ({'PASS' if c.passed else 'FAIL'})")
+    for ax, (rule, r) in zip(axes[0], results.items()):
+        draw(ax, rule, r)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _plot_coord(results: dict, path: str) -> None:
+    def draw(ax, rule, c):
+        for layer, vals in c.stats.items():
+            if not layer.startswith("d_"):
+                ax.plot(c.widths, vals, "o-", label=f"{layer} ({c.slopes[layer]:+.2f})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("width")
+        ax.set_ylabel(f"mean |activation| after {c.steps} steps")
+        ax.set_title(f"{c.framework} {c.optimizer}: {rule} ({'PASS' if c.passed else 'FAIL'})")
+
+    _figure(results, path, draw)
+
+
 def _plot_transfer(results: dict, path: str) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (rule, t) in zip(axes[0], results.items()):
+    def draw(ax, rule, t):
         for w in t.widths:
             ax.plot(t.log2_lrs, t.losses[w], "o-", label=f"width {w} (best {t.best[w]:+.0f})")
         ax.set_yscale("log")
         ax.set_xlabel("log2 LR (base width)")
         ax.set_ylabel(f"training loss after {t.steps} steps")
         ax.set_title(f"{t.framework} {t.optimizer}: {rule} (spread {t.spread:.0f})")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+    _figure(results, path, draw)
