@@ -151,6 +151,8 @@ def torch_table(rounds: int, warmup: int, gsets):
         import heavyball
         import heavyball.utils
         heavyball.utils.compile_mode = "default"
+        import warnings
+        warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")   # dynamo on heavyball's helpers
         cands["heavyball"], opts["heavyball"] = cand(lambda ps: heavyball.PSGDKron(
             ps, lr=LR, betas=(B1, 0.999), weight_decay=0.0, preconditioner_update_probability=1.0,
             max_size_triangular=4096))
@@ -287,21 +289,25 @@ def versions():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 timed rounds, 1 warm-up (peers compile in it)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, --quick 2)")
+    ap.add_argument("--quick", action="store_true", help="2 timed rounds (jax 3), 1 warm-up (peers compile in it)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds of the torch table (default 7, "
+                    "--quick 2); the jax table runs max(rounds, 10) (3 with --quick)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-jax", action="store_true")
     ap.add_argument("--jax-bf16", action="store_true", help="also time both optax versions at dtype bfloat16")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 7)
+    jax_rounds = 3 if args.quick and not args.rounds else max(rounds, 10)
     warmup = 1 if args.quick else 2
     t_start = time.perf_counter()
     import torch
 
-    print(f"Machine: {machine()}; torch threads {os.cpu_count()} (set_num_threads), XLA CPU default threads")
+    print(f"Machine: {machine()}; torch threads {os.cpu_count()} (set_num_threads), XLA CPU default threads; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"Versions: {versions()}")
     print(f"Command: python benchmarks/kron.py{' --quick' if args.quick else ''}; {rounds} timed rounds "
-          f"after {warmup} warm-up round(s), candidates interleaved; medians of per-step wall time\n")
+          f"(jax {jax_rounds}) after {warmup} warm-up round(s), candidates interleaved; medians of per-step "
+          "wall time\n")
     gsets = grads_np(SET)
     stepped = {}
     if not args.no_torch:
@@ -312,13 +318,13 @@ def main(argv=None):
             print(f"\nnote: {n}")
         print()
     if not args.no_jax:
-        tab, _ = jax_table(rounds, warmup, gsets, ["float32"] + (["bfloat16"] if args.jax_bf16 else []))
+        tab, _ = jax_table(jax_rounds, warmup, gsets, ["float32"] + (["bfloat16"] if args.jax_bf16 else []))
         print("### optax under jax.jit: one step, skew, block 256\n")
         print(tab)
         print()
     print("### state bytes after one step, vs torch.optim.AdamW (float32 exp_avg + exp_avg_sq)\n")
     print(memory_table(stepped))
-    print(f"\n(total run {time.perf_counter() - t_start:.0f} s)")
+    print(f"\n(total run {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f})")
     del torch
 
 
