@@ -305,7 +305,8 @@ def main(argv=None):
     print(f"Machine: {machine()}; torch threads {os.cpu_count()} (set_num_threads), XLA CPU default threads; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"Versions: {versions()}")
-    print(f"Command: python benchmarks/kron.py{' --quick' if args.quick else ''}; {rounds} timed rounds "
+    cmd = " ".join(["python benchmarks/kron.py"] + list(sys.argv[1:] if argv is None else argv))
+    print(f"Command: {cmd}; {rounds} timed rounds "
           f"(jax {jax_rounds}) after {warmup} warm-up round(s), candidates interleaved; medians of per-step "
           "wall time\n")
     gsets = grads_np(SET)
