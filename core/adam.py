@@ -50,7 +50,7 @@ def _sqrt(x):
     return math.sqrt(x) if is_number(x) else x ** 0.5
 
 
-def _bias_correction(xp, beta, step):
+def _bias_correction(xp, beta, step, dtype=None):
     """``1 - beta**step``.
 
     A Python ``step`` is computed in float64.  An array ``step`` (a 0-d
@@ -61,7 +61,9 @@ def _bias_correction(xp, beta, step):
     float64 and keeps the float32 result within a few ulp at every step.
     """
     if not is_number(step) and xp.isdtype(step.dtype, "integral"):
-        step = xp.astype(step, xp.float32)     # a weak int would become float64 under jax_enable_x64
+        # the computation's dtype (float32 unless told): a weak int would become float64 under
+        # jax_enable_x64 and promote a float32 step
+        step = xp.astype(step, dtype if dtype is not None else xp.float32)
     if is_number(step) or not is_number(beta) or not 0.0 < beta < 1.0:
         return 1.0 - beta ** step
     return -xp.expm1(step * math.log(beta))
@@ -77,8 +79,9 @@ def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     mag = xp.abs(grad) if is_complex(xp, grad) else grad
     m = m + (1.0 - beta1) * (grad - m)
     v = beta2 * v + ((1.0 - beta2) * mag) * mag
-    bc1 = _bias_correction(xp, beta1, step)
-    bc2_sqrt = _sqrt(_bias_correction(xp, beta2, step))
+    real = xp.float64 if mag.dtype == xp.float64 else xp.float32
+    bc1 = _bias_correction(xp, beta1, step, real)
+    bc2_sqrt = _sqrt(_bias_correction(xp, beta2, step, real))
     m_used = m + (1.0 - beta1) * (grad - m) if nesterov else m
     direction = (m_used / bc1) / (v ** 0.5 / bc2_sqrt + eps)
     return direction, m, v

@@ -466,7 +466,7 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
             mu32 = xp.astype(mu, cdt)
             mu32 = b1 * mu32 + (1.0 - b1) * g          # a convex mix: never overflows
             new_mus.append(xp.astype(mu32, mu.dtype))
-            m = mu32 / _bias_correction(xp, b1, step)
+            m = mu32 / _bias_correction(xp, b1, step, cdt)
         else:
             new_mus.append(mu)
             m = g
