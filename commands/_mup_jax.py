@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from . import _mup_models as MM
-from .mup_tools import KRON_INIT_SCALE, activation_stats
+from .mup_tools import KRON_INIT_SCALE, MUON_FALLBACK_RATIO, activation_stats
 
 #: Explicit roles: at the base width nothing grows, so role inference cannot tell
 #: the first layer (``input``) from a hidden one; with Muon that would route the
@@ -74,7 +74,8 @@ def make_optimizer(optimizer: str, lr: float, params, base, rule: str, roles=ROL
         # Muon for the hidden matrices, its AdamW fallback (torch Muon's defaults) for the rest;
         # the multipliers scale both (fallback leaves carry the Adam column).
         labels = mup_labels(params, base, rule=rule, optimizer="muon", roles=roles)
-        return optax.chain(xo.muon(lr, labels=labels, adjust_lr_fn="match_rms_adamw"), scale_by_mup(mults))
+        return optax.chain(xo.muon(lr, labels=labels, adjust_lr_fn="match_rms_adamw",
+                                   fallback_learning_rate=lr * MUON_FALLBACK_RATIO), scale_by_mup(mults))
     if optimizer == "kron":
         return optax.chain(xo.scale_by_kron(preconditioner_update_probability=1.0, dtype="float32", b1=0.9,
                                                 preconditioner_init_scale=KRON_INIT_SCALE),

@@ -32,6 +32,10 @@ DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "muon": 0.02, "kron": 3e-3}
 # step 1); with the identity start its first steps are SGD-like and the Adam column over-shrinks
 # them (core/mup.py, "Kron").
 KRON_INIT_SCALE = "auto"
+# Muon's AdamW fallback (embeddings, readout, vectors) runs at this fraction of the Muon LR
+# (the default LRs' ratio), so an LR sweep moves both together instead of pushing Adam to
+# Muon's 10x larger LRs.
+MUON_FALLBACK_RATIO = DEFAULT_LR["adam"] / DEFAULT_LR["muon"]
 COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.05, "kron": 3e-2}
 
 
@@ -126,7 +130,8 @@ def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, b
     delta = _torch_model(2 * base_width, seed)     # fixes the roles at the base width too
     model = _torch_model(width, seed)
     mup_init_(model, base, rule=rule, delta=delta)
-    groups = mup_param_groups(model, base, lr=lr, optimizer=table or optimizer, rule=rule, delta=delta)
+    groups = mup_param_groups(model, base, lr=lr, optimizer=table or optimizer, rule=rule, delta=delta,
+                              fallback_lr=lr * MUON_FALLBACK_RATIO if optimizer == "muon" else None)
     opt = _torch_optimizer(optimizer, groups)
     x, y = (torch.from_numpy(a) for a in MM.data(seed))
     losses, h0, h = [], {}, {}

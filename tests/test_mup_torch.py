@@ -254,3 +254,16 @@ def test_coord_check_standard_grows(opt):
 
     c = coord_check("torch", optimizer=opt, rule="standard", widths=WIDTHS, steps=3)
     assert max(abs(s) for s in c.slopes.values()) > 0.5, c.table()
+
+
+def test_lr_transfer_adam():
+    """Seed 001's LR-transfer criterion on the tools' MLP (torch, Adam, 50 steps, widths 128 and
+    512): under muP the best log2 LR moves by <= 2 units (measured: 0, both at 2^-6); under
+    standard parametrisation it moves further (measured: 2, from 2^-6 to 2^-8), the contrast."""
+    from xpopt.commands.mup_tools import lr_transfer
+
+    grid = [-10, -9, -8, -7, -6, -5, -4]
+    mup = lr_transfer("torch", optimizer="adam", rule="mup", widths=(128, 512), log2_lrs=grid, steps=50)
+    sp = lr_transfer("torch", optimizer="adam", rule="standard", widths=(128, 512), log2_lrs=grid, steps=50)
+    assert mup.passed, mup.table()
+    assert sp.spread > mup.spread, (sp.table(), mup.table())
