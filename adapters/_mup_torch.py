@@ -79,8 +79,9 @@ def mup_plan(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str 
     the base width itself (see ``_mup_common.plan``)."""
     entries, _ = _entries(model)
     shapes = C.as_base_shapes(base, base_shapes)
-    names = [e.name for e, _, _ in entries]
-    shapes = {k: v for k, v in shapes.items() if k in names or k not in _all_names(model)}
+    # a base dict may also list a tied tensor's second name: drop such aliases
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {e.name for e, _, _ in entries}
+    shapes = {k: v for k, v in shapes.items() if k not in aliases}
     rows = C.plan([e for e, _, _ in entries], shapes, rule=rule, optimizer=optimizer, roles=roles,
                   layout="torch", wd_scaling=wd_scaling, muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms,
                   fan_mapping=fan_mapping,
@@ -95,10 +96,6 @@ def mup_plan(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str 
                                         base_fan_in=row["base_fan_in"], base_fan_out=row["base_fan_out"],
                                         wd_scaling=wd_scaling, name=repr(row["name"]))
     return rows
-
-
-def _all_names(model):
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
 
 def mup_param_groups(model: torch.nn.Module, base, *, lr: float, optimizer: str = "adam", rule: str = "mup",

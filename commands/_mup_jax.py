@@ -83,12 +83,10 @@ def make_optimizer(optimizer: str, lr: float, params, base, rule: str, roles=ROL
     raise ValueError(f"optimizer={optimizer!r} is not valid; use one of ['sgd', 'adam', 'muon', 'kron']")
 
 
-def jax_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0,
-            record_every: bool = False):
+def jax_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0):
     """Train one width; returns ``(per-step losses, last activation stats)`` like ``torch_run``."""
     from ..adapters._mup_optax import mup_init, output_multipliers
 
-    del record_every   # as torch_run: stats are those of the final forward pass
     base = base_params(base_width)
     params = mup_init(init_params(width, seed), base, rule=rule, roles=ROLES)
     out_mult = output_multipliers(params, base, rule=rule, roles=ROLES).get("output/kernel", 1.0)

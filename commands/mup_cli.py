@@ -40,7 +40,7 @@ def add_coord_arguments(p) -> None:
 
 def add_transfer_arguments(p) -> None:
     _common(p, "128,512", 50)
-    p.add_argument("--log2-lrs", default=None, help="comma-separated log2 LRs (default: 9 around the optimizer's)")
+    p.add_argument("--log2-lrs", default=None, help="comma-separated log2 LRs, e.g. --log2-lrs=-10,-8,-6 (default: 9 around the optimizer's)")
 
 
 def _widths(s: str) -> list:
@@ -53,50 +53,51 @@ def _widths(s: str) -> list:
     return ws
 
 
-def run_coordcheck(args) -> int:
+def _run(args, kind: str, measure, to_json, plot) -> int:
+    """Per optimizer: standard plus each asked rule, printed, saved as JSON (and a PNG);
+    exit code 1 when an asked rule fails."""
     os.makedirs(args.out, exist_ok=True)
     ok = True
     for opt in args.optimizer:
         results = {}
         for rule in ["standard"] + list(args.rule):
-            c = T.coord_check(args.framework, optimizer=opt, rule=rule, widths=_widths(args.widths),
-                              steps=args.steps, lr=args.lr, seed=args.seed, progress=True)
-            print(c.table() + "\n")
-            results[rule] = c
+            r = measure(opt, rule)
+            print(r.table() + "\n")
+            results[rule] = r
             if rule != "standard":
-                ok &= c.passed
-        stem = os.path.join(args.out, f"coordcheck-{args.framework}-{opt}")
+                ok &= r.passed
+        stem = os.path.join(args.out, f"{kind}-{args.framework}-{opt}")
         with open(stem + ".json", "w") as f:
-            json.dump({r: dict(widths=c.widths, stats=c.stats, slopes=c.slopes, passed=c.passed)
-                       for r, c in results.items()}, f, indent=1)
+            json.dump({rule: to_json(r) for rule, r in results.items()}, f, indent=1)
         if not args.no_plot:
-            _plot_coord(results, stem + ".png")
+            plot(results, stem + ".png")
             print(f"wrote {stem}.png")
     return 0 if ok else 1
+
+
+def run_coordcheck(args) -> int:
+    def measure(opt, rule):
+        return T.coord_check(args.framework, optimizer=opt, rule=rule, widths=_widths(args.widths),
+                             steps=args.steps, lr=args.lr, seed=args.seed, progress=True)
+
+    def to_json(c):
+        return dict(widths=c.widths, stats=c.stats, slopes=c.slopes, passed=c.passed)
+
+    return _run(args, "coordcheck", measure, to_json, _plot_coord)
 
 
 def run_transfer(args) -> int:
-    os.makedirs(args.out, exist_ok=True)
     grid = None if args.log2_lrs is None else [float(v) for v in args.log2_lrs.split(",")]
-    ok = True
-    for opt in args.optimizer:
-        results = {}
-        for rule in ["standard"] + list(args.rule):
-            t = T.lr_transfer(args.framework, optimizer=opt, rule=rule, widths=_widths(args.widths),
-                              log2_lrs=grid, steps=args.steps, seed=args.seed, progress=True)
-            print(t.table() + "\n")
-            results[rule] = t
-            if rule != "standard":
-                ok &= t.passed
-        stem = os.path.join(args.out, f"transfer-{args.framework}-{opt}")
-        with open(stem + ".json", "w") as f:
-            json.dump({r: dict(widths=t.widths, log2_lrs=t.log2_lrs, losses={str(k): v for k, v in t.losses.items()},
-                               best={str(k): v for k, v in t.best.items()}, spread=t.spread, passed=t.passed)
-                       for r, t in results.items()}, f, indent=1)
-        if not args.no_plot:
-            _plot_transfer(results, stem + ".png")
-            print(f"wrote {stem}.png")
-    return 0 if ok else 1
+
+    def measure(opt, rule):
+        return T.lr_transfer(args.framework, optimizer=opt, rule=rule, widths=_widths(args.widths),
+                             log2_lrs=grid, steps=args.steps, seed=args.seed, progress=True)
+
+    def to_json(t):
+        return dict(widths=t.widths, log2_lrs=t.log2_lrs, losses={str(k): v for k, v in t.losses.items()},
+                    best={str(k): v for k, v in t.best.items()}, spread=t.spread, passed=t.passed)
+
+    return _run(args, "transfer", measure, to_json, _plot_transfer)
 
 
 def _plt():

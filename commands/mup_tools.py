@@ -28,6 +28,7 @@ SPREAD_LIMIT = 2.0         # seed 001: best-LR spread in log2 units
 DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "muon": 0.02, "kron": 3e-3}
 # The coordinate check's base LR: large enough that 3 steps move activations by O(1)
 # (at DEFAULT_LR standard parametrisation's growth hides behind the init for a few steps).
+COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.05, "kron": 3e-2}
 # Kron under muP: "auto" makes the first preconditioned gradient unit-RMS (Adam's regime from
 # step 1); with the identity start its first steps are SGD-like and the Adam column over-shrinks
 # them (core/mup.py, "Kron").
@@ -36,7 +37,6 @@ KRON_INIT_SCALE = "auto"
 # (the default LRs' ratio), so an LR sweep moves both together instead of pushing Adam to
 # Muon's 10x larger LRs.
 MUON_FALLBACK_RATIO = DEFAULT_LR["adam"] / DEFAULT_LR["muon"]
-COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.05, "kron": 3e-2}
 
 
 @dataclass
@@ -119,8 +119,7 @@ def _torch_optimizer(optimizer: str, groups):
                 preconditioner_init_scale=KRON_INIT_SCALE)
 
 
-def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0,
-              record_every: bool = False, table: Optional[str] = None):
+def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0):
     """Train one width; returns ``(per-step losses, last activation stats)``."""
     import torch
 
@@ -130,7 +129,7 @@ def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, b
     delta = _torch_model(2 * base_width, seed)     # fixes the roles at the base width too
     model = _torch_model(width, seed)
     mup_init_(model, base, rule=rule, delta=delta)
-    groups = mup_param_groups(model, base, lr=lr, optimizer=table or optimizer, rule=rule, delta=delta,
+    groups = mup_param_groups(model, base, lr=lr, optimizer=optimizer, rule=rule, delta=delta,
                               fallback_lr=lr * MUON_FALLBACK_RATIO if optimizer == "muon" else None)
     opt = _torch_optimizer(optimizer, groups)
     x, y = (torch.from_numpy(a) for a in MM.data(seed))

@@ -358,9 +358,8 @@ def _auto_scale(xp, Gs, ok, f: Factors, lay) -> Factors:
     gradient is zero or not finite waits for a usable one (no division by zero)."""
     vr, vc = _valid(xp, lay, Gs)
     rms = xp.sqrt(xp.sum(Gs * Gs, axis=(-2, -1)) / (vr * vc))
-    first = ok & (f.Lr == 0.0) & (rms > 0)
-    rms = xp.where(first, rms, xp.ones_like(rms))
-    c = xp.where(first, rms ** (-0.25 if f.Ql is not None else -0.5), xp.ones_like(rms))
+    first = ok & (f.Lr == 0.0)                 # ok: finite and not all zero, so rms > 0
+    c = xp.where(first, rms, xp.ones_like(rms)) ** (-0.25 if f.Ql is not None else -0.5)
 
     def scale(q):
         return None if q is None else q * xp.reshape(c, (-1,) + (1,) * (q.ndim - 1))
