@@ -98,7 +98,7 @@ def check_group(params, label: Callable[[int], str], who: str) -> None:
                 "(world_size,))), FSDP2's default). HSDP / tensor-parallel meshes are not supported")
         if not (isinstance(pl[0], Shard) and pl[0].dim == 0):
             raise ValueError(
-                f"{who}: parameter {label(i)} has placement {pl[0]}; xpopt needs Shard(0), FSDP2's default "
+                f"{who}: parameter {label(i)} has placement {pl[0]!r}; xpopt needs Shard(0), FSDP2's default "
                 "(drop the shard_placement_fn that chose it, or return Shard(0) for this parameter)")
         if mesh != mesh0:
             raise ValueError(
