@@ -16,9 +16,9 @@ choice on every rank, from shapes only) and each step runs:
 4. one ``all_to_all_single`` back: the owner sends each rank its rows of the
    update, which every rank applies to its shard.
 
-Per step that moves ``2 * (W - 1) / W`` of the Muon / Kron parameters' bytes
-out of each rank's share (the same as FSDP's own all-gather plus
-reduce-scatter of those params), counted in :func:`bytes_sent`.
+Per step all ranks together send ``2 (W - 1) / W`` of those parameters' bytes
+(each rank ``1/W`` of that: ``1/W`` of what FSDP's own ring all-gather plus
+reduce-scatter send per rank for them), counted in :func:`bytes_sent`.
 
 Kron's factors (``Ql``, ``Qr``, ``Ll``, ``Lr``) are per matrix: they live on
 the owner rank only; the other ranks keep ``step``, ``key`` and the sharded
