@@ -290,3 +290,26 @@ def test_owner_assignment_is_balanced_and_deterministic():
     assert len({own[1], own[2]}) == 2 and own[0] != own[3]
     assert _rows(7, 4) == [2, 2, 2, 1] and _rows(5, 4) == [2, 2, 1, 0] and _rows(3, 4) == [1, 1, 1, 0]
     assert sum(_rows(33, 2)) == 33
+
+
+@pytest.mark.parametrize("mu_dtype", [torch.float32, torch.bfloat16])
+def test_core_kron_momentum_then_b1_zero_is_kron_updates_bit_for_bit(mu_dtype):
+    # The sharded path splits kron_updates into momentum (on shards) and
+    # kron_updates(b1=0) (on the owner); both halves must give the same bits.
+    import dataclasses
+
+    from xpopt.core import blocking
+    from xpopt.core import kron as K
+
+    g = torch.Generator().manual_seed(3)
+    grad, mu = torch.randn(20, 12, generator=g), torch.randn(20, 12, generator=g).to(mu_dtype)
+    lay = blocking.layout(grad.shape, block_size=16)
+    opts = K.KronOptions(b1=0.9, dtype="float32")
+    f = K.init_factors(torch.empty(0), lay, dtype=torch.float32)
+    (D, ), (new_mu, ), (nf, ) = K.kron_updates([grad], [mu.clone()], [f], [lay], step=3, opts=opts)
+    m, mu2 = K.momentum(grad, mu.clone(), step=3, b1=0.9)
+    (D2, ), _, (nf2, ) = K.kron_updates([m], [None], [f], [lay], step=3, opts=dataclasses.replace(opts, b1=0.0))
+    assert torch.equal(new_mu, mu2) and torch.equal(D, D2)
+    assert nf.Ql is not None and all(torch.equal(a, b) for a, b in zip(nf, nf2))
+    assert float((D - K.kron_updates([grad], [None], [f], [lay], step=3,
+                                     opts=dataclasses.replace(opts, b1=0.0))[0][0]).abs().max()) > 0
