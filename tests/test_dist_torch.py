@@ -260,10 +260,19 @@ def test_shard_local_muon_is_wrong_by_far_more_than_tol(world):
 def test_dcp_resume_equals_uninterrupted(world, how, kind):
     job = _job(world)
     resumed, straight = job["dcp", how, kind], job[how, kind]
-    # Same ranks, same collectives, the state reloaded exactly (float32 saved as is):
-    # the resumed run repeats the uninterrupted one bit for bit.
-    for a, b in zip(resumed, straight):
-        assert torch.equal(a, b), f"{how} {kind}: {float((a - b).abs().max()):.3g}"
+    if how == "fsdp":
+        # Same ranks, same collectives, the state reloaded exactly (float32 saved as
+        # is): the resumed run repeats the uninterrupted one bit for bit.
+        for a, b in zip(resumed, straight):
+            assert torch.equal(a, b), f"{how} {kind}: {float((a - b).abs().max()):.3g}"
+    else:
+        # DDP rebuilds its gradient buckets after its first iteration, and the resumed
+        # run's first step is a fresh DDP's first: at world >= 3 gloo's ring all-reduce
+        # then sums some gradient entries in another order (1 ulp; measured 2e-7
+        # relative after the 5 resumed steps at world 4, 0 at world 2).  The optimizer
+        # state itself reloads exactly (the FSDP2 case above is bit for bit).
+        assert _rel(resumed, straight) < 1e-6, _rel(resumed, straight)
+        assert _rel(resumed, single_process(kind)) < TOL
 
 
 @pytest.mark.parametrize("world", WORLDS)
