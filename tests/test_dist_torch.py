@@ -21,6 +21,7 @@ cannot hide that error.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tempfile
@@ -95,6 +96,7 @@ def _full(model):
     return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in model.parameters()]
 
 
+@functools.lru_cache(maxsize=None)  # read-only results, shared by the tests
 def single_process(kind, steps=STEPS):
     model = _model()
     X, Y = _data()
