@@ -149,7 +149,9 @@ def _errors(mesh, world):
     catch("muon_mixed", lambda: Muon(mixed().named_parameters()))
     catch("kron_mixed", lambda: Kron(mixed().parameters()))
     # Shard(1) on the first weight (12 columns: FSDP2 itself rejects uneven Shard(1))
-    shard1 = lambda: _fsdp(_model(), mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (20, 12) else None)  # noqa: E731
+    def shard1():
+        return _fsdp(_model(), mesh, shard_placement_fn=lambda p: Shard(1) if p.shape == (20, 12) else None)
+
     catch("muon_shard1", lambda: Muon(shard1().named_parameters()))
     catch("kron_shard1", lambda: Kron(shard1().parameters()))
     mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
