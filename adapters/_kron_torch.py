@@ -231,11 +231,17 @@ class Kron(torch.optim.Optimizer):
         torch casts all tensor state of a floating param to the param's dtype
         (the int64 key through float32 would lose bits; float32 ``L`` of a
         bf16 param would be rounded), so the saved tensors are taken as saved.
+        Every parameter's state is checked against its layout before anything
+        is loaded: a state dict that does not fit leaves the optimizer as it was.
         """
         saved = state_dict.get("state", {})
         ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
-        super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) == len(params):  # else torch raises its own error below
+            for i, p in zip(ids, params):
+                if i in saved:
+                    self._check_loaded(p, saved[i])
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params):
             if i not in saved:
                 continue
@@ -244,14 +250,21 @@ class Kron(torch.optim.Optimizer):
                 if torch.is_tensor(v):
                     st[k] = v.to(device="cpu" if k == "key" else p.device, copy=True)
             st["step"] = int(st["step"])
-            lay = self._layouts[p]
-            for k, v in st.items():
-                want = {"Ql": (lay.blocks,), "Qr": (lay.blocks,), "Ll": (lay.blocks,), "Lr": (lay.blocks,),
-                        "mu": tuple(p.shape), "key": (2,)}.get(k)
-                if want is not None and tuple(v.shape[:len(want)]) != want:
-                    raise ValueError(f"Kron.load_state_dict: state {k!r} of parameter {self._index[p]} has shape "
-                                     f"{tuple(v.shape)}, which does not fit its layout ({lay.describe()}); "
-                                     "the state dict comes from a different model or block_size")
+
+    def _check_loaded(self, p, st: dict) -> None:
+        lay = self._layouts[p]
+        name = self._index[p]
+        for k, v in st.items():
+            want = {"Ql": (lay.blocks,), "Qr": (lay.blocks,), "Ll": (lay.blocks,), "Lr": (lay.blocks,),
+                    "mu": tuple(p.shape), "key": (2,)}.get(k)
+            shape = tuple(getattr(v, "shape", ()))
+            if want is not None and shape[:len(want)] != want:
+                raise ValueError(f"Kron.load_state_dict: state {k!r} of parameter {name} has shape "
+                                 f"{shape}, which does not fit its layout ({lay.describe()}); "
+                                 "the state dict comes from a different model or block_size")
+        if "step" not in st or "Qr" not in st:
+            raise ValueError(f"Kron.load_state_dict: state of parameter {name} lacks 'step' or 'Qr' "
+                             f"(has {sorted(st)}); it is not a Kron state")
 
 
 def _prng_key(seed: int):
