@@ -49,6 +49,7 @@ def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
                 q = getattr(f, k)
                 if q is not None:
                     port.put(i, k, _host(q))
+        port.nonfinite_steps = int(getattr(state, "nonfinite_steps", 0) or 0)
         return port
     if not isinstance(state, MuonState):
         raise TypeError(f"xpopt.checkpoint: {type(state).__name__} is not an arrays MuonState / KronState")
@@ -108,7 +109,7 @@ def import_arrays(port: "CK.Portable", like, *, params=None, names=None):
                 mus[k] = _arr(port, j, "mu", mus[k], tname)
         step = CK.uniform_step(port, "an arrays Kron state")
         key = _like_array(root, like.key) if hasattr(like.key, "dtype") else root
-        return KronState(step, key, mus, fs)
+        return KronState(step, key, mus, fs, int(port.nonfinite_steps))
     if not isinstance(like, MuonState):
         raise TypeError(f"xpopt.checkpoint.load: like={type(like).__name__} is not an arrays MuonState / KronState")
     CK.check_optimizer(port, "muon")

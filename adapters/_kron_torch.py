@@ -18,8 +18,10 @@ parameter order).  The draw is made on the host (NumPy, no device sync).
 Structural options (``block_size``, ``max_size_dense``, ``scanned``) are read
 when a parameter is added; the layout (``Kron.plan()``) is fixed from then on.
 Non-finite gradients: a block whose gradient is not finite leaves its factors
-untouched, but its update (and so the parameter) becomes non-finite, as in
-torch.optim; guard with ``torch.isfinite`` if your run can produce them.
+untouched.  With ``nonfinite=None`` (default) its update (and so the
+parameter) becomes non-finite, as in torch.optim; ``nonfinite="skip"`` /
+``"zero"`` / ``"raise"`` apply ``xpopt.core.fault``'s policy (as ``Muon``;
+``state["nonfinite_steps"]`` counts).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from ..core import blocking
 from ..core import kron as K
+from ..core.fault import check_policy as _check_nonfinite
 from . import _common as C
 
 __all__ = ["Kron"]
@@ -101,6 +104,7 @@ class Kron(torch.optim.Optimizer):
       scanned: the params of this group have a leading layer axis.
       seed: the Threefry seed of the noise and the update draws.
       verbose: log each parameter's layout (INFO, ``"xpopt"`` logger) when it is added.
+      nonfinite: None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` (``xpopt.core.fault``).
     """
 
     def __init__(self, params, lr: Any = 1e-3, b1: float = 0.95, weight_decay: float = 0.0,
@@ -109,7 +113,8 @@ class Kron(torch.optim.Optimizer):
                  preconditioner_update_probability: Union[float, str, Callable[[int], float]] = 1.0,
                  max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.bfloat16,
                  mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
-                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False):
+                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False,
+                 nonfinite: Optional[str] = None):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"Kron: seed={seed!r} must be an integer in [0, 2**64)")
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
@@ -119,6 +124,10 @@ class Kron(torch.optim.Optimizer):
                         block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
                         lr_style=lr_style, noise_scale=noise_scale, scanned=scanned, verbose=verbose)
         _options(defaults, "Kron(...) arguments")
+        try:
+            self._nonfinite = _check_nonfinite(nonfinite)
+        except ValueError as e:
+            raise ValueError(f"Kron: {e}") from None
         self._seed = seed
         self._layouts: dict = {}
         self._index: dict = {}
@@ -182,6 +191,8 @@ class Kron(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._nonfinite is not None and not self._nonfinite_gate():
+            return loss
         for g, group in enumerate(self.param_groups):
             opts = _options(group, f"param group {g}")
             for p in group["params"]:
@@ -224,6 +235,12 @@ class Kron(torch.optim.Optimizer):
             target.add_(D, alpha=-lr)
         if target is not p:
             p.copy_(target)
+
+    def _nonfinite_gate(self) -> bool:
+        """The ``nonfinite=`` policy (``core.fault``), as ``Muon._nonfinite_gate``."""
+        from .torch import torch_nonfinite_gate
+
+        return torch_nonfinite_gate(self, lambda p: f"param {self._index[p]}", "Kron")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then every state tensor re-copied from ``state_dict`` in its own dtype.
