@@ -25,6 +25,10 @@ step) misses by 0.34 (Muon) / 0.36 (Kron) of the movement
 
 from __future__ import annotations
 
+import functools
+import pathlib
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -105,9 +109,15 @@ def _optax_tx(kind, schedule=False):
     return xo.skew(lr, weight_decay=0.1, dtype="float32", **kw)
 
 
-def _optax_steps(tx, params, state, t0, n):
-    grad = jax.jit(jax.grad(lambda p, x, y: _loss(p, x, y, jnp)))
-    upd = jax.jit(tx.update)
+@functools.lru_cache(maxsize=None)
+def _optax_fns(kind, schedule=False):
+    """One transform and its jitted functions per configuration: compiled once for the whole file."""
+    tx = _optax_tx(kind, schedule)
+    return tx, jax.jit(jax.grad(lambda p, x, y: _loss(p, x, y, jnp))), jax.jit(tx.update)
+
+
+def _optax_steps(fns, params, state, t0, n):
+    _, grad, upd = fns
     for t in range(t0, t0 + n):
         x, y = map(jnp.asarray, _batch(t))
         u, state = upd(grad(params, x, y), state, params)
@@ -155,12 +165,12 @@ def run_torch(kind, start, n, path=None, ps_state=None):
 
 
 def run_optax(kind, start, n, path=None, load=None, schedule=False, t0=None):
-    tx = _optax_tx(kind, schedule)
+    fns = _optax_fns(kind, schedule)
     params = {k: jnp.asarray(v) for k, v in start.items()}
-    state = tx.init(params)
+    state = fns[0].init(params)
     if load is not None:
         state = ckpt.load(load, like=state, params=params)
-    params, state = _optax_steps(tx, params, state, (0 if load is None else N) if t0 is None else t0, n)
+    params, state = _optax_steps(fns, params, state, (0 if load is None else N) if t0 is None else t0, n)
     if path is not None:
         ckpt.save(path, state, params=params)
     return _np_of(params), state
@@ -181,13 +191,27 @@ def run_arrays(kind, start, n, path=None, load=None):
 RUNS = {"torch": run_torch, "optax": run_optax, "arrays": run_arrays}
 
 
-def _resume(kind, a, b, tmp_path):
+@functools.lru_cache(maxsize=None)
+def _full(fw, kind):
+    """The uninterrupted N + M step run (deterministic: computed once per file)."""
+    return RUNS[fw](kind, _init(), N + M)[0]
+
+
+_CACHE_DIR = tempfile.TemporaryDirectory(prefix="xpopt-ckpt-test-")
+
+
+@functools.lru_cache(maxsize=None)
+def _mid(fw, kind):
+    """The first N steps and the checkpoint written after them: ``(params, path)``."""
+    path = pathlib.Path(_CACHE_DIR.name) / f"{fw}-{kind}.npz"
+    return RUNS[fw](kind, _init(), N, path=path)[0], path
+
+
+def _resume(kind, a, b, tmp_path=None):
     """(uninterrupted A, A -> file -> B, uninterrupted B, start) after N + M steps."""
     start = _init()
-    full_a, _ = RUNS[a](kind, start, N + M)
-    full_b, _ = RUNS[b](kind, start, N + M)
-    path = tmp_path / f"{a}.npz"
-    mid, _ = RUNS[a](kind, start, N, path=path)
+    full_a, full_b = _full(a, kind), _full(b, kind)
+    mid, path = _mid(a, kind)
     if b == "torch":
         resumed, _ = run_torch(kind, mid, M, ps_state=path)
     else:
@@ -206,10 +230,8 @@ def test_resume_in_another_framework_continues_the_trajectory(kind, a, b, tmp_pa
 @pytest.mark.parametrize("kind", ["muon", "kron"])
 @pytest.mark.parametrize("fw", ["torch", "optax", "arrays"])
 def test_round_trip_in_one_framework_is_bit_exact(kind, fw, tmp_path):
-    start = _init()
-    full, _ = RUNS[fw](kind, start, N + M)
-    path = tmp_path / "s.npz"
-    mid, _ = RUNS[fw](kind, start, N, path=path)
+    full = _full(fw, kind)
+    mid, path = _mid(fw, kind)
     if fw == "torch":
         resumed, _ = run_torch(kind, mid, M, ps_state=path)
     else:
@@ -233,8 +255,7 @@ def test_optax_schedule_position_resumes_bit_exactly(kind, tmp_path):
 def test_a_lost_state_is_seen(kind, tmp_path):
     """The trajectory comparison has teeth: resuming from a fresh state (or a wrong seed) misses by far more."""
     start = _init()
-    full, _ = run_torch(kind, start, N + M)
-    mid, _ = run_torch(kind, start, N, path=tmp_path / "s.npz")
+    full, (mid, _) = _full("torch", kind), _mid("torch", kind)
     fresh, _ = run_optax(kind, mid, M, t0=N)  # no load: momentum / factors / step restart
     assert _rel(fresh, full, start) > 100 * CROSS
 

@@ -16,6 +16,8 @@ Every check is an exact comparison within one framework (no tolerance):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -75,12 +77,18 @@ def run_torch(kind, seq, policy):
     return [p.detach().numpy().copy() for p in ps], opt.state.get("nonfinite_steps", 0)
 
 
-def run_optax(kind, seq, policy, jit=True):
+@functools.lru_cache(maxsize=None)
+def _optax_tx(kind, policy, jit):
+    """One transform (and its jitted update) per configuration: compiled once for the file."""
     tx = (xo.muon(0.02, dimension_numbers="torch", nonfinite=policy) if kind == "muon"
           else xo.skew(0.01, weight_decay=0.0, dtype="float32", nonfinite=policy, **KRON_KW))
+    return tx, (jax.jit(tx.update) if jit else tx.update)
+
+
+def run_optax(kind, seq, policy, jit=True):
+    tx, upd = _optax_tx(kind, policy, jit)
     params = [jnp.asarray(p) for p in _start()]
     state = tx.init(params)
-    upd = jax.jit(tx.update) if jit else tx.update
     for gs in seq:
         u, state = upd([jnp.asarray(g) for g in gs], state, params)
         params = optax.apply_updates(params, u)
