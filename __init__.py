@@ -9,6 +9,7 @@ use, chosen by the type of the arrays you pass.
     >>> from xpopt.adapters import arrays              # NumPy / CuPy functional
 """
 
+from . import checkpoint
 from ._version import __version__
 from .core.adam import adamw_step
 from .core.blocking import layout as kron_layout
@@ -18,6 +19,7 @@ from .core.newton_schulz import COEFFICIENTS, orthogonalize, resolve_coefficient
 
 __all__ = [
     "__version__",
+    "checkpoint",
     "COEFFICIENTS",
     "orthogonalize",
     "resolve_coefficients",

@@ -293,6 +293,15 @@ def muon_group(opt, group: dict, params: list, grads: list, bufs: list, steps: l
         opt._apply(p, d, lr, wd)
 
 
+def all_agree(ok: bool, device=None) -> bool:
+    """True on every rank iff ``ok`` is True on every rank (one all-reduce of one byte)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.uint8, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def local(ts: list) -> list:
     """Local shards (views: in-place updates reach the DTensor) of DTensors; plain tensors as they are."""
     return [t.to_local() if is_dtensor(t) else t for t in ts]

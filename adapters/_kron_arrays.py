@@ -23,6 +23,7 @@ from ..core import blocking
 from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number, namespace
+from ..core.fault import check_policy as check_nonfinite
 from . import _common as C
 
 __all__ = ["KronState", "Kron", "kron"]
@@ -33,13 +34,15 @@ class KronState(NamedTuple):
     key: Any         # uint32[2]: PRNGKey(seed)
     mu: list         # momentum per param (None when b1 == 0)
     factors: list    # core.kron.Factors per param
+    nonfinite_steps: int = 0  # steps that saw a non-finite gradient (nonfinite= policy)
 
 
 class Kron:
     """``init`` / ``update`` pair; build it with :func:`kron`."""
 
-    def __init__(self, lr, weight_decay, opts: K.KronOptions, scanned, seed):
+    def __init__(self, lr, weight_decay, opts: K.KronOptions, scanned, seed, nonfinite=None):
         self.lr, self.weight_decay, self.opts, self.scanned, self.seed = lr, weight_decay, opts, scanned, seed
+        self.nonfinite = nonfinite
 
     def _layouts(self, values):
         flags = self.scanned if isinstance(self.scanned, (list, tuple)) else [bool(self.scanned)] * len(values)
@@ -65,6 +68,12 @@ class Kron:
         return KronState(0, key, mu, factors)
 
     def update(self, grads, state: KronState, params=None):
+        """``(updates, new_state)``; the ``nonfinite=`` policy as ``arrays.muon``."""
+        from .arrays import nonfinite_update
+
+        return nonfinite_update(self, self._update, grads, state, params, "arrays.kron")
+
+    def _update(self, grads, state: KronState, params=None):
         from .arrays import _flatten, _matching, _rebuild
 
         keys, gs, _, kind = _flatten(grads, "grads")
@@ -110,7 +119,7 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
          preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, preconditioner_update_probability: Any = 1.0,
          max_size_dense: int = 16384, block_size: int = 256, dtype: str = "float32", mu_dtype: Any = None,
          normalize_grads: bool = False, lr_style: Any = "adam", noise_scale: float = 1e-9, scanned: Any = False,
-         seed: int = 0) -> Kron:
+         seed: int = 0, nonfinite=None) -> Kron:
     """PSGD Kron for NumPy / CuPy (see the module docstring; options as ``xpopt.adapters.torch.Kron``)."""
     try:
         C.check_nonnegative(lr, "lr")
@@ -124,4 +133,8 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
         raise type(e)(f"kron: {e}") from None
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"kron: seed={seed!r} must be an integer in [0, 2**64)")
-    return Kron(lr, weight_decay, opts, scanned, seed)
+    try:
+        nonfinite = check_nonfinite(nonfinite)
+    except ValueError as e:
+        raise ValueError(f"kron: {e}") from None
+    return Kron(lr, weight_decay, opts, scanned, seed, nonfinite)

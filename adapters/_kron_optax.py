@@ -16,6 +16,8 @@ its "fit this step?" decision from ``fold_in(key, i)`` and the step: the same nu
 as ``xpopt.adapters.torch.Kron`` for the same seed and parameter order.  Under
 ``jax.jit`` the decision is a ``lax.cond``.  With ``optax.inject_hyperparams``
 list :data:`KRON_STATIC_ARGS` in ``static_args`` (the layout options shape the state).
+``nonfinite=``: None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` around the
+whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_steps)``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number
 from . import _common as C
+from ._fault_optax import with_nonfinite
 
 __all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
            "KRON_STATIC_ARGS"]
@@ -38,7 +41,7 @@ __all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad
 #: Arguments that shape the state or the computation: ``static_args`` for inject_hyperparams.
 KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditioner_update_style", "dtype",
                     "mu_dtype", "scanned_layers", "block_size", "preconditioner_update_probability", "seed",
-                    "weight_decay_mask")
+                    "weight_decay_mask", "nonfinite")
 
 
 class KronState(NamedTuple):
@@ -86,7 +89,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
                   preconditioner_init_scale: float = 1.0, preconditioner_update_style: str = "skew",
                   dtype: Any = "bfloat16", scanned_layers: Any = None, block_size: Optional[int] = None,
                   noise_scale: float = 1e-9, preconditioner_update_probability: Union[float, str, Callable] = 1.0,
-                  mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
+                  mu_dtype: Any = None, seed: Optional[int] = None, nonfinite=None) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
     opts = _options(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
                     preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
@@ -141,7 +144,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
         return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformation(init_fn, update_fn), nonfinite)
 
 
 def scale_by_quad(**kw) -> optax.GradientTransformation:
@@ -159,19 +162,21 @@ def _full(style, args: dict):
     args = dict(args)
     learning_rate, weight_decay = args.pop("learning_rate"), args.pop("weight_decay")
     mask = args.pop("weight_decay_mask")
+    nonfinite = args.pop("nonfinite")  # around the whole chain: a skipped step decays nothing either
     tx = [scale_by_kron(preconditioner_update_style=style, **args)]
     if not (is_number(weight_decay) and weight_decay == 0):
         C.check_hyper(weight_decay, "weight_decay")
         tx.append(optax.add_decayed_weights(weight_decay, mask))
     tx.append(optax.scale_by_learning_rate(C.check_lr(learning_rate, "learning_rate")))
-    return optax.chain(*tx)
+    return with_nonfinite(optax.chain(*tx), nonfinite)
 
 
 def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
          weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
          preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
-         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
+         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None,
+         nonfinite=None) -> optax.GradientTransformation:
     """PSGD Kron with QUAD preconditioner updates, weight decay and LR (the seed's ``quad``)."""
     return _full("QUAD", locals())
 
@@ -180,7 +185,8 @@ def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
          weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
          preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
-         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None) -> optax.GradientTransformation:
+         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None,
+         nonfinite=None) -> optax.GradientTransformation:
     """PSGD Kron with skew (Q0.5EQ1.5 + Procrustes) updates, weight decay and LR (the seed's ``skew``)."""
     return _full("skew", locals())
 

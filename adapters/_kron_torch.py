@@ -18,8 +18,10 @@ parameter order).  The draw is made on the host (NumPy, no device sync).
 Structural options (``block_size``, ``max_size_dense``, ``scanned``) are read
 when a parameter is added; the layout (``Kron.plan()``) is fixed from then on.
 Non-finite gradients: a block whose gradient is not finite leaves its factors
-untouched, but its update (and so the parameter) becomes non-finite, as in
-torch.optim; guard with ``torch.isfinite`` if your run can produce them.
+untouched.  With ``nonfinite=None`` (default) its update (and so the
+parameter) becomes non-finite, as in torch.optim; ``nonfinite="skip"`` /
+``"zero"`` / ``"raise"`` apply ``xpopt.core.fault``'s policy (as ``Muon``;
+``state["nonfinite_steps"]`` counts).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from ..core import blocking
 from ..core import kron as K
+from ..core.fault import check_policy as _check_nonfinite
 from . import _common as C
 from . import _dist_torch as _dist
 
@@ -102,6 +105,7 @@ class Kron(torch.optim.Optimizer):
       scanned: the params of this group have a leading layer axis.
       seed: the Threefry seed of the noise and the update draws.
       verbose: log each parameter's layout (INFO, ``"xpopt"`` logger) when it is added.
+      nonfinite: None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` (``xpopt.core.fault``).
     """
 
     def __init__(self, params, lr: Any = 1e-3, b1: float = 0.95, weight_decay: float = 0.0,
@@ -110,7 +114,8 @@ class Kron(torch.optim.Optimizer):
                  preconditioner_update_probability: Union[float, str, Callable[[int], float]] = 1.0,
                  max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.bfloat16,
                  mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
-                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False):
+                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False,
+                 nonfinite: Optional[str] = None):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"Kron: seed={seed!r} must be an integer in [0, 2**64)")
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
@@ -120,6 +125,10 @@ class Kron(torch.optim.Optimizer):
                         block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
                         lr_style=lr_style, noise_scale=noise_scale, scanned=scanned, verbose=verbose)
         _options(defaults, "Kron(...) arguments")
+        try:
+            self._nonfinite = _check_nonfinite(nonfinite)
+        except ValueError as e:
+            raise ValueError(f"Kron: {e}") from None
         self._seed = seed
         self._layouts: dict = {}
         self._index: dict = {}
@@ -184,6 +193,8 @@ class Kron(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._nonfinite is not None and not self._nonfinite_gate():
+            return loss
         for g, group in enumerate(self.param_groups):
             opts = _options(group, f"param group {g}")
             if _dist.sharded(group["params"]):  # FSDP2 DTensors: factors on owner ranks
@@ -230,17 +241,29 @@ class Kron(torch.optim.Optimizer):
         if target is not p:
             p.copy_(target)
 
+    def _nonfinite_gate(self) -> bool:
+        """The ``nonfinite=`` policy (``core.fault``), as ``Muon._nonfinite_gate``."""
+        from .torch import torch_nonfinite_gate
+
+        return torch_nonfinite_gate(self, lambda p: f"param {self._index[p]}", "Kron")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then every state tensor re-copied from ``state_dict`` in its own dtype.
 
         torch casts all tensor state of a floating param to the param's dtype
         (the int64 key through float32 would lose bits; float32 ``L`` of a
         bf16 param would be rounded), so the saved tensors are taken as saved.
+        Every parameter's state is checked against its layout before anything
+        is loaded: a state dict that does not fit leaves the optimizer as it was.
         """
         saved = state_dict.get("state", {})
         ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
-        super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) == len(params):  # else torch raises its own error below
+            for i, p in zip(ids, params):
+                if i in saved:
+                    self._check_loaded(p, saved[i])
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params):
             if i not in saved:
                 continue
@@ -249,14 +272,22 @@ class Kron(torch.optim.Optimizer):
                 if torch.is_tensor(v):
                     st[k] = v.to(device="cpu" if k == "key" else p.device, copy=True)
             st["step"] = int(st["step"])
-            lay = self._layouts[p]
-            for k, v in st.items():
-                want = {"Ql": (lay.blocks,), "Qr": (lay.blocks,), "Ll": (lay.blocks,), "Lr": (lay.blocks,),
-                        "mu": tuple(p.shape), "key": (2,)}.get(k)
-                if want is not None and tuple(v.shape[:len(want)]) != want:
-                    raise ValueError(f"Kron.load_state_dict: state {k!r} of parameter {self._index[p]} has shape "
-                                     f"{tuple(v.shape)}, which does not fit its layout ({lay.describe()}); "
-                                     "the state dict comes from a different model or block_size")
+
+    def _check_loaded(self, p, st: dict) -> None:
+        lay = self._layouts[p]
+        name = self._index[p]
+        for k, v in st.items():
+            want = {"Ql": (lay.blocks,), "Qr": (lay.blocks,), "Ll": (lay.blocks,), "Lr": (lay.blocks,),
+                    "mu": tuple(p.shape), "key": (2,)}.get(k)
+            shape = tuple(getattr(v, "shape", ()))
+            if want is not None and shape[:len(want)] != want:
+                raise ValueError(f"Kron.load_state_dict: state {k!r} of parameter {name} has shape "
+                                 f"{shape}, which does not fit its layout ({lay.describe()}); "
+                                 "the state dict comes from a different model or block_size")
+        # FSDP2: factors live on the matrix's owner rank only (adapters/_dist_torch.py)
+        if "step" not in st or ("Qr" not in st and not _dist.is_dtensor(p)):
+            raise ValueError(f"Kron.load_state_dict: state of parameter {name} lacks 'step' or 'Qr' "
+                             f"(has {sorted(st)}); it is not a Kron state")
 
 
 def _prng_key(seed: int):

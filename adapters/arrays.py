@@ -33,8 +33,10 @@ a field does not apply) and a Python int ``step``: picklable, ``np.savez``-able.
 float16 params keep float32 state and get float32 updates, which
 :func:`apply_updates` rounds into the param once.
 
-NaN policy: no implicit finiteness check; a NaN/Inf gradient propagates into
-that parameter's state and update, as in torch.optim and optax.
+NaN policy: ``nonfinite=None`` (default), no check: a NaN/Inf gradient
+propagates into that parameter's state and update, as in torch.optim and
+optax; ``"skip"`` / ``"zero"`` / ``"raise"`` as ``xpopt.core.fault``
+(``state.nonfinite_steps`` counts).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ import array_api_compat
 from ..backends import backend_name, get_backend
 from . import _common as C
 from ._common import DimensionNumbers
+from ..core import fault as C_fault
+from ._fault import eager_gate
 
 __all__ = ["muon", "apply_updates", "MuonState", "Muon", "DimensionNumbers", "FLAX", "TORCH"]
 
@@ -61,6 +65,7 @@ class MuonState(NamedTuple):
     mu: Any          # Muon momentum buffers (None for fallback entries)
     exp_avg: Any     # fallback first moments (None for Muon entries)
     exp_avg_sq: Any  # fallback second moments (None for Muon entries)
+    nonfinite_steps: int = 0  # steps that saw a non-finite gradient (nonfinite= policy)
 
 
 # --------------------------------------------------------------------------- containers
@@ -167,7 +172,8 @@ class Muon:
 
     def __init__(self, *, lr, fallback_lr, weight_decay, fallback_weight_decay, weight_decay_mask,
                  opts: C.MuonOptions, fb: C.FallbackOptions, mu_dtype, min_dim_size, max_aspect_ratio,
-                 labels, dimension_numbers):
+                 labels, dimension_numbers, nonfinite=None):
+        self.nonfinite = nonfinite
         self.lr = lr
         self.fallback_lr = fallback_lr
         self.weight_decay = weight_decay
@@ -242,8 +248,13 @@ class Muon:
         """``(updates, new_state)``; ``params`` is needed when weight decay is on.
 
         ``updates`` are deltas (add them with :func:`apply_updates`), in float32
-        for float16 params and in the param dtype otherwise.
+        for float16 params and in the param dtype otherwise.  A step skipped by
+        ``nonfinite="skip"`` returns zero updates and the state unchanged but
+        for ``nonfinite_steps``.
         """
+        return nonfinite_update(self, self._update, grads, state, params, "arrays.muon")
+
+    def _update(self, grads, state: MuonState, params=None):
         if not isinstance(state, MuonState):
             raise TypeError(f"state must be the MuonState returned by init(), got {type(state).__name__}")
         gkeys, gvals, gnames, gkind = _flatten(grads, "grads")
@@ -342,6 +353,7 @@ def muon(
     preconditioning: str = "frobenius",
     adaptive: bool = False,
     consistent_rms: Optional[float] = None,
+    nonfinite: Optional[str] = None,
 ) -> Muon:
     """Muon (matrices) + AdamW/NAdamW (the rest) for NumPy/CuPy params.
 
@@ -351,8 +363,10 @@ def muon(
     of bools, or a callable ``params -> such a container``.  ``mu_dtype``: dtype of
     Muon's momentum and the fallback's first moment (None: float32 for float16
     params, else the param dtype).  Every other option is documented in
-    ``docs/adapters.md`` and :func:`xpopt.adapters.optax.muon`.
+    ``docs/adapters.md`` and :func:`xpopt.adapters.optax.muon`; ``nonfinite``:
+    None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` (``xpopt.core.fault``).
     """
+    nonfinite = C_fault.check_policy(nonfinite)
     opts = C.muon_options(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
@@ -382,7 +396,22 @@ def muon(
     return Muon(lr=lr, fallback_lr=flr, weight_decay=wd, fallback_weight_decay=fwd,
                 weight_decay_mask=weight_decay_mask, opts=opts, fb=fb, mu_dtype=mu_dtype,
                 min_dim_size=min_dim, max_aspect_ratio=max_ratio, labels=labels,
-                dimension_numbers=dimension_numbers)
+                dimension_numbers=dimension_numbers, nonfinite=nonfinite)
+
+
+def nonfinite_update(opt, update, grads, state, params, who):
+    """``update(grads, state, params)`` under ``opt.nonfinite`` (shared with arrays.kron)."""
+    carried = getattr(state, "nonfinite_steps", 0)
+    if opt.nonfinite is None:
+        upd, new = update(grads, state, params)
+        return upd, new._replace(nonfinite_steps=carried)
+    keys, gvals, gnames, kind = _flatten(grads, "grads")
+    proceed, gvals, counted = eager_gate(opt.nonfinite, gvals, gnames, who)
+    if not proceed:
+        return _rebuild(kind, keys, [_zeros(g, _compute_dtype(g)) for g in gvals]), \
+            state._replace(nonfinite_steps=carried + 1)
+    upd, new = update(_rebuild(kind, keys, gvals) if counted else grads, state, params)
+    return upd, new._replace(nonfinite_steps=carried + int(counted))
 
 
 def apply_updates(params, updates):

@@ -50,10 +50,12 @@ once.  ``ns_dtype=None`` runs Newton-Schulz in float32 for them and in the leaf
 dtype otherwise; ``ns_dtype="bfloat16"`` is the GPU/TPU speed choice and warns
 once on a CPU, where bf16 matmuls are emulated (~100x slower).
 
-NaN policy.  No implicit finiteness check (it would cost a device sync per step):
-a NaN/Inf in a gradient propagates into that leaf's state and update, as in
-optax itself.  Wrap with ``optax.apply_if_finite`` or ``optax.zero_nans`` if
-you want to skip or zero such steps.
+NaN policy.  ``nonfinite=None`` (default): no check, a NaN/Inf in a gradient
+propagates into that leaf's state and update, as in optax itself.
+``nonfinite="skip"`` / ``"zero"`` / ``"raise"``: the policy of
+``xpopt.core.fault`` (skip the whole step leaving state untouched, zero the
+entries, or raise; traced under jit ``"raise"`` acts as ``"skip"``); the state
+is then a :class:`NonfiniteState` ``(inner, nonfinite_steps)``.
 
 Example (flax nnx; embeddings and the head go to AdamW)::
 
@@ -126,10 +128,11 @@ from optax.contrib import MuonDimensionNumbers
 
 from ..backends import jax as _jax_backend
 from . import _common as C
+from ._fault_optax import NonfiniteState, with_nonfinite
 
 __all__ = [
     "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
-    "FLAX", "TORCH", "STATIC_ARGS", "SCALE_BY_MUON_STATIC_ARGS", "INJECTABLE",
+    "FLAX", "TORCH", "STATIC_ARGS", "SCALE_BY_MUON_STATIC_ARGS", "INJECTABLE", "NonfiniteState",
 ]
 
 #: ``MuonDimensionNumbers`` of flax's layout (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
@@ -308,6 +311,7 @@ def scale_by_muon(
     preconditioning: str = "frobenius",
     adaptive: bool = False,
     consistent_rms=None,
+    nonfinite=None,
 ) -> optax.GradientTransformation:
     """Muon's direction ``lr_scale * orthogonalize(momentum_update(g))`` for every leaf.
 
@@ -368,7 +372,7 @@ def scale_by_muon(
             out[i] = lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype))
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite)
 
 
 # --------------------------------------------------------------------------- muon
@@ -404,6 +408,7 @@ def muon(
     preconditioning: str = "frobenius",
     adaptive: bool = False,
     consistent_rms=None,
+    nonfinite=None,
 ) -> optax.GradientTransformation:
     """Muon for matrix leaves, AdamW/NAdamW for the rest, as one optax transform.
 
@@ -451,6 +456,8 @@ def muon(
       dimension_numbers: None/``"flax"`` (default), ``"torch"``, a
         ``MuonDimensionNumbers``, a pytree of them (None leaf = fallback) or a
         callable ``params -> such a pytree``.
+      nonfinite: None (no check), ``"skip"``, ``"zero"`` or ``"raise"``
+        (``xpopt.core.fault``; the state becomes :class:`NonfiniteState`).
 
     Continuous hyperparameters (learning rates, ``momentum``, weight decays,
     ``eps``, ``safety_factor``, ``fallback_eps``, ``consistent_rms``, betas) may
@@ -590,7 +597,7 @@ def muon(
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
         return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite)
 
 
 #: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.

@@ -68,12 +68,16 @@ torch conventions:
   ``adjust_lr_fn=None`` is ``"original"``, its buffers are EMA momentum);
   :func:`torch_optim_state_dict` merges it with an AdamW checkpoint.
 
-Non-finite gradients: there is no implicit check (it would force a device
-sync every step, which ``torch.optim`` avoids too).  A NaN or Inf in a
-gradient propagates into that parameter's state and value (for Muon, into
-every entry of that matrix, since Newton-Schulz mixes them); other
-parameters are unaffected.  Check ``torch.isfinite`` yourself or use a
-``GradScaler`` if your run can produce them.
+Non-finite gradients: ``nonfinite=None`` (default) adds no check (it would
+force a device sync every step, which ``torch.optim`` avoids too): a NaN or
+Inf in a gradient propagates into that parameter's state and value (for
+Muon, into every entry of that matrix, since Newton-Schulz mixes them).
+``nonfinite="skip"`` skips the whole step (params, state and step counts
+untouched), ``"zero"`` zeroes the non-finite entries of ``.grad`` in place
+and steps, ``"raise"`` raises ``FloatingPointError`` naming the parameters
+before anything changes (``xpopt.core.fault``); each costs one host sync per
+step, as ``GradScaler.step``.  ``state["nonfinite_steps"]`` counts the steps
+that saw a non-finite gradient.
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ from ..core.muon import (
 )
 from . import _common as C
 from . import _dist_torch as _dist
+from ._fault import eager_gate
+from ..core.fault import check_policy as check_nonfinite
 
 __all__ = ["Muon", "Route", "torch_optim_state_dict"]
 
@@ -278,6 +284,8 @@ class Muon(torch.optim.Optimizer):
         the ``"xpopt"`` logger when it is routed.
       fallback_filter: ``(name, param) -> bool``; True sends the parameter to
         the fallback (embeddings, LM heads). ``name`` is None for unnamed params.
+      nonfinite: None (no check, the default), ``"skip"``, ``"zero"`` or
+        ``"raise"``: what a step with a NaN/Inf gradient does (module docstring).
     """
 
     def __init__(
@@ -309,7 +317,12 @@ class Muon(torch.optim.Optimizer):
         preconditioning: str = "frobenius",
         adaptive: bool = False,
         consistent_rms: Optional[float] = None,
+        nonfinite: Optional[str] = None,
     ):
+        try:
+            self._nonfinite = check_nonfinite(nonfinite)
+        except ValueError as e:
+            raise ValueError(f"Muon: {e}") from None
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
             weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
@@ -433,6 +446,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._nonfinite is not None and not self._nonfinite_gate():
+            return loss
         # Collect (and check) every group before touching any parameter, so an
         # error leaves the model and the step counts as they were.
         work = []
@@ -579,6 +594,14 @@ class Muon(torch.optim.Optimizer):
             v.copy_(new_v)
             self._apply(p, direction, lr, wd)
 
+    def _nonfinite_gate(self) -> bool:
+        """The ``nonfinite=`` policy (``core.fault``): False = skip this step.
+
+        One host sync per step (as ``GradScaler.step``); the count lives in
+        ``self.state["nonfinite_steps"]`` (a number, saved by ``state_dict``).
+        """
+        return torch_nonfinite_gate(self, lambda p: self._routes[p].name, "Muon")
+
     # ------------------------------------------------------------ state_dict
 
     def state_dict(self) -> dict:
@@ -697,6 +720,7 @@ class Muon(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_nonfinite", None)
         # Groups of an older pickle lack newer options: the defaults fill them
         # (what torch.optim.AdamW does for its own additions).
         for group in self.param_groups:
@@ -710,7 +734,8 @@ class Muon(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         s = super().__getstate__()
         s.update(_routes=self._routes, _device=self._device, _device_owner=self._device_owner,
-                 _native_bf16=self._native_bf16, _warned_bf16=self._warned_bf16)
+                 _native_bf16=self._native_bf16, _warned_bf16=self._warned_bf16,
+                 _nonfinite=getattr(self, "_nonfinite", None))
         return s
 
 
@@ -800,6 +825,22 @@ def torch_optim_state_dict(muon: dict, adamw: Optional[dict] = None) -> dict:
     if adamw is not None:
         take(adamw, "adamw", from_adamw)
     return {"state": state, "param_groups": groups}
+
+
+def torch_nonfinite_gate(opt, name_of, who: str) -> bool:
+    """The eager ``nonfinite=`` gate shared by Muon and Kron (see ``Muon._nonfinite_gate``)."""
+    ps = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    grads = _dist.local([p.grad for p in ps])      # DTensor grads: check this rank's shards ...
+    agree = None                                    # ... and decide together
+    if any(_dist.is_dtensor(p.grad) for p in ps):
+        agree = lambda ok: _dist.all_agree(ok, grads[0].device)   # noqa: E731
+    proceed, grads, counted = eager_gate(opt._nonfinite, grads, [name_of(p) for p in ps], who, agree)
+    if counted:
+        opt.state["nonfinite_steps"] = int(opt.state.get("nonfinite_steps", 0)) + 1
+        if proceed:  # "zero": the cleaned gradients, in place (as GradScaler.unscale_ writes .grad)
+            for g_old, g in zip(_dist.local([p.grad for p in ps]), grads):
+                g_old.copy_(g)
+    return proceed
 
 
 def _user_stacklevel() -> int:

@@ -41,7 +41,7 @@ def merge_dims(shape: tuple) -> tuple:
     """
     shape = tuple(int(d) for d in shape)
     size = math.prod(shape)
-    if len(shape) <= 1 or size == max(shape, default=1):
+    if len(shape) <= 1 or size == max(shape, default=1) or size == 0:  # empty: a (0,) vector
         return (size,)
     if len(shape) == 2:
         return shape

@@ -31,7 +31,8 @@ Every 100 steps the two factors of each block are balanced (scaled to the
 same max-abs; their Kronecker product is unchanged).
 
 Guards (per block, no data-dependent Python branches): a block whose gradient
-is all zero or not finite leaves its factors and ``L`` untouched; a block
+is all zero or not finite, or whose fit would give a non-finite factor or
+``L``, leaves its factors and ``L`` untouched; a block
 whose largest entry lies outside ``[2^-40, 2^40]`` is divided by a power of
 two (exact) before the factors see it, since ``Pg Pg^T`` would leave
 float32's range, and the power of two goes to the RMS clip instead of the
@@ -386,10 +387,19 @@ def _fit(xp, Gs, ok, f: Factors, lay, *, noise, plr, style, auto_scale=False) ->
     else:
         Qr, Lr = _diag_step(xp, f.Qr, xp.sum(Pg * Pg, axis=-2), vr, f.Lr, plr, style)
 
+    # A fit whose result is not finite (an overflow inside it) is rejected per block, like an
+    # unusable gradient: the factors never hold a NaN/Inf, whatever the input.
+    def finite(q):
+        if q is None:
+            return ok
+        return xp.all(xp.reshape(xp.isfinite(q), (q.shape[0], -1)), axis=1) if q.ndim > 1 else xp.isfinite(q)
+
+    good = ok & finite(Ql) & finite(Qr) & finite(Ll) & finite(Lr)
+
     def keep(new, old):
         if old is None:
             return None
-        return xp.where(xp.reshape(ok, (-1,) + (1,) * (old.ndim - 1)), new, old)
+        return xp.where(xp.reshape(good, (-1,) + (1,) * (old.ndim - 1)), new, old)
 
     return Factors(keep(Ql, f.Ql), keep(Qr, f.Qr), keep(Ll, f.Ll), keep(Lr, f.Lr))
 
@@ -460,6 +470,11 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
     use_mu = not (is_number(b1) and b1 == 0)
     for i, (g, mu, f, lay) in enumerate(zip(grads, mus, factors, layouts)):
         cdt = compute_dtype or (xp.float64 if g.dtype == xp.float64 else xp.float32)
+        if 0 in tuple(g.shape):  # an empty parameter: nothing to precondition (and no max to take)
+            dirs.append(xp.zeros(g.shape, dtype=cdt, device=device(g)))
+            new_mus.append(mu)
+            new_f.append(f)
+            continue
         g = xp.astype(g, cdt)
         if use_mu:
             mu32 = xp.astype(mu, cdt)

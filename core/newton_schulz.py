@@ -32,7 +32,7 @@ import numbers
 from typing import Sequence, Union
 
 from ..backends import resolve_dtype
-from ._xp import check_floating, is_complex, is_number, namespace
+from ._xp import check_floating, device, is_complex, is_number, namespace
 
 __all__ = [
     "COEFFICIENTS", "PRECONDITIONINGS", "DEFAULT_STEPS", "preset_steps", "resolve_coefficients",
@@ -231,6 +231,9 @@ def orthogonalize(
     cdtype = _compute_dtype(xp, backend, G, compute_dtype, cplx)
 
     in_dtype = G.dtype
+    if 0 in tuple(G.shape):  # an empty matrix (or batch) has no norm and nothing to orthogonalise: zeros
+        out = xp.zeros_like(G) if cdtype is None else xp.zeros(G.shape, dtype=cdtype, device=device(G))
+        return out if out.dtype == in_dtype or not cast_back else xp.astype(out, in_dtype)
     X = G if cdtype is None or cdtype == in_dtype else xp.astype(G, cdtype)
     # Elementwise passes run before the transpose, on the contiguous layout
     # (strided passes over a transposed view cost 5-10x more on CPUs); both

@@ -209,9 +209,11 @@ def test_state_is_portable_namedtuple():
     params = {k: P[k] for k in NAMES}
     opt = arrays.muon(0.02, labels={k: "fallback" if k == "embed" else None for k in NAMES})
     _, st = run(opt, params, {k: T[k] for k in NAMES}, steps=2)
-    assert isinstance(st, arrays.MuonState) and st._fields == ("step", "mu", "exp_avg", "exp_avg_sq")
+    assert isinstance(st, arrays.MuonState) and st._fields == ("step", "mu", "exp_avg", "exp_avg_sq",
+                                                                "nonfinite_steps")
     assert type(st.step) is int and st.step == 2
-    assert all(type(v) is np.ndarray for f in st[1:] for v in f.values() if v is not None)
+    assert type(st.nonfinite_steps) is int and st.nonfinite_steps == 0
+    assert all(type(v) is np.ndarray for f in st[1:4] for v in f.values() if v is not None)
     # A pickled state continues exactly like the original.
     st2 = pickle.loads(pickle.dumps(st))
     g = {k: np.ones_like(v) for k, v in params.items()}

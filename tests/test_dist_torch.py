@@ -181,6 +181,27 @@ def _dcp_run(how, kind, mesh_fn, X, Y, ckpt, port, rank, world):
     return _full(model)
 
 
+SKIP_AT = 3  # the step whose gradient one rank's shard poisons with NaN
+
+
+def _skip_run(mesh, rank, world):
+    """FSDP2 Muon, nonfinite="skip": only the last rank's shard sees the NaN, yet every rank
+    must skip (else rank 0 alone enters the owner exchange and the job hangs)."""
+    from xpopt.adapters.torch import Muon
+
+    X, Y = _data()
+    X, Y = X[rank::world], Y[rank::world]
+    model = _fsdp(_model(), mesh)
+    opt = Muon(model.named_parameters(), nonfinite="skip", **MUON_KW)
+    for step in range(STEPS):
+        opt.zero_grad()
+        ((model(X) - Y) ** 2).mean().backward()
+        if step == SKIP_AT and rank == world - 1:
+            next(iter(model.parameters())).grad.to_local().fill_(float("nan"))
+        opt.step()
+    return _full(model), int(opt.state.get("nonfinite_steps", 0))
+
+
 def _worker(rank, world, ports, outdir):
     torch.set_num_threads(1)
     from torch.distributed.device_mesh import init_device_mesh
@@ -199,6 +220,7 @@ def _worker(rank, world, ports, outdir):
     _train(model, _optimizer("torch_muon", model), X, Y, STEPS)
     res["fsdp", "torch_muon"] = _full(model)
     res["errors"] = _errors(mesh_fn(), world)
+    res["skip"] = _skip_run(mesh_fn(), rank, world)
     for j, (how, kind) in enumerate((("fsdp", "muon"), ("fsdp", "kron"), ("ddp", "muon"), ("ddp", "kron"))):
         ckpt = os.path.join(outdir, f"ckpt-{how}-{kind}")
         res["dcp", how, kind] = _dcp_run(how, kind, mesh_fn, X, Y, ckpt, ports[1 + j], rank, world)
@@ -279,6 +301,16 @@ def test_dcp_resume_equals_uninterrupted(world, how, kind):
         # state itself reloads exactly (the FSDP2 case above is bit for bit).
         assert _rel(resumed, straight) < 1e-6, _rel(resumed, straight)
         assert _rel(resumed, single_process(kind)) < TOL
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_nonfinite_skip_is_decided_by_all_ranks(world):
+    """One rank's NaN shard skips the step everywhere: the full-batch run then equals the
+    single-process run with one step fewer (same data every step), to TOL."""
+    got, skipped = _job(world)["skip"]
+    assert skipped == 1
+    assert _rel(got, single_process("muon", STEPS - 1)) < TOL
+    assert _rel(got, single_process("muon")) > 100 * TOL   # the skipped step mattered
 
 
 @pytest.mark.parametrize("world", WORLDS)

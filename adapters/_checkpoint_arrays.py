@@ -1,0 +1,138 @@
+"""arrays-adapter side of ``xpopt.checkpoint``: ``MuonState`` / ``KronState`` <-> Portable.
+
+Names are the container's keys (dict) or positions (list / tuple).  CuPy
+state is copied to the host on export; import creates arrays of the ``like``
+state's library (NumPy or CuPy) and dtypes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import checkpoint as CK
+from ..core import kron as K
+from ._kron_arrays import KronState
+from .arrays import MuonState, _flatten, _rebuild
+
+
+def _host(x):
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _like_array(a, like):
+    if type(like).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.asarray(a, dtype=like.dtype)
+    return np.array(a, dtype=like.dtype, copy=True)
+
+
+def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
+    if isinstance(state, KronState):
+        n = len(state.factors)
+        port = CK.Portable(optimizer="kron", params=[], arrays={}, source="arrays", step=int(state.step))
+        root = _host(state.key).astype(np.uint32)
+        port.kron_root_key = [int(root[0]), int(root[1])]
+        pkeys = _flatten(params, "params")[0] if params is not None else list(range(n))
+        pvals = _flatten(params, "params")[1] if params is not None else [None] * n
+        for i, f in enumerate(state.factors):
+            mu = state.mu[i] if state.mu else None
+            shape = pvals[i].shape if pvals[i] is not None else (mu.shape if mu is not None else None)
+            port.params.append({"name": str(names[i] if names else pkeys[i]),
+                                "shape": None if shape is None else list(shape),
+                                "dtype": str(pvals[i].dtype) if pvals[i] is not None else None,
+                                "route": "kron", "step": int(state.step)})
+            port.put(i, "key", np.asarray(K.param_key(root, i), dtype=np.uint32))
+            if mu is not None:
+                port.put(i, "mu", _host(mu))
+            for k in ("Ql", "Qr", "Ll", "Lr"):
+                q = getattr(f, k)
+                if q is not None:
+                    port.put(i, k, _host(q))
+        port.nonfinite_steps = int(getattr(state, "nonfinite_steps", 0) or 0)
+        return port
+    if not isinstance(state, MuonState):
+        raise TypeError(f"xpopt.checkpoint: {type(state).__name__} is not an arrays MuonState / KronState")
+    keys, mu, _, _ = _flatten(state.mu, "state.mu")
+    ms = _flatten(state.exp_avg, "state.exp_avg")[1]
+    vs = _flatten(state.exp_avg_sq, "state.exp_avg_sq")[1]
+    pvals = _flatten(params, "params")[1] if params is not None else [None] * len(keys)
+    port = CK.Portable(optimizer="muon", params=[], arrays={}, source="arrays", step=int(state.step))
+    for i, (k, b, m, v) in enumerate(zip(keys, mu, ms, vs)):
+        ref = b if b is not None else m
+        port.params.append({"name": str(names[i] if names else k), "shape": list(ref.shape),
+                            "dtype": str(pvals[i].dtype) if pvals[i] is not None else None,
+                            "route": "muon" if b is not None else "fallback", "step": int(state.step)})
+        if b is not None:
+            port.put(i, "momentum", _host(b))
+        else:
+            port.put(i, "exp_avg", _host(m))
+            port.put(i, "exp_avg_sq", _host(v))
+    port.nonfinite_steps = int(getattr(state, "nonfinite_steps", 0) or 0)
+    return port
+
+
+def _arr(port, j, name, like, tname):
+    a = port.get_numpy(j, name)
+    if a is None:
+        raise CK.CheckpointError(f"parameter {tname!r}: the checkpoint has no {name!r} for it")
+    if tuple(a.shape) != tuple(like.shape):
+        raise CK.CheckpointError(f"parameter {tname!r}: saved {name!r} has shape {tuple(a.shape)}, the target's "
+                                 f"state {tuple(like.shape)}")
+    return _like_array(a, like)
+
+
+def import_arrays(port: "CK.Portable", like, *, params=None, names=None):
+    del params
+    if isinstance(like, KronState):
+        CK.check_optimizer(port, "kron")
+        n = len(like.factors)
+        tnames = [str(i) for i in range(n)]
+        shapes = [tuple(m.shape) if m is not None else None for m in like.mu] if like.mu else [None] * n
+        idx = CK.match(port, list(zip(tnames, shapes)), names)
+        if port.kron_root_key is None:
+            raise CK.CheckpointError("the checkpoint has no Kron root key (saved from a torch state_dict() "
+                                     "alone): save it from the Kron optimizer itself")
+        root = np.asarray(port.kron_root_key, dtype=np.uint32)
+        mus, fs = list(like.mu), list(like.factors)
+        for k, (tname, j) in enumerate(zip(tnames, idx)):
+            if port.params[j].get("step") is None:
+                continue
+            saved_key, _ = port.get(j, "key")
+            if saved_key is not None and not np.array_equal(saved_key, np.asarray(K.param_key(root, k), np.uint32)):
+                raise CK.CheckpointError(f"parameter {tname!r}: its saved random key belongs to another position; "
+                                         "keep the parameters in the order they were saved in")
+            f = like.factors[k]
+            fs[k] = K.Factors(*(None if getattr(f, q) is None else _arr(port, j, q, getattr(f, q), tname)
+                                for q in ("Ql", "Qr", "Ll", "Lr")))
+            if mus and mus[k] is not None:
+                mus[k] = _arr(port, j, "mu", mus[k], tname)
+        step = CK.uniform_step(port, "an arrays Kron state")
+        key = _like_array(root, like.key) if hasattr(like.key, "dtype") else root
+        return KronState(step, key, mus, fs, int(port.nonfinite_steps))
+    if not isinstance(like, MuonState):
+        raise TypeError(f"xpopt.checkpoint.load: like={type(like).__name__} is not an arrays MuonState / KronState")
+    CK.check_optimizer(port, "muon")
+    keys, mu, _, kind = _flatten(like.mu, "like.mu")
+    ms = _flatten(like.exp_avg, "like.exp_avg")[1]
+    vs = _flatten(like.exp_avg_sq, "like.exp_avg_sq")[1]
+    tnames = [str(k) for k in keys]
+    shapes = [tuple((b if b is not None else m).shape) for b, m in zip(mu, ms)]
+    idx = CK.match(port, list(zip(tnames, shapes)), names)
+    new_mu, new_m, new_v = list(mu), list(ms), list(vs)
+    for k, (tname, j) in enumerate(zip(tnames, idx)):
+        if port.params[j].get("step") is None:
+            continue
+        if mu[k] is not None:
+            CK.check_route(port, j, tname, "muon")
+            new_mu[k] = _arr(port, j, "momentum", mu[k], tname)
+        else:
+            CK.check_route(port, j, tname, "fallback")
+            new_m[k] = _arr(port, j, "exp_avg", ms[k], tname)
+            new_v[k] = _arr(port, j, "exp_avg_sq", vs[k], tname)
+    step = CK.uniform_step(port, "an arrays Muon state")
+    out = like._replace(step=step, mu=_rebuild(kind, keys, new_mu), exp_avg=_rebuild(kind, keys, new_m),
+                        exp_avg_sq=_rebuild(kind, keys, new_v))
+    if "nonfinite_steps" in out._fields:
+        out = out._replace(nonfinite_steps=int(port.nonfinite_steps))
+    return out

@@ -1,0 +1,254 @@
+"""optax side of ``xpopt.checkpoint``: our optax states <-> :class:`xpopt.checkpoint.Portable`.
+
+The state of ``xo.muon`` (``MuonAdamWState``), ``xo.scale_by_muon``
+(``MuonState``) or a Kron transform (``KronState``) is found wherever it sits
+in the state tree (``optax.chain``, ``inject_hyperparams``, ...); there must
+be exactly one.  On import, the counts of ``optax.ScaleByScheduleState`` and
+``inject_hyperparams`` states in the same tree are set to the saved step, so
+schedules resume where they were.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import checkpoint as CK
+from ..core import kron as K
+from ._kron_optax import KronState
+from .optax import MuonAdamWState, MuonState
+
+_OURS = (MuonAdamWState, MuonState, KronState)
+_MASKED = optax.MaskedNode
+
+
+def _find(tree, found: list):
+    if isinstance(tree, _OURS):
+        found.append(tree)
+    elif isinstance(tree, (tuple, list)):
+        for c in tree:
+            _find(c, found)
+    elif isinstance(tree, dict):
+        for c in tree.values():
+            _find(c, found)
+    return found
+
+
+def _one(tree, what):
+    found = _find(tree, [])
+    if len(found) != 1:
+        raise TypeError(
+            f"xpopt.checkpoint: {what} holds {len(found)} xpopt optimizer states (MuonAdamWState, MuonState, "
+            "KronState); pass the state of one xo.muon / xo.scale_by_muon / xo.quad / xo.skew / "
+            "xo.scale_by_kron (optax.chain and inject_hyperparams around it are fine)")
+    return found[0]
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, _MASKED)
+
+
+def _paths(tree, is_leaf=None):
+    pl, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [jax.tree_util.keystr(p) or "params" for p, _ in pl], [x for _, x in pl], treedef
+
+
+def _np(x):
+    return np.asarray(jax.device_get(x))
+
+
+def _param_info(params, n):
+    if params is None:
+        return None, None
+    names, leaves, _ = _paths(params)
+    if len(leaves) != n:
+        raise CK.CheckpointError(f"params has {len(leaves)} leaves, the optimizer state {n}")
+    return names, [str(jnp.dtype(x.dtype)) for x in leaves]
+
+
+def export_optax(state, *, params=None, names=None) -> "CK.Portable":
+    node = _one(state, "the state")
+    step = int(node.count)
+    if isinstance(node, KronState):
+        return _export_kron(node, step, params, names)
+    port = CK.Portable(optimizer="muon", params=[], arrays={}, source="optax", step=step)
+    tnames, mu, _ = _paths(node.mu, _is_masked)
+    if isinstance(node, MuonAdamWState):
+        _, ms, _ = _paths(node.exp_avg, _is_masked)
+        _, vs, _ = _paths(node.exp_avg_sq, _is_masked)
+    else:
+        ms = vs = [_MASKED()] * len(mu)
+    pnames, pdtypes = _param_info(params, len(mu))
+    tnames = names or pnames or tnames
+    for i, (b, m, v) in enumerate(zip(mu, ms, vs)):
+        muon = not _is_masked(b)
+        ref = b if muon else m
+        port.params.append({"name": tnames[i], "shape": list(ref.shape),
+                            "dtype": pdtypes[i] if pdtypes else None,
+                            "route": "muon" if muon else "fallback", "step": step})
+        if muon:
+            port.put(i, "momentum", _np(b))
+        else:
+            port.put(i, "exp_avg", _np(m))
+            port.put(i, "exp_avg_sq", _np(v))
+    port.nonfinite_steps = _nonfinite(state)
+    return port
+
+
+def _nonfinite(state) -> int:
+    found = []
+
+    def walk(t):
+        if hasattr(t, "_fields") and "nonfinite_steps" in t._fields:
+            found.append(int(t.nonfinite_steps))
+        if isinstance(t, (tuple, list)):
+            for c in t:
+                walk(c)
+
+    walk(state)
+    return sum(found)
+
+
+def _export_kron(node, step, params, names):
+    port = CK.Portable(optimizer="kron", params=[], arrays={}, source="optax", step=step)
+    n = len(node.factors)
+    mnames, mus, _ = _paths(node.mu)
+    use_mu = len(mus) == n and n > 0
+    pnames, pdtypes = _param_info(params, n)
+    pshapes = [list(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
+    tnames = names or pnames or (mnames if use_mu else [f"leaf {i}" for i in range(n)])
+    root = _np(node.key).astype(np.uint32)
+    port.kron_root_key = [int(root[0]), int(root[1])]
+    for i, f in enumerate(node.factors):
+        shape = pshapes[i] if pshapes else (list(mus[i].shape) if use_mu else None)
+        port.params.append({"name": tnames[i], "shape": shape, "dtype": pdtypes[i] if pdtypes else None,
+                            "route": "kron", "step": step})
+        port.put(i, "key", np.asarray(K.param_key(root, i), dtype=np.uint32))
+        if use_mu:
+            port.put(i, "mu", _np(mus[i]))
+        for k in ("Ql", "Qr", "Ll", "Lr"):
+            q = getattr(f, k)
+            if q is not None:
+                port.put(i, k, _np(q))
+    return port
+
+
+def _arr(port, j, name, like_leaf, tname):
+    a = port.get_numpy(j, name)
+    if a is None:
+        raise CK.CheckpointError(f"parameter {tname!r}: the checkpoint has no {name!r} for it")
+    if tuple(a.shape) != tuple(like_leaf.shape):
+        raise CK.CheckpointError(f"parameter {tname!r}: saved {name!r} has shape {tuple(a.shape)}, the target's "
+                                 f"state {tuple(like_leaf.shape)}")
+    return jnp.asarray(a, dtype=like_leaf.dtype)
+
+
+def _import_muon(port, node, params, names):
+    CK.check_optimizer(port, "muon")
+    tnames, mu, treedef = _paths(node.mu, _is_masked)
+    adamw = isinstance(node, MuonAdamWState)
+    ms = _paths(node.exp_avg, _is_masked)[1] if adamw else [_MASKED()] * len(mu)
+    vs = _paths(node.exp_avg_sq, _is_masked)[1] if adamw else [_MASKED()] * len(mu)
+    pnames, _ = _param_info(params, len(mu))
+    tnames = pnames or tnames
+    shapes = [tuple((b if not _is_masked(b) else m).shape) for b, m in zip(mu, ms)]
+    idx = CK.match(port, list(zip(tnames, shapes)), names)
+    new_mu, new_m, new_v = list(mu), list(ms), list(vs)
+    for k, (tname, j) in enumerate(zip(tnames, idx)):
+        if port.params[j].get("step") is None:
+            continue  # never stepped where it was saved: fresh state
+        muon = not _is_masked(mu[k])
+        CK.check_route(port, j, tname, "muon" if muon else "fallback")
+        if muon:
+            new_mu[k] = _arr(port, j, "momentum", mu[k], tname)
+        else:
+            new_m[k] = _arr(port, j, "exp_avg", ms[k], tname)
+            new_v[k] = _arr(port, j, "exp_avg_sq", vs[k], tname)
+    step = CK.uniform_step(port, "an optax Muon state")
+    count = jnp.asarray(step, dtype=node.count.dtype)
+    if adamw:
+        return MuonAdamWState(count=count, mu=treedef.unflatten(new_mu), exp_avg=treedef.unflatten(new_m),
+                              exp_avg_sq=treedef.unflatten(new_v)), step
+    return MuonState(count=count, mu=treedef.unflatten(new_mu)), step
+
+
+def _import_kron(port, node, params, names):
+    CK.check_optimizer(port, "kron")
+    n = len(node.factors)
+    mnames, mus, mdef = _paths(node.mu)
+    use_mu = len(mus) == n and n > 0
+    pnames, _ = _param_info(params, n)
+    pshapes = [tuple(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
+    tnames = pnames or (mnames if use_mu else [f"leaf {i}" for i in range(n)])
+    shapes = pshapes or ([tuple(m.shape) for m in mus] if use_mu else [None] * n)
+    idx = CK.match(port, list(zip(tnames, shapes)), names)
+    if port.kron_root_key is None:
+        raise CK.CheckpointError(
+            "the checkpoint has no Kron root key (it was saved from a torch Kron state_dict() alone): save it "
+            "from the Kron optimizer itself (xpopt.checkpoint.save(path, opt)), which knows its seed")
+    root = np.asarray(port.kron_root_key, dtype=np.uint32)
+    new_mu, new_f = list(mus), list(node.factors)
+    for k, (tname, j) in enumerate(zip(tnames, idx)):
+        if port.params[j].get("step") is None:
+            continue
+        saved_key, _ = port.get(j, "key")
+        if saved_key is not None and not np.array_equal(np.asarray(saved_key, np.uint32),
+                                                        np.asarray(K.param_key(root, k), np.uint32)):
+            raise CK.CheckpointError(
+                f"parameter {tname!r} (leaf {k}) holds the random key of saved parameter "
+                f"{port.params[j]['name']!r} at another position: Kron draws each parameter's noise and "
+                "update decisions from its position, so the parameters must be in the same order as where "
+                "the checkpoint was saved (a resumed run would draw other numbers)")
+        f = node.factors[k]
+        for q in ("Ql",):
+            if (getattr(f, q) is None) != (port.get(j, q)[0] is None):
+                raise CK.CheckpointError(f"parameter {tname!r}: the saved Kron factors have another layout "
+                                         "(one-sided vs two-sided); use the same max_size_dense and block_size")
+        new_f[k] = K.Factors(*(None if getattr(f, q) is None else _arr(port, j, q, getattr(f, q), tname)
+                               for q in ("Ql", "Qr", "Ll", "Lr")))
+        if use_mu:
+            new_mu[k] = _arr(port, j, "mu", mus[k], tname)
+    step = CK.uniform_step(port, "an optax Kron state")
+    mu_tree = mdef.unflatten(new_mu) if use_mu else node.mu
+    return KronState(jnp.asarray(step, node.count.dtype), jnp.asarray(root, node.key.dtype), mu_tree,
+                     tuple(new_f)), step
+
+
+def _replace(tree, new, step):
+    """``tree`` with our node replaced by ``new`` and schedule counts set to ``step``."""
+    if isinstance(tree, _OURS):
+        return new
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        kids = [_replace(c, new, step) for c in tree]
+        out = type(tree)(*kids)
+        name = type(tree).__name__
+        if "count" in tree._fields and (name == "ScaleByScheduleState" or name.startswith("Inject")):
+            out = out._replace(count=jnp.asarray(step, dtype=jnp.asarray(tree.count).dtype))
+        return out
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_replace(c, new, step) for c in tree)
+    if isinstance(tree, dict):
+        return {k: _replace(v, new, step) for k, v in tree.items()}
+    return tree
+
+
+def import_optax(port: "CK.Portable", like, *, params=None, names=None):
+    node = _one(like, "like")
+    if isinstance(node, KronState):
+        new, step = _import_kron(port, node, params, names)
+    else:
+        new, step = _import_muon(port, node, params, names)
+    out = _replace(like, new, step)
+    return _set_nonfinite(out, port.nonfinite_steps)
+
+
+def _set_nonfinite(tree, value):
+    if hasattr(tree, "_fields") and "nonfinite_steps" in tree._fields:
+        tree = tree._replace(nonfinite_steps=jnp.asarray(value, dtype=jnp.asarray(tree.nonfinite_steps).dtype))
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*[_set_nonfinite(c, value) for c in tree])
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_set_nonfinite(c, value) for c in tree)
+    return tree
