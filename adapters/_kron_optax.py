@@ -31,6 +31,7 @@ from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number
 from . import _common as C
+from . import _dist_jax as _dist
 
 __all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
            "KRON_STATIC_ARGS"]
@@ -110,14 +111,17 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         like = jnp.zeros((0,), jnp.float32)
         factors = tuple(K.init_factors(like, lay, dtype=fdt, init_scale=opts.preconditioner_init_scale)
                         for lay in lays)
-        mu = treedef.unflatten([jnp.zeros(x.shape, mdt) if use_mu else None for x in leaves])
+        # zeros_like: momentum lives where its param lives (sharded like it).
+        mu = treedef.unflatten([jnp.zeros_like(x, dtype=mdt) if use_mu else None for x in leaves])
         if seed is None:
             raise TypeError("seed is traced: call init outside jax.jit, or list 'seed' in static_args")
         key = R.PRNGKey(seed, like=jnp.zeros((0,), jnp.uint32))
+        factors, key = _dist.replicate_on_mesh((factors, key), leaves)
         return KronState(jnp.zeros([], jnp.int32), key, mu, factors)
 
     def update_fn(updates, state, params=None):
-        leaves, treedef = jax.tree.flatten(updates)
+        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        leaves = [x for _, x in path_leaves]
         if not leaves:
             return updates, state
         lays = _layouts(leaves, _scanned_flags(scanned_layers, updates, treedef, len(leaves)), opts)
@@ -133,10 +137,13 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             noise = None
             if not (is_number(opts.noise_scale) and opts.noise_scale == 0):
                 noise = [K.make_noise(nkey, lay, jnp.zeros((0,), cdt), opts.noise_scale)]
-            (d,), (m,), (nf,) = K.kron_updates([g], [mu], [f], [lay], step=count, opts=opts, update=update,
-                                               noise=noise)
-            out.append(d.astype(g.dtype))
-            new_mu.append(m)
+            # Whole matrices in, once per step: the fit and the application then run
+            # replicated, without a collective per matmul; results go back sharded.
+            _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")
+            (d,), (m,), (nf,) = K.kron_updates([_dist.gather(g)], [None if mu is None else _dist.gather(mu)],
+                                               [f], [lay], step=count, opts=opts, update=update, noise=noise)
+            out.append(_dist.restore(d.astype(g.dtype), g))
+            new_mu.append(m if mu is None else _dist.restore(m, mu))
             new_f.append(nf)
         mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
         return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f))
