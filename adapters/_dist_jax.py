@@ -81,6 +81,8 @@ def _replicated(x, mesh, concrete=None):
 
 
 def _concrete_mesh(x):
+    if _is_tracer(x):
+        return None
     sh = getattr(x, "sharding", None)
     return sh.mesh if isinstance(sh, NamedSharding) else None
 

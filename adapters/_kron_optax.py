@@ -136,7 +136,8 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
             noise = None
             if not (is_number(opts.noise_scale) and opts.noise_scale == 0):
-                noise = [K.make_noise(nkey, lay, jnp.zeros((0,), cdt), opts.noise_scale)]
+                like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: beside the key
+                noise = [K.make_noise(nkey, lay, like, opts.noise_scale)]
             # Whole matrices in, once per step: the fit and the application then run
             # replicated, without a collective per matmul; results go back sharded.
             _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")

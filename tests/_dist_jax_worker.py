@@ -6,7 +6,7 @@ imported JAX already, hence a separate process.  Usage::
     python tests/_dist_jax_worker.py CASE [CASE ...]   -> one JSON object on stdout
 
 Cases: ``traj:<method>:<axis>:<mesh>`` (10 steps on a mesh vs the single-device
-run), ``hlo:<method>:<axis>`` (collectives of the compiled update), ``optax_muon:<axis>``
+run), ``eager:<method>:<axis>`` (one update outside jit), ``hlo:<method>:<axis>`` (collectives of the compiled update), ``optax_muon:<axis>``
 (optax.contrib.muon's collectives, for contrast), ``errors`` (bad input),
 ``specs:<method>`` (partition_specs against the real state's shardings).
 """
@@ -180,6 +180,19 @@ def case_hlo(method, axis):
     return out
 
 
+def case_eager(method, axis):
+    """One update outside jit on sharded params: the same numbers, the params' shardings."""
+    mesh = make_mesh("2d", axis)
+    p0 = {k: jnp.asarray(v) for k, v in init_params().items()}
+    ps = {k: jax.device_put(v, NamedSharding(mesh, SPECS["2d"][k])) for k, v in p0.items()}
+    tx = make_tx(method)
+    half = lambda t: jax.tree.map(lambda v: v * 0.5, t)  # noqa: E731
+    u, _ = tx.update(half(ps), tx.init(ps), ps)
+    r, _ = tx.update(half(p0), tx.init(p0), p0)
+    return dict(max_abs_err=max(float(np.max(np.abs(np.asarray(u[k]) - np.asarray(r[k])))) for k in u),
+                update_specs_kept=all(u[k].sharding.is_equivalent_to(ps[k].sharding, u[k].ndim) for k in u))
+
+
 def case_optax_muon(axis):
     mesh = make_mesh("2d", axis)
     specs = {"w2": P("data", None), "w3": P("data", None)}  # two matrices, as in the issue
@@ -261,7 +274,7 @@ def main(cases):
     for case in cases:
         kind, *args = case.split(":")
         try:
-            fn = {"traj": case_traj, "hlo": case_hlo, "optax_muon": case_optax_muon, "errors": case_errors,
+            fn = {"traj": case_traj, "hlo": case_hlo, "eager": case_eager, "optax_muon": case_optax_muon, "errors": case_errors,
                   "specs": case_specs}[kind]
             results[case] = fn(*args)
         except Exception as e:

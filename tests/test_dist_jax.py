@@ -43,9 +43,10 @@ MIN_MOVED = {"muon": 1e-2, "scale_by_muon": 1e-2, "quad": 1e-3, "skew": 1e-3}
 
 DEFAULT_CASES = ["traj:muon:auto:1d", "traj:muon:explicit:2d", "traj:quad:auto:2d",
                  "hlo:muon:explicit", "errors", "specs:quad", "specs:muon"]
-SLOW_CASES = [f"traj:{m}:{a}:{g}" for m in ("muon", "scale_by_muon", "quad", "skew")
+SLOW_CASES = ([f"traj:{m}:{a}:{g}" for m in ("muon", "scale_by_muon", "quad", "skew")
               for a in ("auto", "explicit") for g in ("1d", "2d")
               if f"traj:{m}:{a}:{g}" not in DEFAULT_CASES] + ["hlo:muon:auto", "hlo:quad:auto", "hlo:quad:explicit"]
+              + [f"eager:{m}:{a}" for m in ("muon", "quad") for a in ("auto", "explicit")])
 
 
 def run_worker(cases, timeout):
@@ -118,4 +119,8 @@ def test_partition_specs_match_state(default_results, method):
 def test_all_methods_axis_types_meshes():
     out = run_worker(SLOW_CASES, timeout=1800)
     for case in SLOW_CASES:
-        (check_traj if case.startswith("traj:") else check_hlo)(case, out[case])
+        if case.startswith("eager:"):
+            # Eager op-by-op on the gathered arrays runs the same kernels: 1 ulp of room.
+            assert out[case]["max_abs_err"] <= 1e-6 and out[case]["update_specs_kept"], (case, out[case])
+        else:
+            (check_traj if case.startswith("traj:") else check_hlo)(case, out[case])
