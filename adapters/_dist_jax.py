@@ -152,8 +152,7 @@ def _spec_axes(spec: P):
 
 def validate_specs(specs, shapes, names, mesh=None) -> None:
     """Every spec fits its param: rank, and (with a mesh) axes that exist and divide the dims."""
-    axis_sizes = None if mesh is None else dict(zip(mesh.axis_names, mesh.axis_shape
-                                                    if hasattr(mesh, "axis_shape") else mesh.devices.shape))
+    axis_sizes = None if mesh is None else dict(mesh.shape)  # Mesh and AbstractMesh alike
     for spec, shape, name in zip(specs, shapes, names):
         if not isinstance(spec, P):
             raise TypeError(f"param_specs for {name} is {spec!r}, not a jax.sharding.PartitionSpec")

@@ -193,8 +193,8 @@ def case_eager(method, axis):
                 update_specs_kept=all(u[k].sharding.is_equivalent_to(ps[k].sharding, u[k].ndim) for k in u))
 
 
-def case_optax_muon(axis):
-    mesh = make_mesh("2d", axis)
+def case_optax_muon(axis, mesh_name="2d"):
+    mesh = make_mesh(mesh_name, axis)
     specs = {"w2": P("data", None), "w3": P("data", None)}  # two matrices, as in the issue
     params = {k: jax.device_put(jnp.asarray(init_params()[k]), NamedSharding(mesh, s)) for k, s in specs.items()}
     tx = optax.contrib.muon(0.02)

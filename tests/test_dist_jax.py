@@ -21,6 +21,8 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("optax")
 
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
 WORKER = Path(__file__).with_name("_dist_jax_worker.py")
 
 # Tolerances, float32, after 10 steps, on params of size ~0.1-1.
@@ -124,3 +126,67 @@ def test_all_methods_axis_types_meshes():
             assert out[case]["max_abs_err"] <= 1e-6 and out[case]["update_specs_kept"], (case, out[case])
         else:
             (check_traj if case.startswith("traj:") else check_hlo)(case, out[case])
+
+
+# ---------------------------------------------------------------- in-process: partition_specs on shapes
+
+
+def _shapes():
+    import jax
+    import jax.numpy as jnp
+
+    return {"w": jax.ShapeDtypeStruct((32, 16), jnp.float32), "b": jax.ShapeDtypeStruct((16,), jnp.float32)}
+
+
+def test_partition_specs_without_devices():
+    """Specs from shapes and an AbstractMesh alone (planning before allocating)."""
+    import jax
+    import optax
+    from jax.sharding import AbstractMesh
+
+    from xpopt.adapters import optax as xo
+
+    mesh = AbstractMesh((4, 2), ("data", "model"))
+    specs = {"w": P("data", "model"), "b": P("model")}
+    is_p = lambda x: isinstance(x, P)  # noqa: E731
+
+    # Kron, b1 = 0: no momentum (None leaves stay None), factors replicated.
+    k = xo.partition_specs(_shapes(), specs, mesh=mesh, b1=0.0)
+    assert k.mu == {"w": None, "b": None} and k.count == P() and k.key == P()
+    assert all(s == P() for s in jax.tree.leaves(k.factors, is_leaf=is_p))
+    # Kron with momentum, through quad's chain: momentum like the params, the rest replicated.
+    q = xo.partition_specs(_shapes(), specs, mesh=mesh, tx=xo.quad(dtype="float32"))
+    assert q[0].mu == specs
+    assert jax.tree.structure(q, is_leaf=is_p) == jax.tree.structure(
+        jax.eval_shape(xo.quad(dtype="float32").init, _shapes()))
+    # Muon: the bias goes to AdamW (its moments sharded like it), the matrix to Muon.
+    m = xo.partition_specs(_shapes(), specs, mesh=mesh, tx=xo.muon(0.02))
+    assert m.mu["w"] == specs["w"] and isinstance(m.mu["b"], optax.MaskedNode)
+    assert m.exp_avg["b"] == specs["b"] and isinstance(m.exp_avg["w"], optax.MaskedNode)
+
+
+@pytest.mark.parametrize("specs, words", [
+    ({"w": P("data", "pipe"), "b": P()}, ["params['w']", "'pipe'", "does not exist"]),
+    ({"w": P("data", None, None), "b": P()}, ["params['w']", "3 entries"]),
+    ({"w": P(None, ("data", "model")), "b": P()}, ["params['w']", "divisible"]),
+    ({"w": P("data", "data"), "b": P()}, ["params['w']", "twice"]),
+])
+def test_partition_specs_bad_input_names_the_parameter(specs, words):
+    from jax.sharding import AbstractMesh
+
+    from xpopt.adapters import optax as xo
+
+    mesh = AbstractMesh((4, 2), ("data", "model"))
+    shapes = _shapes()
+    shapes["w"] = type(shapes["w"])((32, 12), shapes["w"].dtype)  # 12 columns: not over 8 devices
+    with pytest.raises(ValueError) as e:
+        xo.partition_specs(shapes, specs, mesh=mesh)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_partition_specs_tx_and_options_conflict():
+    from xpopt.adapters import optax as xo
+
+    with pytest.raises(TypeError, match="not both"):
+        xo.partition_specs(_shapes(), tx=xo.quad(), b1=0.0)
