@@ -3,8 +3,8 @@
 Newton-Schulz (Muon) and the Kron preconditioner contract whole matrices many
 times per step.  Left to XLA's sharding propagation, a param sharded
 ``P('data', None)`` makes every one of those matmuls a collective (optax.contrib.muon
-0.2.8 compiles to 6 all-reduce + 15 all-gather for two matrices with Auto axes, and
-raises ``ShardingTypeError`` with Explicit axes).  Here each matrix that enters the
+0.2.8, two 32x32 matrices on 8 CPU devices with Auto axes: 30 all-gathers at
+``ns_steps=5``, 60 at 10; ``ShardingTypeError`` with Explicit axes).  Here each matrix that enters the
 core maths is constrained to *replicated* once (one all-gather per sharded axis),
 the core runs on every device without communication, and its result is pinned
 replicated too (otherwise propagation pulls the output's sharding back into the
@@ -19,7 +19,7 @@ its type and the result is ``reshard``-ed back to it; with Auto axes the spec is
 known at trace time and XLA slices the replicated result to whatever sharding the
 consumer (``optax.apply_updates``, ``out_shardings``) has.
 
-No framework-independent maths lives here; ``core`` stays free of collectives.
+No maths lives here; ``core`` stays free of sharding and collectives.
 """
 
 from __future__ import annotations
