@@ -33,6 +33,7 @@ import torch
 from ..core import blocking
 from ..core import kron as K
 from . import _common as C
+from . import _dist_torch as _dist
 
 __all__ = ["Kron"]
 
@@ -141,6 +142,7 @@ class Kron(torch.optim.Optimizer):
                 if group["verbose"]:
                     _logger.info("xpopt Kron: param %d shape=%s -> %s", self._index[p], tuple(p.shape),
                                  lay.describe())
+            _dist.check_group(group["params"], lambda i: f"{self._index[group['params'][i]]} (group {g})", "Kron")
         except Exception:
             self.param_groups.pop()
             raise
@@ -184,6 +186,9 @@ class Kron(torch.optim.Optimizer):
                 loss = closure()
         for g, group in enumerate(self.param_groups):
             opts = _options(group, f"param group {g}")
+            if _dist.sharded(group["params"]):  # FSDP2 DTensors: factors on owner ranks
+                _dist.kron_group(self, group, opts, g)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -99,6 +99,7 @@ from ..core.muon import (
     suitability,
 )
 from . import _common as C
+from . import _dist_torch as _dist
 
 __all__ = ["Muon", "Route", "torch_optim_state_dict"]
 
@@ -359,6 +360,8 @@ class Muon(torch.optim.Optimizer):
                         f"{device}; move the model to one device (model.to(device)) before "
                         "building the optimizer")
                 routes.append(self._decide(group, g, i, p, name, label))
+            _dist.check_group(group["params"], lambda i: repr(names[i]) if names is not None
+                              else f"group {g}, param {i}", "Muon")
         except Exception:
             self.param_groups.pop()
             raise
@@ -449,9 +452,13 @@ class Muon(torch.optim.Optimizer):
                          fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps))
         for group, mp, mg, mb, ms, fp, fg, fm, fv, fs in work:
             if mp:
-                self._muon_group(group, mp, mg, mb, ms)
+                if _dist.sharded(mp):  # FSDP2 DTensors: NS of full matrices on owner ranks
+                    _dist.muon_group(self, group, mp, mg, mb, ms)
+                else:
+                    self._muon_group(group, mp, mg, mb, ms)
             if fp:
-                self._fallback_group(group, fp, fg, fm, fv, fs)
+                # elementwise: each rank updates its own shards
+                self._fallback_group(group, *map(_dist.local, (fp, fg, fm, fv)), fs)
         return loss
 
     def _init_group(self, group, muon_params, muon_grads, muon_bufs, muon_steps,

@@ -112,7 +112,8 @@ def _plt():
 def _figure(results: dict, path: str, draw) -> None:
     """One panel per rule, ``draw(ax, rule, result)`` fills it."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    # one y scale for all panels: muP's flat lines are only readable beside standard's growth
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False, sharey=True)
     for ax, (rule, r) in zip(axes[0], results.items()):
         draw(ax, rule, r)
         ax.legend(fontsize=8)

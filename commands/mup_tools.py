@@ -28,7 +28,10 @@ SPREAD_LIMIT = 2.0         # seed 001: best-LR spread in log2 units
 DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "muon": 0.02, "kron": 3e-3}
 # The coordinate check's base LR: large enough that 3 steps move activations by O(1)
 # (at DEFAULT_LR standard parametrisation's growth hides behind the init for a few steps).
-COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.05, "kron": 3e-2}
+# Muon's is set so its AdamW fallback runs at Adam's 3e-2 (0.2 x MUON_FALLBACK_RATIO): at 0.05
+# the fallback's 7.5e-3 barely moves the readout in 3 steps and standard parametrisation's
+# growth stays under 0.25 (measured), hiding what muP corrects.
+COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.2, "kron": 3e-2}
 # Kron under muP: "auto" makes the first preconditioned gradient unit-RMS (Adam's regime from
 # step 1); with the identity start its first steps are SGD-like and the Adam column over-shrinks
 # them (core/mup.py, "Kron").

@@ -54,7 +54,7 @@ from .adam import _bias_correction
 from ._xp import device, is_number, namespace
 
 __all__ = ["KronOptions", "Factors", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
-           "update_probability", "kron_updates", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
+           "update_probability", "kron_updates", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
 
 UPDATE_STYLES = ("QUAD", "skew")
 FACTOR_DTYPES = ("bfloat16", "float32")
@@ -487,6 +487,24 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
             D = D / ADAM_DIVISOR
         dirs.append(D)
     return dirs, new_mus, new_f
+
+
+def momentum(g, mu, *, step, b1):
+    """Kron's momentum alone: ``(m, new_mu)``, the first lines of :func:`kron_updates`.
+
+    Elementwise, so a sharded adapter runs it on each rank's shard and sends
+    only ``m`` to the rank that fits the preconditioner, which then calls
+    :func:`kron_updates` with ``b1=0`` (there ``m = g``).  The operations and
+    dtypes are those of :func:`kron_updates`, so both paths give the same bits.
+    ``mu=None`` (``b1 == 0``): ``m`` is ``g`` in the computation dtype.
+    """
+    xp, _ = namespace(g, names=("g",))
+    cdt = xp.float64 if g.dtype == xp.float64 else xp.float32
+    g = xp.astype(g, cdt)
+    if mu is None or (is_number(b1) and b1 == 0):
+        return g, mu
+    mu32 = b1 * xp.astype(mu, cdt) + (1.0 - b1) * g
+    return mu32 / _bias_correction(xp, b1, step, cdt), xp.astype(mu32, mu.dtype)
 
 
 # ------------------------------------------------------------------ randomness
