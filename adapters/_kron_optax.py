@@ -20,6 +20,7 @@ list :data:`KRON_STATIC_ARGS` in ``static_args`` (the layout options shape the s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -104,6 +105,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
     fdt = jnp.dtype(opts.dtype)
     mdt = jnp.dtype(opts.state_dtype)
     use_mu = not (is_number(b1) and b1 == 0)
+    opts_no_mu = dataclasses.replace(opts, b1=0.0)  # momentum is applied before kron_updates
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -138,13 +140,16 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             if not (is_number(opts.noise_scale) and opts.noise_scale == 0):
                 like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: beside the key
                 noise = [K.make_noise(nkey, lay, like, opts.noise_scale)]
-            # Whole matrices in, once per step: the fit and the application then run
-            # replicated, without a collective per matmul; results go back sharded.
             _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")
-            (d,), (m,), (nf,) = K.kron_updates([_dist.gather(g)], [None if mu is None else _dist.gather(mu)],
-                                               [f], [lay], step=count, opts=opts, update=update, noise=noise)
+            # Momentum is elementwise: it stays on the shards.  Only its bias-corrected
+            # result is gathered, once per step; the fit and the application then run
+            # on the whole matrix without a collective per matmul (core.kron.momentum
+            # + kron_updates(b1=0) gives the same bits as kron_updates with b1).
+            m, nm = K.momentum(g, mu, step=count, b1=opts.b1)
+            (d,), _, (nf,) = K.kron_updates([_dist.gather(m)], [None], [f], [lay], step=count, opts=opts_no_mu,
+                                            update=update, noise=noise)
             out.append(_dist.restore(d.astype(g.dtype), g))
-            new_mu.append(m if mu is None else _dist.restore(m, mu))
+            new_mu.append(nm)
             new_f.append(nf)
         mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
         return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f))
