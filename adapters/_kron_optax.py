@@ -22,6 +22,7 @@ whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -33,6 +34,7 @@ from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number
 from . import _common as C
+from . import _dist_jax as _dist
 from ._fault_optax import with_nonfinite
 
 __all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
@@ -106,6 +108,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
     fdt = jnp.dtype(opts.dtype)
     mdt = jnp.dtype(opts.state_dtype)
     use_mu = not (is_number(b1) and b1 == 0)
+    opts_no_mu = dataclasses.replace(opts, b1=0.0)  # momentum is applied before kron_updates
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -113,14 +116,17 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         like = jnp.zeros((0,), jnp.float32)
         factors = tuple(K.init_factors(like, lay, dtype=fdt, init_scale=opts.preconditioner_init_scale)
                         for lay in lays)
-        mu = treedef.unflatten([jnp.zeros(x.shape, mdt) if use_mu else None for x in leaves])
+        # zeros_like: momentum lives where its param lives (sharded like it).
+        mu = treedef.unflatten([jnp.zeros_like(x, dtype=mdt) if use_mu else None for x in leaves])
         if seed is None:
             raise TypeError("seed is traced: call init outside jax.jit, or list 'seed' in static_args")
         key = R.PRNGKey(seed, like=jnp.zeros((0,), jnp.uint32))
+        factors, key = _dist.replicate_on_mesh((factors, key), leaves)
         return KronState(jnp.zeros([], jnp.int32), key, mu, factors)
 
     def update_fn(updates, state, params=None):
-        leaves, treedef = jax.tree.flatten(updates)
+        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        leaves = [x for _, x in path_leaves]
         if not leaves:
             return updates, state
         lays = _layouts(leaves, _scanned_flags(scanned_layers, updates, treedef, len(leaves)), opts)
@@ -135,11 +141,18 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
             noise = None
             if not (is_number(opts.noise_scale) and opts.noise_scale == 0):
-                noise = [K.make_noise(nkey, lay, jnp.zeros((0,), cdt), opts.noise_scale)]
-            (d,), (m,), (nf,) = K.kron_updates([g], [mu], [f], [lay], step=count, opts=opts, update=update,
-                                               noise=noise)
-            out.append(d.astype(g.dtype))
-            new_mu.append(m)
+                like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: beside the key
+                noise = [K.make_noise(nkey, lay, like, opts.noise_scale)]
+            _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")
+            # Momentum is elementwise: it stays on the shards.  Only its bias-corrected
+            # result is gathered, once per step; the fit and the application then run
+            # on the whole matrix without a collective per matmul (core.kron.momentum
+            # + kron_updates(b1=0) gives the same bits as kron_updates with b1).
+            m, nm = K.momentum(g, mu, step=count, b1=opts.b1)
+            (d,), _, (nf,) = K.kron_updates([_dist.gather(m)], [None], [f], [lay], step=count, opts=opts_no_mu,
+                                            update=update, noise=noise)
+            out.append(_dist.restore(d.astype(g.dtype), g))
+            new_mu.append(nm)
             new_f.append(nf)
         mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
         return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f))

@@ -128,6 +128,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from ..backends import jax as _jax_backend
 from . import _common as C
+from . import _dist_jax as _dist
 from ._fault_optax import NonfiniteState, with_nonfinite
 
 __all__ = [
@@ -269,6 +270,11 @@ def _check_dims_arg(dimension_numbers):
         C.resolve_dim_spec(dimension_numbers)  # validate now
 
 
+def _zeros_like(x, dtype):
+    """Zeros of ``x``'s shape and sharding (state lives where its param lives)."""
+    return jnp.zeros_like(x, dtype=dtype)
+
+
 def _lr_value(lr, count):
     return lr(count) if callable(lr) else lr
 
@@ -345,12 +351,12 @@ def scale_by_muon(
         layouts(params)  # validate early
         if leaves:
             C.warn_bf16_once(opts, _native_bf16(leaves[0]), warned)
-        mu = [jnp.zeros(x.shape, _state_dtype(x, mu_dt)) for x in leaves]
+        mu = [_zeros_like(x, _state_dtype(x, mu_dt)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # optax convention: accept and ignore what other transforms need
-        leaves, treedef, _ = _flatten(updates)
+        leaves, treedef, names = _flatten(updates)
         lays = layouts(params if params is not None else updates)
         if len(lays) != len(leaves):
             raise ValueError("params and updates have different tree structures")
@@ -364,12 +370,13 @@ def scale_by_muon(
             out.append(jnp.zeros(g.shape, cdt) if g.size == 0 else None)
             if g.size:
                 idx.append(i)
-                mats.append(lay.to_torch(u.astype(cdt)))
+                _dist.check_not_manual(g, names[i], "Muon")
+                mats.append(_dist.gather(lay.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
         count_inc = optax.safe_increment(state.count)
         dirs = opts.orthogonalize(mats, step=count_inc)  # core resolves ns_dtype='auto' per matrix
         for i, d in zip(idx, dirs):
             # The leaf's compute dtype, even if a hyperparameter array is wider.
-            out[i] = lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype))
+            out[i] = _dist.restore(lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype)), leaves[i])
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
     return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite)
@@ -517,13 +524,13 @@ def muon(
         mu, m, v = [], [], []
         for x, p in zip(leaves, plans):
             if p.layout is not None:
-                mu.append(jnp.zeros(x.shape, _state_dtype(x, mu_dt)))
+                mu.append(_zeros_like(x, _state_dtype(x, mu_dt)))
                 m.append(masked)
                 v.append(masked)
             else:
                 mu.append(masked)
-                m.append(jnp.zeros(x.shape, _state_dtype(x, mu_dt)))
-                v.append(jnp.zeros(x.shape, _real_dtype(_compute_dtype(x.dtype))))
+                m.append(_zeros_like(x, _state_dtype(x, mu_dt)))
+                v.append(_zeros_like(x, _real_dtype(_compute_dtype(x.dtype))))
         return MuonAdamWState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu),
                               exp_avg=treedef.unflatten(m), exp_avg_sq=treedef.unflatten(v))
 
@@ -545,8 +552,9 @@ def muon(
         bufs = _flatten_up_to(treedef, state.mu, "state.mu")
         ms = _flatten_up_to(treedef, state.exp_avg, "state.exp_avg")
         vs = _flatten_up_to(treedef, state.exp_avg_sq, "state.exp_avg_sq")
-        for nm, p, b, m in zip(names, plans, bufs, ms):
+        for nm, p, b, m, g in zip(names, plans, bufs, ms, grads):
             if isinstance(b if p.layout is not None else m, optax.MaskedNode):
+                _dist.check_not_manual(g, nm, "Muon")  # a shard's shape routes differently: say why
                 raise ValueError(
                     f"{nm} is routed to {'Muon' if p.layout is not None else 'the fallback'} now but "
                     "was not at init: labels/dimension_numbers must route the same way on every call")
@@ -572,10 +580,11 @@ def muon(
                 out[i] = jnp.zeros(g.shape, cdt)
                 continue
             idx.append(i)
-            mats.append(p.layout.to_torch(u.astype(cdt)))
+            _dist.check_not_manual(g, names[i], "Muon")
+            mats.append(_dist.gather(p.layout.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
         for i, d in zip(idx, opts.orthogonalize(mats, step=count_inc)):
             cdt = _compute_dtype(grads[i].dtype)
-            d = plans[i].layout.from_torch(d)
+            d = _dist.restore(plans[i].layout.from_torch(d), grads[i])
             delta = -lr_t * d
             if C.is_on(wd) and plans[i].decay:
                 delta = delta - (lr_t * wd) * p_leaves[i].astype(d.dtype)
@@ -631,3 +640,7 @@ from ._mup_optax import (  # noqa: E402  (muP / spectral scaling)
 
 __all__ += ["base_shapes", "leaf_names", "mup_init", "mup_labels", "mup_lr_multipliers", "mup_plan",
             "output_multipliers", "print_effective_hparams", "save_base_shapes", "scale_by_mup"]
+
+from ._dist_jax import partition_specs  # noqa: E402  (sharded state: PartitionSpecs of a state)
+
+__all__ += ["partition_specs"]

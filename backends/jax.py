@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from array_api_compat import device as array_api_compat_device
 
 from .generic import addmm as _generic_addmm
 from .generic import MUTABLE, div_, frobenius_norm, lerp, lerp_  # noqa: F401  (immutable: XLA fuses these)
@@ -41,6 +42,20 @@ def bfloat16(xp):
 
 def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def placement(x):
+    """Where core puts new arrays made beside ``x`` (``device=``).
+
+    ``x.sharding`` itself for a single device; replicated on ``x``'s mesh when
+    ``x`` is spread over several devices, since a sharded spec such as
+    ``P(None,)`` (how JAX writes a replicated rank-1 key under Explicit axes)
+    is invalid for the scalars and other ranks core creates.
+    """
+    sh = x.sharding
+    if len(sh.device_set) > 1 and isinstance(sh, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+    return array_api_compat_device(x)
 
 
 def has_native_bf16(x) -> bool:

@@ -57,4 +57,5 @@ def device(x):
     _, backend = namespace(x, names=("x",))
     if backend.is_traced(x):
         return None
-    return array_api_compat.device(x)
+    placement = getattr(backend, "placement", None)  # where new arrays beside x go, if not x's device
+    return placement(x) if placement is not None else array_api_compat.device(x)
