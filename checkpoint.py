@@ -105,6 +105,17 @@ class Portable:
             a = a.view(ml_dtypes.bfloat16)
         return a
 
+    def get_checked(self, index: int, name: str, shape, target_name) -> Any:
+        """``get_numpy``, or a CheckpointError naming the parameter when the array is missing or
+        its shape is not ``shape`` (the target state's)."""
+        a = self.get_numpy(index, name)
+        if a is None:
+            raise CheckpointError(f"parameter {target_name!r}: the checkpoint has no {name!r} for it")
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"parameter {target_name!r}: saved {name!r} has shape {tuple(a.shape)}, the "
+                                  f"target's state {tuple(shape)}")
+        return a
+
     def common_step(self) -> Optional[int]:
         steps = {p["step"] for p in self.params if p.get("step") is not None}
         return steps.pop() if len(steps) == 1 else (0 if not steps else None)

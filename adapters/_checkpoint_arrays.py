@@ -73,13 +73,7 @@ def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
 
 
 def _arr(port, j, name, like, tname):
-    a = port.get_numpy(j, name)
-    if a is None:
-        raise CK.CheckpointError(f"parameter {tname!r}: the checkpoint has no {name!r} for it")
-    if tuple(a.shape) != tuple(like.shape):
-        raise CK.CheckpointError(f"parameter {tname!r}: saved {name!r} has shape {tuple(a.shape)}, the target's "
-                                 f"state {tuple(like.shape)}")
-    return _like_array(a, like)
+    return _like_array(port.get_checked(j, name, like.shape, tname), like)
 
 
 def import_arrays(port: "CK.Portable", like, *, params=None, names=None):

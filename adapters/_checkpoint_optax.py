@@ -136,13 +136,7 @@ def _export_kron(node, step, params, names):
 
 
 def _arr(port, j, name, like_leaf, tname):
-    a = port.get_numpy(j, name)
-    if a is None:
-        raise CK.CheckpointError(f"parameter {tname!r}: the checkpoint has no {name!r} for it")
-    if tuple(a.shape) != tuple(like_leaf.shape):
-        raise CK.CheckpointError(f"parameter {tname!r}: saved {name!r} has shape {tuple(a.shape)}, the target's "
-                                 f"state {tuple(like_leaf.shape)}")
-    return jnp.asarray(a, dtype=like_leaf.dtype)
+    return jnp.asarray(port.get_checked(j, name, like_leaf.shape, tname), dtype=like_leaf.dtype)
 
 
 def _import_muon(port, node, params, names):

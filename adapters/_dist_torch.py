@@ -377,15 +377,7 @@ def kron_group(opt, group: dict, opts, g_index: int) -> None:
         dirs[i] = D
     # D is float32 (float64 for float64 params) on every rank: the dtype of m.
     local_d = scatter_from_owners(dirs, ms, shapes, own, comm)
-    lr, wd = group["lr"], group["weight_decay"]
+    from .torch import apply_update
+
     for p, D in zip(params, local_d):
-        lp = p.to_local()
-        target = lp if lp.dtype == D.dtype else lp.to(D.dtype)
-        if wd:
-            target.mul_(1.0 - lr * wd)
-        if isinstance(lr, torch.Tensor):
-            target.sub_(D * lr)
-        else:
-            target.add_(D, alpha=-lr)
-        if target is not lp:
-            lp.copy_(target)
+        apply_update(p.to_local(), D, group["lr"], group["weight_decay"], D.dtype)

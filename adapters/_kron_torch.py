@@ -230,16 +230,9 @@ class Kron(torch.optim.Optimizer):
         for k, v in zip(("Ql", "Qr", "Ll", "Lr"), nf):
             if v is not None:
                 st[k].copy_(v)
-        lr, wd = group["lr"], group["weight_decay"]
-        target = p if p.dtype == D.dtype else p.to(D.dtype)
-        if wd:
-            target.mul_(1.0 - lr * wd)
-        if isinstance(lr, torch.Tensor):
-            target.sub_(D * lr)
-        else:
-            target.add_(D, alpha=-lr)
-        if target is not p:
-            p.copy_(target)
+        from .torch import apply_update
+
+        apply_update(p, D, group["lr"], group["weight_decay"], D.dtype)
 
     def _nonfinite_gate(self) -> bool:
         """The ``nonfinite=`` policy (``core.fault``), as ``Muon._nonfinite_gate``."""

@@ -532,20 +532,8 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _apply(p: torch.Tensor, direction: torch.Tensor, lr, wd) -> None:
-        # W <- W * (1 - lr*wd) - lr * direction, in the state dtype: a bf16/f16
-        # param is updated in float32 and rounded once.  The direction may be
-        # narrower (bf16 Newton-Schulz output): the update widens it exactly.
-        # ``lr`` is a number or a 0-d tensor (no sync: it stays a tensor).
-        sd = _state_dtype(p)
-        target = p if p.dtype == sd else p.to(sd)
-        if _is_on(wd):
-            target.mul_(1.0 - lr * wd)
-        if isinstance(lr, torch.Tensor):
-            target.sub_(direction * lr)
-        else:
-            target.add_(direction, alpha=-lr)
-        if target is not p:
-            p.copy_(target)
+        # The direction may be narrower (bf16 Newton-Schulz output): the update widens it exactly.
+        apply_update(p, direction, lr, wd, _state_dtype(p))
 
     def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
         mu = _muon_momentum(group)
@@ -825,6 +813,23 @@ def torch_optim_state_dict(muon: dict, adamw: Optional[dict] = None) -> dict:
     if adamw is not None:
         take(adamw, "adamw", from_adamw)
     return {"state": state, "param_groups": groups}
+
+
+def apply_update(p: torch.Tensor, direction: torch.Tensor, lr, wd, dtype: torch.dtype) -> None:
+    """``W <- W * (1 - lr*wd) - lr * direction`` in ``dtype`` (Muon, Kron, and their sharded paths).
+
+    A bf16/f16 param is updated in float32 and rounded once.  ``lr`` / ``wd``
+    are numbers or 0-d tensors (no sync: a tensor stays a tensor).
+    """
+    target = p if p.dtype == dtype else p.to(dtype)
+    if _is_on(wd):
+        target.mul_(1.0 - lr * wd)
+    if isinstance(lr, torch.Tensor):
+        target.sub_(direction * lr)
+    else:
+        target.add_(direction, alpha=-lr)
+    if target is not p:
+        p.copy_(target)
 
 
 def torch_nonfinite_gate(opt, name_of, who: str) -> bool:
