@@ -11,10 +11,15 @@ step count ``t`` starting at 1::
 The NAdamW look-ahead is the one in timm's ``nadamw`` (from MLCommons
 AlgoPerf), not torch.optim.NAdam's momentum-decay schedule.
 
-Overflow: ``g * g`` overflows float32 for ``|g| > 1.8e19`` and an infinite
-``v`` freezes that entry for good; ``((1 - b2) |g|) |g|`` (torch's
-``addcmul`` order) and ``sqrt(v) / sqrt(1 - b2^t)`` keep every finite ``v``
-finite, as in ``torch.optim.AdamW``.  Complex gradients use ``|g|^2`` (one
+Overflow: ``(1 - b2) g^2`` overflows float32 for ``|g|`` above about
+``1.8e19 / sqrt(1 - b2)``; an infinite ``v`` would freeze that entry for good
+(``sqrt(inf)`` makes every later update 0 and ``b2 * inf`` never decays), as
+it does in ``torch.optim.AdamW``.  ``v`` therefore saturates at its dtype's
+largest finite value: the update of such an entry is ``m / 1.8e19``-sized,
+and ``v`` decays again once the gradient shrinks (the hypothesis suite found
+this with a 1e20 gradient).  Below the overflow nothing changes.
+``((1 - b2) |g|) |g|`` (torch's ``addcmul`` order) and ``sqrt(v) / sqrt(1 -
+b2^t)`` keep every finite ``v`` finite.  Complex gradients use ``|g|^2`` (one
 second moment per complex entry, optax's convention; torch.optim views a
 complex tensor as pairs of reals instead).
 """
@@ -78,7 +83,7 @@ def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     xp, _ = namespace(grad, names=("grad",))
     mag = xp.abs(grad) if is_complex(xp, grad) else grad
     m = m + (1.0 - beta1) * (grad - m)
-    v = beta2 * v + ((1.0 - beta2) * mag) * mag
+    v = xp.minimum(beta2 * v + ((1.0 - beta2) * mag) * mag, xp.finfo(v.dtype).max)   # saturate, never inf
     real = xp.float64 if mag.dtype == xp.float64 else xp.float32
     bc1 = _bias_correction(xp, beta1, step, real)
     bc2_sqrt = _sqrt(_bias_correction(xp, beta2, step, real))
