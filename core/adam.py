@@ -83,7 +83,8 @@ def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     xp, _ = namespace(grad, names=("grad",))
     mag = xp.abs(grad) if is_complex(xp, grad) else grad
     m = m + (1.0 - beta1) * (grad - m)
-    v = xp.minimum(beta2 * v + ((1.0 - beta2) * mag) * mag, xp.finfo(v.dtype).max)   # saturate, never inf
+    # saturate, never inf (clip: a Python bound in minimum() breaks torch.compile's graph)
+    v = xp.clip(beta2 * v + ((1.0 - beta2) * mag) * mag, None, xp.finfo(v.dtype).max)
     real = xp.float64 if mag.dtype == xp.float64 else xp.float32
     bc1 = _bias_correction(xp, beta1, step, real)
     bc2_sqrt = _sqrt(_bias_correction(xp, beta2, step, real))
