@@ -475,15 +475,8 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
             new_mus.append(mu)
             new_f.append(f)
             continue
-        g = xp.astype(g, cdt)
-        if use_mu:
-            mu32 = xp.astype(mu, cdt)
-            mu32 = b1 * mu32 + (1.0 - b1) * g          # a convex mix: never overflows
-            new_mus.append(xp.astype(mu32, mu.dtype))
-            m = mu32 / _bias_correction(xp, b1, step, cdt)
-        else:
-            new_mus.append(mu)
-            m = g
+        m, new_mu = momentum(g, mu if use_mu else None, step=step, b1=b1, dtype=cdt)
+        new_mus.append(new_mu if use_mu else mu)
         if opts.normalize_grads:
             m = m / (xp.linalg.vector_norm(xp.reshape(m, (-1,))) + 1e-6)
         f32 = Factors(*(None if q is None else xp.astype(q, cdt) for q in f[:2]),
@@ -504,21 +497,22 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
     return dirs, new_mus, new_f
 
 
-def momentum(g, mu, *, step, b1):
-    """Kron's momentum alone: ``(m, new_mu)``, the first lines of :func:`kron_updates`.
+def momentum(g, mu, *, step, b1, dtype=None):
+    """Kron's momentum alone: ``(m, new_mu)``, which :func:`kron_updates` starts with.
 
     Elementwise, so a sharded adapter runs it on each rank's shard and sends
     only ``m`` to the rank that fits the preconditioner, which then calls
-    :func:`kron_updates` with ``b1=0`` (there ``m = g``).  The operations and
-    dtypes are those of :func:`kron_updates`, so both paths give the same bits.
-    ``mu=None`` (``b1 == 0``): ``m`` is ``g`` in the computation dtype.
+    :func:`kron_updates` with ``b1=0`` (there ``m = g``): both paths run these
+    same operations, so they give the same bits.  ``dtype``: the computation
+    dtype (default float32, float64 for float64 ``g``).  ``mu=None`` (``b1 ==
+    0``): ``m`` is ``g`` in the computation dtype.
     """
     xp, _ = namespace(g, names=("g",))
-    cdt = xp.float64 if g.dtype == xp.float64 else xp.float32
+    cdt = dtype or (xp.float64 if g.dtype == xp.float64 else xp.float32)
     g = xp.astype(g, cdt)
     if mu is None or (is_number(b1) and b1 == 0):
         return g, mu
-    mu32 = b1 * xp.astype(mu, cdt) + (1.0 - b1) * g
+    mu32 = b1 * xp.astype(mu, cdt) + (1.0 - b1) * g          # a convex mix: never overflows
     return mu32 / _bias_correction(xp, b1, step, cdt), xp.astype(mu32, mu.dtype)
 
 
