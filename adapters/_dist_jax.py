@@ -112,7 +112,27 @@ def restore(y, like):
     target = jax.typeof(like).sharding
     if any(t == AxisType.Explicit for t in mesh.axis_types) and target.spec != P():
         y = jax.sharding.reshard(y, target)
+    if any(t == AxisType.Auto for t in mesh.axis_types) and y.shape == like.shape:
+        y = _follow(y, like)
     return y
+
+
+def _follow(y, like):
+    """``y``, bit for bit, computed elementwise from ``like`` so that XLA gives it ``like``'s sharding.
+
+    Under Auto axes ``like``'s spec is not known at trace time, and after the
+    replicated pin nothing ties ``y`` to it: a jit returning ``y`` (an update
+    without weight decay, which would add ``wd * param``) handed it back
+    replicated.  ``select(p, y, 0)`` with ``p = (like == like) | (like != like)``,
+    true for every value (NaN included) but not foldable by the compiler, is an
+    elementwise op on ``like``, so propagation shards it like ``like``: a local
+    slice of the replicated ``y``, no collective, and the pin keeps that
+    sharding out of the computation of ``y``.  (``shard_alike`` would say this
+    directly, but JAX 0.10 caches its lowering per shape, so every same-shape
+    leaf of a jit lands in one sharding group.)
+    """
+    always = (like == like) | (like != like)
+    return jax.lax.select(always, y, jax.numpy.zeros_like(y))
 
 
 def replicate_on_mesh(tree, like_leaves):

@@ -6,7 +6,8 @@ imported JAX already, hence a separate process.  Usage::
     python tests/_dist_jax_worker.py CASE [CASE ...]   -> one JSON object on stdout
 
 Cases: ``traj:<method>:<axis>:<mesh>`` (10 steps on a mesh vs the single-device
-run), ``eager:<method>:<axis>`` (one update outside jit), ``hlo:<method>:<axis>`` (collectives of the compiled update), ``optax_muon:<axis>``
+run), ``eager:<method>:<axis>`` (one update outside jit), ``hlo:<method>:<axis>`` (collectives of the compiled update),
+``keep:<method>:<axis>:<mesh>`` (updates without weight decay keep the params' shardings), ``optax_muon:<axis>``
 (optax.contrib.muon's collectives, for contrast), ``errors`` (bad input),
 ``specs:<method>`` (partition_specs against the real state's shardings).
 """
@@ -68,17 +69,17 @@ def data():
     return x, y
 
 
-def make_tx(method, ns_steps=None):
+def make_tx(method, ns_steps=None, weight_decay=0.01):
     if method == "muon":
         # The bias goes to the AdamW fallback; weight decay exercises the param path.
-        return xo.muon(0.02, weight_decay=0.01, ns_steps=ns_steps)
+        return xo.muon(0.02, weight_decay=weight_decay, ns_steps=ns_steps)
     if method == "scale_by_muon":
         mats = lambda p: {k: ("muon" if v.ndim == 2 else "adam") for k, v in p.items()}  # noqa: E731
         return optax.chain(optax.partition({"muon": xo.scale_by_muon(ns_steps=ns_steps),
                                             "adam": optax.scale_by_adam()}, mats),
                            optax.scale_by_learning_rate(0.02))
     # float32 factors: bf16 storage would round a 1-ulp difference into a 2**-8 one.
-    kw = dict(learning_rate=3e-3, weight_decay=0.01, dtype="float32", seed=3)
+    kw = dict(learning_rate=3e-3, weight_decay=weight_decay, dtype="float32", seed=3)
     if method == "quad":
         return xo.quad(**kw)
     if method == "skew":
@@ -194,6 +195,33 @@ def case_eager(method, axis):
                 update_specs_kept=all(u[k].sharding.is_equivalent_to(ps[k].sharding, u[k].ndim) for k in u))
 
 
+def case_keep(method, axis, mesh_name):
+    """Updates come back in the params' shardings, also without weight decay.
+
+    With weight decay the update adds ``wd * param``, whose sharding XLA then
+    gives the sum; without it (``xo.muon``'s default) nothing but the adapter
+    ties the orthogonalised, replicated direction to the param's sharding, and
+    under Auto axes a jit returned it replicated.  One jitted and one eager
+    update, every leaf: the four matrices (sharded on one or two mesh axes,
+    rows or columns) and the bias.
+    """
+    mesh = make_mesh(mesh_name, axis)
+    specs = SPECS[mesh_name]
+    tx = make_tx(method, weight_decay=0.0)
+    ps = {k: jax.device_put(jnp.asarray(v), NamedSharding(mesh, specs[k])) for k, v in init_params().items()}
+    gs = jax.tree.map(lambda v: v * 0.5, ps)
+    state = tx.init(ps)
+    u_jit, _ = jax.jit(tx.update)(gs, state, ps)
+    u_eager, _ = tx.update(gs, state, ps)
+
+    def kept(u):
+        return {k: bool(u[k].sharding.is_equivalent_to(ps[k].sharding, u[k].ndim)) for k in u}
+
+    return dict(jit=kept(u_jit), eager=kept(u_eager),
+                jit_specs={k: str(u_jit[k].sharding.spec) for k in u_jit},
+                max_abs_err=max(float(np.max(np.abs(np.asarray(u_jit[k]) - np.asarray(u_eager[k])))) for k in u_jit))
+
+
 def case_optax_muon(axis, mesh_name="2d"):
     mesh = make_mesh(mesh_name, axis)
     specs = {"w2": P("data", None), "w3": P("data", None)}  # two matrices, as in the issue
@@ -276,7 +304,7 @@ def main(cases):
         kind, *args = case.split(":")
         try:
             fn = {"traj": case_traj, "hlo": case_hlo, "eager": case_eager, "optax_muon": case_optax_muon, "errors": case_errors,
-                  "specs": case_specs}[kind]
+                  "specs": case_specs, "keep": case_keep}[kind]
             results[case] = fn(*args)
         except Exception as e:
             results[case] = {"crash": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
