@@ -252,7 +252,8 @@ class Muon(torch.optim.Optimizer):
       ns_coefficients, ns_steps, eps, safety_factor: Newton-Schulz preset name
         (``original``, ``quintic``, ``polar_express``, ``polar_express_safer``)
         or ``(a, b, c)`` triple(s); iterations (None: the preset's own count,
-        8 for Polar Express, else 5); prescale floor; prescale factor.
+        8 for Polar Express, else 5); prescale floor (relative to max|G|: by
+        default only a zero matrix meets it); prescale factor.
       preconditioning: Newton-Schulz prescale (optax's names): ``"frobenius"``,
         ``"spectral"`` (exact top singular value: an SVD), ``"aol"`` (row
         scaling, often saves one step) or ``"schatten"``.

@@ -61,7 +61,7 @@ def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form:
     ``g``); the classic form's is ``g / (1 - mu)``.  By induction the EMA buffer
     is exactly ``(1 - mu)`` times the classic one, and so is the update, with or
     without nesterov.  Newton-Schulz removes that scale, so for Muon the two
-    forms give the same step (up to the ``eps`` floor); they differ in what the
+    forms give the same step (to rounding: the prescale is scale-invariant); they differ in what the
     stored state means, which matters when exchanging state with a peer that
     keeps the classic buffer.
     """

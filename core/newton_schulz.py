@@ -10,14 +10,22 @@ singular values of ``X`` without an SVD::
 after a prescale (``preconditioning``) that puts every singular value in
 [0, 1]:
 
-``frobenius``  ``X = G / max(||G||_F * safety, eps)`` (Keller Jordan's Muon).
-``spectral``   ``X = G / max(||G||_2 * safety, eps)``: the exact top singular
+``frobenius``  ``X = G / max(||G||_F * safety, eps * p2)`` (Keller Jordan's Muon).
+``spectral``   ``X = G / max(||G||_2 * safety, eps * p2)``: the exact top singular
                value (an SVD: costly), so the largest one starts at 1.
 ``aol``        row scaling ``X = D^-1/2 G`` with ``D = diag(rowsum |G G^H|)``
                (Almost-Orthogonal-Layer, Boissin et al. 2025): ``||X||_2 <= 1``
                by Gershgorin, and the Gram matrix of the first step is reused.
 ``schatten``   ``X = G / ||G||_S4`` with ``||G||_S4^2 = ||G G^H||_F`` (Grishina
                et al. 2025): a tighter bound than Frobenius at no extra matmul.
+
+``p2 = 2^floor(log2 max|G|)``: every mode first divides by this power of two
+(exact) and floors what it measures on ``G / p2``, whose largest entry is in
+[1, 2).  So the result is invariant to scaling ``G`` by any factor that keeps
+its entries normal floats (float32: 1.2e-38 .. 3.4e38), and with the defaults
+(``safety_factor >= eps``) the floor acts on a zero matrix only, which maps to
+zero.  torch.optim.Muon and optax.contrib.muon floor or add eps to ``||G||``
+itself, so they stop orthogonalising as ``||G||`` falls below eps.
 
 The row scaling of ``aol`` is not a scalar, so its output is the polar factor
 of ``D^-1/2 G``, not of ``G``: close, and what optax computes.  For the other
@@ -28,6 +36,7 @@ around 1 rather than on it.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence, Union
 
@@ -196,9 +205,10 @@ def orthogonalize(
       steps: number of iterations; None = :func:`preset_steps` (8 for the
         Polar Express presets, 5 otherwise).  A coefficient list is truncated
         or its last triple repeated to match.
-      eps: floor of the prescale (the norm, or AOL's row sums); a zero matrix
-        maps to zero.  ``aol``/``schatten`` apply it after dividing ``G`` by
-        a power of two near its largest entry, which they are invariant to.
+      eps: floor of the prescale (the norm, or AOL's row sums), applied after
+        dividing ``G`` by the power of two at or below its largest entry: so
+        the result stays scale-invariant, and with ``safety_factor >= eps``
+        only a zero matrix (which maps to zero) meets it.
       safety_factor: divide the prescaled matrix by this (>1 keeps the top
         singular value safely below 1, as Polar Express suggests: 1.01).
       compute_dtype: dtype for the iteration (``"bfloat16"``, ``"float32"``,
@@ -242,18 +252,28 @@ def orthogonalize(
     # makes every later square safe from over/underflow (1e30 squared
     # overflows float32, 1e-30 underflows).  A fresh cast is ours to overwrite
     # in place (an allocation less); G never is.
+    #
+    # eps floors the norm *after* that division (as aol/schatten's row sums), so
+    # the prescale is X / max(||X|| * safety, eps * p2): invariant to scaling X
+    # by any factor that keeps its entries normal floats.  A nonzero X / p2 has
+    # an entry in [1, 2), so its norm is >= 1 and the floor only acts on a zero
+    # matrix (which stays zero) or when safety_factor < eps.  (An absolute floor
+    # max(||X||, eps) would stop orthogonalising below ||X|| = eps: a 1e-8
+    # gradient got a different, smaller "orthogonal" update than a 1e-6 one.)
     div = backend.div_ if X is not G else (lambda x, y: x / y)
-    norm = backend.frobenius_norm(X) if preconditioning == "frobenius" else None
-    if is_number(norm) and is_number(eps) and is_number(safety_factor):
-        X = div(X, max(norm * safety_factor, eps))
-    elif norm is not None:  # the backend's one-pass norm was safe
-        X = div(X, xp.maximum(norm * _like(xp, safety_factor, norm), _like(xp, eps, norm) * xp.ones_like(norm)))
+    # The backend's one-pass norm skips the power of two; that is exact only
+    # where the floor cannot act on a nonzero X (safety_factor >= eps).
+    fast = preconditioning == "frobenius" and is_number(eps) and is_number(safety_factor) and safety_factor >= eps
+    norm = backend.frobenius_norm(X) if fast else None
+    if is_number(norm):  # a Python float in the backend's safe range: > 0
+        X = div(X, norm * safety_factor)
+    elif norm is not None:  # the backend's one-pass norm was safe; 0 only for a zero matrix
+        X = div(X, xp.where(norm > 0, norm * safety_factor, xp.ones_like(norm)))
     else:
         p2 = _pow2_below(xp, _amax(xp, X))
         X = div(X, p2)
         if preconditioning in ("frobenius", "spectral"):
-            # ||X / p2|| = ||X|| / p2, so the floor eps becomes eps / p2.
-            X = backend.div_(X, _prescale(xp, X, preconditioning, eps / p2, safety_factor))
+            X = backend.div_(X, _prescale(xp, X, preconditioning, eps, safety_factor))
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = xp.matrix_transpose(X)
@@ -294,8 +314,21 @@ def _compute_dtype(xp, backend, G, spec, cplx: bool):
 
 
 def _pow2_below(xp, amax):
-    """``2^floor(log2(amax))``: a power of two in (amax/2, amax], exact to divide by."""
-    return 2.0 ** xp.floor(xp.log2(amax))
+    """``2^floor(log2(amax))``: a power of two in (amax/2, amax], exact to divide by.
+
+    The exponent is kept where both ``p2`` and ``1/p2`` are normal numbers
+    (float32: ``[2^-126, 2^126]``), so the division stays exact where it is
+    computed as a multiplication by ``1/p2`` (XLA on CPU, which also flushes
+    subnormals to zero: ``x / 2^127`` gave 0 there) and ``2^128`` (the
+    exponent of an ``amax`` within 6e-6 of float32's max, where ``log2``
+    rounds up) never overflows.  An ``amax`` above ``2^127`` then leaves
+    ``X / p2`` in [2, 4): as good.  Device ops only: no host read, one graph
+    under ``torch.compile``.
+    """
+    fi = xp.finfo(amax.dtype)
+    lo = math.frexp(float(fi.smallest_normal))[1] - 1      # float32: -126
+    hi = math.frexp(float(fi.max))[1] - 2                  # float32: 126
+    return 2.0 ** xp.clip(xp.floor(xp.log2(amax)), float(lo), float(hi))
 
 
 def _like(xp, v, ref):
@@ -319,7 +352,7 @@ def _amax(xp, X):
 def _prescale(xp, X, preconditioning: str, eps, safety_factor):
     """``max(||X|| * safety, eps)`` per matrix (``X`` already has max|X| in [1, 2)).
 
-    ``eps`` may be an array (the floor rescaled by the power of two).
+    ``eps`` may be an array (an optax hyperparameter).
     """
     if preconditioning == "frobenius":
         norm = xp.linalg.vector_norm(X, axis=(-2, -1), keepdims=True)

@@ -126,9 +126,9 @@ def test_extreme_scales_are_finite(xp, rng, scale):
     G = rng.standard_normal((16, 24))
     out = xp.to_numpy(orthogonalize(xp.asarray(G * scale)))
     assert np.all(np.isfinite(out))
-    if scale > 1:
-        # Large inputs are scale-free: same as the unscaled result.
-        np.testing.assert_allclose(out, orthogonalize(G), atol=F32_ATOL)
+    # Scale-free both ways: same as the unscaled result (the ends of float32's
+    # normal range: tests/test_ns_features.py).
+    np.testing.assert_allclose(out, orthogonalize(G), atol=F32_ATOL)
 
 
 def test_batched_equals_loop(xp, rng):
@@ -229,8 +229,10 @@ def test_properties_random_shapes(m, n, log_scale, seed, preset):
     assert O.shape == G.shape and np.all(np.isfinite(O))
     np.testing.assert_allclose(orthogonalize(G.T, coefficients=preset, steps=steps), O.T, atol=1e-12)
     # The singular vectors are G's and the singular values are p(s): so
-    # O = U p(S) V^T exactly.  The eps floor only bites for ||G|| < 1e-7.
+    # O = U p(S) V^T exactly.  The eps floor never acts on a nonzero G: it
+    # floors ||G / 2^floor(log2 max|G|)|| >= 1, so the prescale is ||G|| at
+    # every scale (before issue 17 it floored ||G|| itself, at 1e-7).
     U, s, Vt = np.linalg.svd(G, full_matrices=False)
-    prescale = max(np.linalg.norm(s), 1e-7)
+    prescale = np.linalg.norm(s)
     expected = (U * scalar_iteration(s / prescale, preset, steps)) @ Vt
     np.testing.assert_allclose(O, expected, atol=1e-9)

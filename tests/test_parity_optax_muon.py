@@ -51,7 +51,10 @@ What differs (documented by the tests at the end of this file, not hidden):
    ``(b1*m + (1-b1)*g)/(1-b1^t)``.  They differ from step 1.  Needed: a
    ``fallback="nadam_dozat"``-style option.
 3. NS prescale eps: optax divides by ``||X|| + eps`` (L.340), we by
-   ``max(||X||, eps)``.  Invisible at optax's default eps=1e-8 (relative
+   ``max(||X||, eps * 2^floor(log2 max|X|))``, a floor that by default acts
+   on a zero matrix only, so ours is invariant to the scale of X and optax's
+   stops orthogonalising as ||X|| falls towards eps (issue 17, item 5; before,
+   ours floored ``||X||`` itself at eps).  Invisible at optax's default eps=1e-8 (relative
    eps/||X|| ~ 1e-6 here, under float32 rounding); pinned exactly below.
    It does show with a large eps: eps=1e-3 on this file's problem put the
    trajectories 1.3e-2 of the displacement apart after 3 steps (we tried).
@@ -347,7 +350,8 @@ def test_nesterov_fallback_is_dozat_nadam_in_optax_and_nadamw_in_ours():
 
 
 def test_ns_prescale_eps_placement(omuon):
-    """Difference 3 (optax _muon.py L.340): ``x / (||x|| + eps)`` vs ours ``x / max(||x||, eps)``.
+    """Difference 3 (optax _muon.py L.340): ``x / (||x|| + eps)`` vs ours ``x / ||x||``
+    (eps floors ``||x / 2^floor(log2 max|x|)|| >= 1``: it acts on a zero matrix only).
 
     optax's NS of G equals our ``orthogonalize`` with ``eps=0`` and
     ``safety_factor = 1 + eps/||G||`` (which divides by exactly ``||G|| +

@@ -214,6 +214,37 @@ def test_reference_ns_matches_torch_bf16_ns():
         assert cos > 0.999, (shape, float(cos))
 
 
+def test_ns_prescale_floor_below_eps_differs_from_torch():
+    """torch.optim.Muon divides by ``clamp(||X||, min=eps)``: an absolute floor, so below
+    ``||X|| = eps`` (1e-7) it stops orthogonalising and its update shrinks with the
+    gradient.  Ours floors the norm of ``X / 2^floor(log2 max|X|)`` (>= 1 for a nonzero X),
+    so it orthogonalises at every scale (issue 17, item 5).  Pinned: equal at ``||X|| >= eps``;
+    at ``eps / 1000`` theirs is ours with ``safety_factor = eps / ||X||`` (dividing by eps).
+    (Just under eps the two still agree roughly: 5 steps multiply small singular values by
+    up to 3.44^5 = 483, so a norm of 0.1 after the floor still converges.)"""
+    from xpopt.core.newton_schulz import orthogonalize
+
+    eps = 1e-7
+    G0 = torch.randn((32, 64), generator=torch.Generator().manual_seed(2))
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    for norm in (1.0, 10 * eps, eps / 1000):
+        G = G0 / G0.norm() * norm
+        theirs = ref_newton_schulz(G, KJ_COEFFS, 5, eps)
+        mine = orthogonalize(G, coefficients=KJ_COEFFS, steps=5, eps=eps)
+        n = float(G.norm())
+        exact = orthogonalize(G, coefficients=KJ_COEFFS, steps=5, eps=0.0, safety_factor=max(1.0, eps / n))
+        # one float32 NS call each; measured 0 (torch's CPU one-pass norm, same GEMMs),
+        # 1e-5 leaves room for another BLAS's op order
+        assert rel(exact, theirs) < 1e-5, norm
+        if norm >= eps:
+            assert rel(mine, theirs) < 1e-5, norm
+        else:  # singular values 0.001 / sqrt(32) * 483 ~ 0.09: theirs is 1/10 the size of ours (0.107)
+            assert float(theirs.abs().max()) < 0.2 * float(mine.abs().max()), norm
+
+
 def _ours(**kw):
     from xpopt.adapters.torch import Muon
 
