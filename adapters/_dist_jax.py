@@ -16,8 +16,8 @@ Both axis types work: the mesh is read from the traced value's type
 (``jax.typeof(x).sharding.mesh``, which carries the abstract mesh under Auto axes
 too), so no ``jax.set_mesh`` is needed.  With Explicit axes the param's spec is in
 its type and the result is ``reshard``-ed back to it; with Auto axes the spec is not
-known at trace time and XLA slices the replicated result to whatever sharding the
-consumer (``optax.apply_updates``, ``out_shardings``) has.
+known at trace time, and an exact elementwise identity on the gradient
+(:func:`_follow`) lets XLA's propagation give the result the gradient's sharding.
 
 No maths lives here; ``core`` stays free of sharding and collectives.
 """
@@ -124,7 +124,8 @@ def _follow(y, like):
     replicated pin nothing ties ``y`` to it: a jit returning ``y`` (an update
     without weight decay, which would add ``wd * param``) handed it back
     replicated.  ``select(p, y, 0)`` with ``p = (like == like) | (like != like)``,
-    true for every value (NaN included) but not foldable by the compiler, is an
+    true for every value (NaN included) and not folded away before propagation
+    (tests/test_dist_jax.py checks the shardings), is an
     elementwise op on ``like``, so propagation shards it like ``like``: a local
     slice of the replicated ``y``, no collective, and the pin keeps that
     sharding out of the computation of ``y``.  (``shard_alike`` would say this
