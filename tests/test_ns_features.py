@@ -259,13 +259,15 @@ def test_scale_invariant_over_float32_normal_range(xp, rng, mode):
     by multiplying with the reciprocal: x / 2^127 was 0) broke a naive rescale.
     """
     G = _all_normal_matrix(rng)
-    base = xp.to_numpy(orthogonalize(xp.asarray(G), preconditioning=mode))
-    assert np.max(np.abs(base)) > 0.05  # orthogonalised: entries ~ 1/sqrt(64)
-    for c in _normal_range_scales(G):
-        X = (G * c).astype(np.float32)
-        assert np.all(np.isfinite(X)) and np.min(np.abs(X)) >= np.finfo(np.float32).smallest_normal
-        out = xp.to_numpy(orthogonalize(xp.asarray(X), preconditioning=mode))
-        assert _show(f"scale {xp.name} {mode} {c:.3g}", maxerr(out, base)) < F32_ATOL, c
+    # 2-D and a batch (torch takes different one-pass norm paths for the two)
+    for G in (G, np.stack([G, G[::-1]])):
+        base = xp.to_numpy(orthogonalize(xp.asarray(G), preconditioning=mode))
+        assert np.max(np.abs(base)) > 0.05  # orthogonalised: entries ~ 1/sqrt(64)
+        for c in _normal_range_scales(G):
+            X = (G * c).astype(np.float32)
+            assert np.all(np.isfinite(X)) and np.min(np.abs(X)) >= np.finfo(np.float32).smallest_normal
+            out = xp.to_numpy(orthogonalize(xp.asarray(X), preconditioning=mode))
+            assert _show(f"scale {xp.name} {mode} {G.ndim}-D {c:.3g}", maxerr(out, base)) < F32_ATOL, c
 
 
 def test_eps_floors_the_rescaled_norm(rng):
