@@ -931,8 +931,8 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="muon", choices=sorted(OPTIMIZERS),
-                        help="optimizer to validate; on 2 CPU cores shared with other jobs the default run "
-                             "of kron takes about 1 min (3 min when they are very busy), muon about 12 s "
+                        help="optimizer to validate; on 2 CPU cores the default run of kron takes about "
+                             "35-50 s (3 min when they are very busy with other jobs), muon about 10 s "
                              "(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help="training steps per backend (default: %(default)s)")
@@ -977,9 +977,9 @@ def run_validate(args: argparse.Namespace) -> int:
 # Seconds per training step of each run (1 / its steps/s) and the command's fixed cost
 # (imports, JAX's compile, the PNG), measured with `python -m xpopt validate` (BLAS and
 # torch on one thread) on this project's machine, 2 CPU cores shared with other jobs:
-# Kron 46 s wall at load average ~5 (176 s at load ~9; 260 s at load ~5 with BLAS and
-# torch on 2 threads, as before), Muon 11.5 s at load ~2.  Only for the estimate printed
-# up front.
+# Kron 46 s wall at load average ~5 (34 s idle, 176 s at load ~9; 260 s at load ~5 and 39 s
+# idle with BLAS and torch on 2 threads, as before), Muon 11.5 s at load ~2 (7.5 s idle).
+# Only for the estimate printed up front.
 STEP_SECONDS = {
     "muon": {"numpy float64": 1 / 608, "numpy float32": 1 / 818, "torch": 1 / 331, "jax": 1 / 1110},
     "kron": {"numpy float64": 1 / 120, "numpy float32": 1 / 137, "torch": 1 / 65, "jax": 1 / 41.5},
