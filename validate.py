@@ -62,6 +62,10 @@ DTYPES = ("float32", "float64")
 DEFAULT_STEPS = 500
 DEFAULT_SEED = 0
 DEFAULT_OUT = "xpopt-out"
+# torch's run uses one intra-op thread: the largest matrix is 64 x 128, too small for
+# threads to pay, and on a 2-core machine shared with other jobs torch's thread pool
+# stalls (measured there: Kron 68 steps/s on 1 thread vs 2 on 2 threads, Muon 248 vs 10).
+DEFAULT_TORCH_THREADS = 1
 
 # Relative parameter difference (max over params of ||p - p_ref|| / ||p_ref||)
 # allowed between a backend's run and the NumPy float64 oracle after the run.
@@ -482,7 +486,19 @@ def _run_arrays(name: str, problem: Problem, dtype: str, spec: OptimizerSpec, pr
     )
 
 
-def _run_torch(problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> RunResult:
+def _run_torch(problem: Problem, dtype: str, spec: OptimizerSpec, progress, threads: int | None = None) -> RunResult:
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_torch_threads(problem, dtype, spec, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_torch_threads(problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> RunResult:
     import numpy as np
     import torch
 
@@ -602,11 +618,12 @@ def _run_jax(problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> Run
     )
 
 
-def _run_backend(name: str, problem: Problem, dtype: str, spec: OptimizerSpec, progress) -> RunResult:
+def _run_backend(name: str, problem: Problem, dtype: str, spec: OptimizerSpec, progress,
+                 torch_threads: int | None = None) -> RunResult:
     if name in ("numpy", "cupy"):
         return _run_arrays(name, problem, dtype, spec, progress)
     if name == "torch":
-        return _run_torch(problem, dtype, spec, progress)
+        return _run_torch(problem, dtype, spec, progress, torch_threads)
     if name == "jax":
         return _run_jax(problem, dtype, spec, progress)
     raise ValueError(f"unknown backend {name!r}")
@@ -632,7 +649,7 @@ class _SimpleBar:
             return
         self._last = pct
         bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-        self.file.write(f"\r{self.desc:<16} [{bar}] {self.n}/{self.total}")
+        self.file.write(f"\r{self.desc:<22} [{bar}] {self.n}/{self.total}")
         self.file.flush()
 
     def update(self, n: int = 1):
@@ -649,7 +666,7 @@ def _progress(total: int, desc: str):
         from tqdm import tqdm
     except ImportError:
         return _SimpleBar(total, desc)
-    return tqdm(total=total, desc=f"{desc:<16}", file=sys.stderr, unit="step", leave=True,
+    return tqdm(total=total, desc=f"{desc:<22}", file=sys.stderr, unit="step", leave=True,
                 dynamic_ncols=True, mininterval=0.2)
 
 
@@ -777,10 +794,13 @@ def parse_backends(spec: str | None) -> tuple[list[str], list[tuple[str, str]]]:
 
 def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | None = None,
         dtype: str = "float32", out: str = DEFAULT_OUT, seed: int = DEFAULT_SEED,
-        stdout=None) -> int:
+        torch_threads: int | None = DEFAULT_TORCH_THREADS, stdout=None, argv: list | None = None) -> int:
     """Run the validation; print the table; return the exit code (0 ok, 1 diverged).
 
-    Raises :class:`UsageError` for bad input (the CLI turns it into exit 2).
+    ``torch_threads``: torch's intra-op threads for its run (None: leave torch's
+    setting alone), see :data:`DEFAULT_TORCH_THREADS`; ``argv``: the command
+    line, recorded in the JSON's ``settings``.  Raises :class:`UsageError` for
+    bad input (the CLI turns it into exit 2).
     """
     stdout = stdout or sys.stdout
     if optimizer not in OPTIMIZERS:
@@ -791,22 +811,31 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
         raise UsageError(f"--dtype {dtype!r} is not supported; choose from {', '.join(DTYPES)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
+    if torch_threads is not None and (isinstance(torch_threads, bool) or not isinstance(torch_threads, int)
+                                      or torch_threads < 1):
+        raise UsageError(f"--torch-threads must be an integer >= 1, got {torch_threads!r}")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out!r} exists and is not a directory")
+        raise UsageError(f"--out {out!r} exists and is not a directory; give a folder (created if missing)")
     names, skipped = parse_backends(backends)
     if not _has("numpy") or not backend_status("numpy")[0]:
         raise UsageError(f"the float64 NumPy oracle is needed but unavailable: {backend_status('numpy')[1]}")
+    from .commands._env import check_out_dir, settings
+
+    why = check_out_dir(out)   # last: nothing is created for input that fails another check
+    if why:
+        raise UsageError(f"--out {why}")
     spec = OPTIMIZERS[optimizer]
     tol = spec.tolerance[dtype]
 
     t_start = time.perf_counter()
     problem = make_problem(steps, seed)
     plan = [("numpy", "float64")] + [(n, dtype) for n in names]
+    print(estimate_line(optimizer, plan, steps), file=sys.stderr, flush=True)
     outcomes: list = []     # RunResult, or the error message of a run that raised
-    for name, dt in plan:
-        bar = _progress(steps, f"{name} {dt}")
+    for i, (name, dt) in enumerate(plan):
+        bar = _progress(steps, f"[{i + 1}/{len(plan)}] {name} {dt}")
         try:
-            outcomes.append(_run_backend(name, problem, dt, spec, bar))
+            outcomes.append(_run_backend(name, problem, dt, spec, bar, torch_threads))
         except Exception as e:  # report it, keep going with the other backends
             import traceback
 
@@ -855,7 +884,11 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
     except ImportError:
         png = None
     report = {
-        "command": "validate", "optimizer": optimizer, "steps": steps, "seed": seed, "dtype": dtype,
+        "command": "validate",
+        "settings": settings(argv, optimizer=optimizer, lr=spec.hyperparameters["lr"],
+                             lr_schedule="linear decay to 0", steps=steps, seed=seed, dtype=dtype,
+                             backends=[n for n, _ in plan[1:]], torch_threads=torch_threads, tolerance=tol),
+        "optimizer": optimizer, "steps": steps, "seed": seed, "dtype": dtype,
         "model": dataclasses.asdict(problem.config) | {"vocab_size": len(problem.vocab)},
         "hyperparameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.hyperparameters.items()},
         "lr_schedule": "linear decay: lr * (1 - t / steps) for update t = 0..steps-1",
@@ -898,7 +931,9 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="muon", choices=sorted(OPTIMIZERS),
-                        help="optimizer to validate (default: %(default)s)")
+                        help="optimizer to validate; on 2 CPU cores the default run of kron takes about "
+                             "35-50 s (3 min when they are very busy with other jobs), muon about 10 s "
+                             "(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help="training steps per backend (default: %(default)s)")
     parser.add_argument("--backends", default=None, metavar="LIST",
@@ -910,6 +945,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the loss-curve PNG and the JSON table (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="seed of the initial parameters and the batches (default: %(default)s)")
+    parser.add_argument("--torch-threads", type=int, default=DEFAULT_TORCH_THREADS, metavar="N",
+                        help="torch intra-op threads for the torch run: the model's matrices are too small "
+                             "for threads to pay, and on a busy machine torch's thread pool stalls "
+                             "(default: %(default)s)")
 
 
 DESCRIPTION = """\
@@ -926,7 +965,44 @@ def run_validate(args: argparse.Namespace) -> int:
     """CLI entry point for ``xpopt validate`` (argparse namespace -> exit code)."""
     try:
         return run(optimizer=args.optimizer, steps=args.steps, backends=args.backends,
-                   dtype=args.dtype, out=args.out, seed=args.seed)
+                   dtype=args.dtype, out=args.out, seed=args.seed, torch_threads=args.torch_threads,
+                   argv=getattr(args, "_argv", None))
     except UsageError as e:
         args._parser.error(str(e))   # prints usage + message, exits 2
         raise  # pragma: no cover
+
+
+# ------------------------------------------------------------------------- estimate
+
+# Seconds per training step of each run (1 / its steps/s) and the command's fixed cost
+# (imports, JAX's compile, the PNG), measured with `python -m xpopt validate` (BLAS and
+# torch on one thread) on this project's machine, 2 CPU cores shared with other jobs:
+# Kron 46 s wall at load average ~5 (34 s idle, 176 s at load ~9; 260 s at load ~5 and 39 s
+# idle with BLAS and torch on 2 threads, as before), Muon 11.5 s at load ~2 (7.5 s idle).
+# Only for the estimate printed up front.
+STEP_SECONDS = {
+    "muon": {"numpy float64": 1 / 608, "numpy float32": 1 / 818, "torch": 1 / 331, "jax": 1 / 1110},
+    "kron": {"numpy float64": 1 / 120, "numpy float32": 1 / 137, "torch": 1 / 65, "jax": 1 / 41.5},
+}
+FIXED_SECONDS = {"muon": 8.1, "kron": 18.1}
+
+
+def estimate_seconds(optimizer: str, plan, steps: int) -> float:
+    """Expected wall time of a run of ``plan`` (``[(backend, dtype)]``), from :data:`STEP_SECONDS`."""
+    per = STEP_SECONDS[optimizer]
+    total = FIXED_SECONDS[optimizer]
+    for name, dt in plan:
+        total += steps * per.get(f"{name} {dt}", per.get(name, per["numpy float32"]))
+    return total
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def estimate_line(optimizer: str, plan, steps: int) -> str:
+    """The line printed (on stderr) before the runs: what runs and about how long it takes."""
+    runs = ", ".join(f"{n} {d}" for n, d in plan)
+    return (f"xpopt validate: {optimizer}, {len(plan)} runs of {steps} steps ({runs}); expect about "
+            f"{_duration(estimate_seconds(optimizer, plan, steps))} on 2 CPU cores (measured there with other "
+            "jobs running; a busier machine takes longer)")

@@ -59,7 +59,8 @@ class Kron:
         for x, lay in zip(values, self._layouts(values)):
             xp, backend = namespace(x, names=("params",))
             fdt = resolve_dtype(xp, backend, self.opts.dtype)
-            mdt = resolve_dtype(xp, backend, self.opts.state_dtype)
+            mname = self.opts.momentum_dtype(xp.finfo(x.dtype).bits)   # the state-dtype rule
+            mdt = x.dtype if mname is None else resolve_dtype(xp, backend, mname)
             mu.append(xp.zeros(x.shape, dtype=mdt) if use_mu else None)
             factors.append(K.init_factors(xp.zeros((0,), dtype=xp.float32), lay, dtype=fdt,
                                           init_scale=self.opts.preconditioner_init_scale))
@@ -102,11 +103,20 @@ class Kron:
             new_f.append(nf)
         return _rebuild(kind, keys, out), KronState(t, state.key, new_mu, new_f)
 
-    def plan(self, params) -> list[dict]:
+    def plan(self, params) -> K.Plan:
+        """Per parameter (dict key or list index): layout, state bytes and FLOPs; prints as a
+        table with totals (:class:`xpopt.core.kron.Plan`)."""
         from .arrays import _flatten
 
         keys, values, _, _ = _flatten(params, "params")
-        return [K.plan_row(lay, self.opts, name=str(k)) for k, lay in zip(keys, self._layouts(values))]
+        return K.Plan(K.plan_row(lay, self.opts, name=str(k), param_bytes=xp_itemsize(x))
+                      for k, x, lay in zip(keys, values, self._layouts(values)))
+
+
+def xp_itemsize(x) -> int:
+    """Bytes per entry of ``x``'s dtype (any array-API array)."""
+    xp, _ = namespace(x, names=("params",))
+    return xp.finfo(x.dtype).bits // 8
 
 
 def _np_like():

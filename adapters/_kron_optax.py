@@ -74,6 +74,13 @@ def _options(**kw) -> K.KronOptions:
     return K.KronOptions(**kw)
 
 
+def _momentum_dtype(opts, x):
+    """The state-dtype rule (``KronOptions.momentum_dtype``): float32 for bf16/f16 leaves unless ``mu_dtype``."""
+    bits = jnp.finfo(x.dtype).bits if jnp.issubdtype(x.dtype, jnp.floating) else 32
+    mdt = opts.momentum_dtype(bits)
+    return x.dtype if mdt is None else jnp.dtype(mdt)
+
+
 def _layouts(leaves, scanned, opts):
     return [blocking.layout(x.shape, max_size_dense=opts.max_size_dense, block_size=opts.block_size,
                             scanned=bool(s)) for x, s in zip(leaves, scanned)]
@@ -106,7 +113,6 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
     fdt = jnp.dtype(opts.dtype)
-    mdt = jnp.dtype(opts.state_dtype)
     use_mu = not (is_number(b1) and b1 == 0)
     opts_no_mu = dataclasses.replace(opts, b1=0.0)  # momentum is applied before kron_updates
 
@@ -117,7 +123,8 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         factors = tuple(K.init_factors(like, lay, dtype=fdt, init_scale=opts.preconditioner_init_scale)
                         for lay in lays)
         # zeros_like: momentum lives where its param lives (sharded like it).
-        mu = treedef.unflatten([jnp.zeros_like(x, dtype=mdt) if use_mu else None for x in leaves])
+        mu = treedef.unflatten([jnp.zeros_like(x, dtype=_momentum_dtype(opts, x)) if use_mu else None
+                                for x in leaves])
         if seed is None:
             raise TypeError("seed is traced: call init outside jax.jit, or list 'seed' in static_args")
         key = R.PRNGKey(seed, like=jnp.zeros((0,), jnp.uint32))
@@ -207,7 +214,10 @@ def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
 def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optional[int] = None, dtype: Any = "bfloat16",
               mu_dtype: Any = None, b1: float = 0.95, preconditioner_update_style: str = "skew",
               scanned_layers: Any = None) -> list[dict]:
-    """Per leaf (by pytree path): layout, state bytes and FLOPs, before allocating anything."""
+    """Per leaf (by pytree path): layout, state bytes and FLOPs, before allocating anything.
+
+    A list of dicts that prints as a table with totals (``print(xo.kron_plan(params))``,
+    :class:`xpopt.core.kron.Plan`); ``params`` may be ``jax.eval_shape`` output."""
     opts = _options(lr_style="adam", b1=b1, normalize_grads=False, max_size_dense=max_size_dense,
                     preconditioner_lr=0.7, preconditioner_init_scale=1.0,
                     preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
@@ -215,4 +225,6 @@ def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optio
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [x for _, x in paths]
     lays = _layouts(leaves, _scanned_flags(scanned_layers, params, treedef, len(leaves)), opts)
-    return [K.plan_row(lay, opts, name=jax.tree_util.keystr(path)) for (path, _), lay in zip(paths, lays)]
+    return K.Plan(K.plan_row(lay, opts, name=jax.tree_util.keystr(path) or "params",
+                             param_bytes=jnp.dtype(x.dtype).itemsize)
+                  for (path, x), lay in zip(paths, lays))

@@ -7,8 +7,9 @@ in float32 and rounded once.
 
 State per parameter: ``step`` (int), ``key`` (the parameter's Threefry key,
 2 x uint32 as an int64 CPU tensor: ``fold_in(PRNGKey(seed), index)``, index =
-the parameter's position over all groups), ``mu`` (in ``mu_dtype``, default
-``dtype``; absent when ``b1 == 0``), ``Ql``/``Qr`` (in ``dtype``; ``Ql`` absent
+the parameter's position over all groups), ``mu`` (in ``mu_dtype``; by default
+float32 for bf16/f16 params and the param's dtype otherwise, the state-dtype
+rule Muon keeps too; absent when ``b1 == 0``), ``Ql``/``Qr`` (in ``dtype``; ``Ql`` absent
 for vectors), ``Ll``/``Lr`` (float32).  ``state_dict()`` holds all of it, so a
 load continues bit-exactly.  The noise and the "fit the preconditioner this
 step?" draw come from ``key`` and ``step``: the same on every backend (the
@@ -37,6 +38,7 @@ from ..core import kron as K
 from ..core.fault import check_policy as _check_nonfinite
 from . import _common as C
 from . import _dist_torch as _dist
+from ._groups_torch import warn_unknown_keys
 
 __all__ = ["Kron"]
 
@@ -100,7 +102,10 @@ class Kron(torch.optim.Optimizer):
       preconditioner_update_probability: fit the preconditioner with this probability per step
         (a float in (0, 1], ``"heavyball"`` or a callable ``step -> p``).
       max_size_dense, block_size: layout (``core.blocking``).
-      dtype, mu_dtype: storage of factors / momentum (bf16 or float32; maths is float32).
+      dtype: storage of the factors (bf16 or float32; maths is float32).
+      mu_dtype: storage of the momentum (bf16 or float32); None: float32 for bf16/f16 params, the
+        param's dtype otherwise (the state-dtype rule, as ``Muon``).
+      A param-group key Kron does not use warns (``adapters/_groups_torch.py``).
       normalize_grads, lr_style (``"adam"``: divide by 5, or None), noise_scale.
       scanned: the params of this group have a leading layer axis.
       seed: the Threefry seed of the noise and the update draws.
@@ -132,6 +137,7 @@ class Kron(torch.optim.Optimizer):
         self._seed = seed
         self._layouts: dict = {}
         self._index: dict = {}
+        self._names: dict = {}     # param -> its name, when given (named_parameters())
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -140,34 +146,47 @@ class Kron(torch.optim.Optimizer):
         group = self.param_groups[g]
         try:
             _options(group, f"param group {g}")
+            warn_unknown_keys(group, self.defaults, f"param group {g}", "Kron")
+            names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 if not p.is_floating_point():
-                    raise TypeError(f"Kron: parameter {i} of group {g} has dtype {p.dtype}; Kron needs a real "
+                    label = repr(names[i]) if names is not None else f"{i} of group {g}"
+                    raise TypeError(f"Kron: parameter {label} has dtype {p.dtype}; Kron needs a real "
                                     "floating dtype (float32, float64, bfloat16, float16)")
                 lay = blocking.layout(p.shape, max_size_dense=group["max_size_dense"],
                                       block_size=group["block_size"], scanned=group["scanned"])
                 self._layouts[p] = lay
                 self._index.setdefault(p, len(self._index))
+                if names is not None:
+                    self._names[p] = names[i]
                 if group["verbose"]:
-                    _logger.info("xpopt Kron: param %d shape=%s -> %s", self._index[p], tuple(p.shape),
-                                 lay.describe())
+                    _logger.info("xpopt Kron: %s shape=%s -> %s", self._name(p), tuple(p.shape), lay.describe())
             _dist.check_group(group["params"], lambda i: f"{self._index[group['params'][i]]} (group {g})", "Kron")
         except Exception:
             self.param_groups.pop()
             raise
 
+    def _name(self, p) -> str:
+        """The parameter's name (``named_parameters()``), else ``param i`` (its index, which keys its noise)."""
+        return self._names.get(p, f"param {self._index[p]}")
+
     @_hybrid
-    def plan(self) -> list[dict]:
+    def plan(self) -> K.Plan:
         """Per parameter: layout, state bytes (as stored), AdamW's bytes, FLOPs with / without a fit.
 
-        Nothing is allocated (state is created at the first step): call it on
-        the optimizer, or on the class as ``Kron.plan(params, **options)``.
+        A list of dicts (``name``, ``shape``, ``layout``, ``state_bytes``,
+        ``momentum_bytes``, ``factor_bytes``, ``adamw_bytes``, ``flops_fit``,
+        ``flops_apply``) that prints as a table with totals
+        (``print(opt.plan())``; :class:`xpopt.core.kron.Plan`).  Names are the
+        ones given with ``named_parameters()``, else ``param i``.  Nothing is
+        allocated (state is created at the first step): call it on the
+        optimizer, or on the class as ``Kron.plan(params, **options)``.
         """
-        rows = []
+        rows = K.Plan()
         for g, group in enumerate(self.param_groups):
             opts = _options(group, f"param group {g}")
             for p in group["params"]:
-                rows.append(K.plan_row(self._layouts[p], opts, name=f"group {g}, param {self._index[p]}"))
+                rows.append(K.plan_row(self._layouts[p], opts, name=self._name(p), param_bytes=p.element_size()))
         return rows
 
     # ----------------------------------------------------------------- step
@@ -179,7 +198,9 @@ class Kron(torch.optim.Optimizer):
         key = K.param_key(np.asarray(_prng_key(self._seed)), self._index[p])
         st["key"] = torch.as_tensor(np.asarray(key, dtype=np.int64))
         if not (isinstance(opts.b1, (int, float)) and opts.b1 == 0):
-            st["mu"] = torch.zeros_like(p, dtype=_torch_dtype(opts.state_dtype), memory_format=torch.preserve_format)
+            mdt = opts.momentum_dtype(torch.finfo(p.dtype).bits)
+            st["mu"] = torch.zeros_like(p, dtype=p.dtype if mdt is None else _torch_dtype(mdt),
+                                        memory_format=torch.preserve_format)
         like = torch.empty(0, dtype=torch.float32, device=p.device)
         f = K.init_factors(like, lay, dtype=_torch_dtype(opts.dtype), init_scale=opts.preconditioner_init_scale)
         if f.Ql is not None:
@@ -238,7 +259,7 @@ class Kron(torch.optim.Optimizer):
         """The ``nonfinite=`` policy (``core.fault``), as ``Muon._nonfinite_gate``."""
         from .torch import torch_nonfinite_gate
 
-        return torch_nonfinite_gate(self, lambda p: f"param {self._index[p]}", "Kron")
+        return torch_nonfinite_gate(self, self._name, "Kron")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, then every state tensor re-copied from ``state_dict`` in its own dtype.

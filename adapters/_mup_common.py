@@ -59,6 +59,35 @@ def as_base_shapes(base, shapes_of) -> dict:
     return shapes_of(base)
 
 
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def check_roles(roles: Optional[Mapping[str, str]], names: Sequence[str],
+                aliases: Optional[Mapping[str, str]] = None) -> None:
+    """Every ``roles`` pattern names a valid role and matches at least one parameter.
+
+    A pattern that matches nothing would be ignored silently (a typo, or a name
+    from another framework's naming): it is an error naming the pattern, with
+    some of the names it could have matched.  ``aliases``: ``{second name:
+    name}`` of tied parameters, which the helpers see under their first name.
+    """
+    if not roles:
+        return
+    if not isinstance(roles, Mapping):
+        raise ValueError(f"roles must be a dict {{name or pattern: role}}, not {type(roles).__name__}")
+    for pattern, role in roles.items():
+        M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
+        if any(_matches(n, pattern) for n in names):
+            continue
+        tied = sorted({aliases[a] for a in (aliases or {}) if _matches(a, pattern)})
+        if tied:
+            raise ValueError(f"roles pattern {pattern!r} matches only the second name of tied parameter(s) "
+                             f"{tied}; give the role under that name")
+        raise ValueError(f"roles pattern {pattern!r} matches no parameter; parameter names are such as "
+                         f"{list(names)[:4]} (exact names or fnmatch patterns like 'blocks.*.weight')")
+
+
 def _override(name: str, roles: Optional[Mapping[str, str]]):
     if not roles:
         return None
@@ -97,7 +126,8 @@ def plan(entries: Sequence[Entry], base_shapes: Mapping[str, tuple], *, rule: st
          roles: Optional[Mapping[str, str]] = None, layout: str = "torch", wd_scaling: str = "independent",
          muon_adjust_lr_fn: str = "match_rms_adamw", muon_rms: float = 0.2,
          fan_mapping: Optional[Mapping[str, Sequence[int]]] = None,
-         delta_shapes: Optional[Mapping[str, tuple]] = None) -> list[dict]:
+         delta_shapes: Optional[Mapping[str, tuple]] = None,
+         aliases: Optional[Mapping[str, str]] = None) -> list[dict]:
     """One row per parameter: name, shape, role, fans, base fans and :class:`core.mup.Multipliers`.
 
     ``delta_shapes``: the same architecture at another width (microsoft/mup's
@@ -107,9 +137,13 @@ def plan(entries: Sequence[Entry], base_shapes: Mapping[str, tuple], *, rule: st
 
     ``fan_mapping``: ``{name: (fan_in, fan_out)}`` (seed 002's form) overriding the
     fans read from the shapes; its base values scale by the same ratio as the shape.
+
+    ``roles``: ``{name or fnmatch pattern: role}``; a pattern that matches no
+    parameter is an error (:func:`check_roles`; ``aliases`` as there).
     """
     M.check_choice(rule, M.RULES, "rule")
     M.check_choice(optimizer, M.OPTIMIZERS, "optimizer")
+    check_roles(roles, [e.name for e in entries], aliases)
     names = {e.name for e in entries}
     extra = sorted(set(base_shapes) - names)
     missing = [e.name for e in entries if e.name not in base_shapes]

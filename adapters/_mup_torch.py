@@ -80,9 +80,11 @@ def mup_plan(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str 
     entries, _ = _entries(model)
     shapes = C.as_base_shapes(base, base_shapes)
     # a base dict may also list a tied tensor's second name: drop such aliases
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {e.name for e, _, _ in entries}
+    first = {id(p): e.name for e, p, _ in entries}
+    aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+               if id(p) in first and n != first[id(p)]}
     shapes = {k: v for k, v in shapes.items() if k not in aliases}
-    rows = C.plan([e for e, _, _ in entries], shapes, rule=rule, optimizer=optimizer, roles=roles,
+    rows = C.plan([e for e, _, _ in entries], shapes, rule=rule, optimizer=optimizer, roles=roles, aliases=aliases,
                   layout="torch", wd_scaling=wd_scaling, muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms,
                   fan_mapping=fan_mapping,
                   delta_shapes=None if delta is None else C.as_base_shapes(delta, base_shapes))

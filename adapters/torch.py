@@ -31,7 +31,8 @@ Routing is decided once, when a parameter is added (construction or
 ``use_muon=True/False`` -> that; ``fallback_filter(name, param)`` returning
 True -> fallback; otherwise ``core.muon.suitability(shape)`` decides.
 ``Muon.routes()`` lists every decision with its reason; ``verbose=True`` logs
-each one at INFO on the ``"xpopt"`` logger.
+each one at INFO on the ``"xpopt"`` logger.  A group key Muon does not use (a
+typo such as ``"lrr"``) warns when the group is added (``_groups_torch.py``).
 
 Precision: bf16 / f16 parameters keep float32 state, their update is computed
 in float32 and rounded into the parameter once.  ``ns_dtype=None`` runs
@@ -105,6 +106,7 @@ from ..core.muon import (
 from . import _common as C
 from . import _dist_torch as _dist
 from ._fault import eager_gate
+from ._groups_torch import warn_unknown_keys as _warn_unknown_keys
 from ..core.fault import check_policy as check_nonfinite
 
 __all__ = ["Muon", "Route", "torch_optim_state_dict"]
@@ -355,6 +357,7 @@ class Muon(torch.optim.Optimizer):
         group = self.param_groups[g]
         try:
             _check_options(group, f"param group {g}")
+            _warn_unknown_keys(group, [*self.defaults, "use_fallback", "use_muon"], f"param group {g}", "Muon")
             names = group.get("param_names")
             device, owner = self._device, self._device_owner
             routes = []

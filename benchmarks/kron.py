@@ -199,7 +199,8 @@ def jax_table(rounds: int, warmup: int, gsets, dtypes):
     for dt in dtypes:
         kw = dict(b1=B1, weight_decay=0.0, dtype=dt, block_size=256, max_size_dense=16384, noise_scale=1e-9,
                   preconditioner_lr=0.7)
-        for who, tx in ((f"eformer skew {dt}", wk.skew(LR, **kw)), (f"xpopt skew {dt}", xo.skew(LR, **kw))):
+        # eformer stores the momentum in ``dtype``; xpopt's mu_dtype=None would keep it float32
+        for who, tx in ((f"eformer skew {dt}", wk.skew(LR, **kw)), (f"xpopt skew {dt}", xo.skew(LR, mu_dtype=dt, **kw))):
             st0 = tx.init(params)
 
             def step_fn(p, s, g, tx=tx):
@@ -252,7 +253,9 @@ def memory_table(stepped: dict):
         return state_bytes(opt.state)
 
     makers = {
-        "xpopt Kron, bf16 factors + momentum (default)": lambda ps: Kron(ps, lr=LR, dtype=torch.bfloat16),
+        "xpopt Kron, bf16 factors + momentum": lambda ps: Kron(ps, lr=LR, dtype=torch.bfloat16,
+                                                               mu_dtype=torch.bfloat16),
+        "xpopt Kron, bf16 factors, float32 momentum (default)": lambda ps: Kron(ps, lr=LR, dtype=torch.bfloat16),
         "xpopt Kron, float32 factors + momentum": lambda ps: Kron(ps, lr=LR, dtype=torch.float32),
         "xpopt Kron, float32, block 4096 (untiled)": lambda ps: Kron(ps, lr=LR, dtype=torch.float32, block_size=4096),
         "torch.optim.AdamW": lambda ps: torch.optim.AdamW(ps, lr=LR),

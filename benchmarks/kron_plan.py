@@ -1,6 +1,6 @@
 """Kron's memory / compute plan for a small GPT-like model, before allocating anything.
 
-    python benchmarks/kron_plan.py [--d 768] [--layers 2] [--vocab 8192] [--dtype bfloat16]
+    python benchmarks/kron_plan.py [--d 768] [--layers 2] [--vocab 8192] [--dtype bfloat16] [--mu-dtype bfloat16]
 
 Prints, per parameter, the layout ``Kron.plan()`` chose, its state bytes and
 the FLOPs of one step with and without a preconditioner fit, and the totals
@@ -26,7 +26,9 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16", help="factors (default: %(default)s)")
+    ap.add_argument("--mu-dtype", default="bfloat16",
+                    help="momentum (default: %(default)s; 'none': Kron's default, float32 for float32 params)")
     args = ap.parse_args(argv)
 
     import torch
@@ -35,9 +37,11 @@ def main(argv=None):
 
     named = gpt_shapes(args.d, args.layers, args.vocab)
     params = [torch.nn.Parameter(torch.empty(s, device="meta")) for _, s in named]
-    opt = Kron(params, dtype=getattr(torch, args.dtype))
+    mu = None if args.mu_dtype.lower() == "none" else getattr(torch, args.mu_dtype)
+    opt = Kron(params, dtype=getattr(torch, args.dtype), mu_dtype=mu)
     rows = opt.plan()
-    print(f"Kron plan, GPT-like d={args.d}, {args.layers} layers, vocab {args.vocab}, factors {args.dtype}\n")
+    print(f"Kron plan, GPT-like d={args.d}, {args.layers} layers, vocab {args.vocab}, factors {args.dtype}, "
+          f"momentum {args.mu_dtype}\n")
     print("| param | shape | layout | state MB | AdamW MB | GFLOP fit step | GFLOP plain step |")
     print("|---|---|---|---|---|---|---|")
     tot = dict(state_bytes=0, adamw_bytes=0, flops_fit=0, flops_apply=0)

@@ -7,9 +7,12 @@ rules asked for (``mup`` / ``spectral``) decide the exit code.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 
+from . import _env as E
 from . import mup_tools as T
 
 COORD_DESCRIPTION = """Coordinate check: per width, apply the rule, take a few optimizer steps on the
@@ -22,41 +25,68 @@ at most 2 log2 units across widths.  Writes transfer-*.png and .json to --out.""
 
 
 def _common(p: argparse.ArgumentParser, widths: str, steps: int) -> None:
-    p.add_argument("--framework", choices=["torch", "jax"], default="torch")
-    p.add_argument("--optimizer", nargs="+", choices=["sgd", "adam", "muon", "kron"], default=["adam"])
+    p.add_argument("--framework", choices=["torch", "jax"], default="torch",
+                   help="which framework trains the model (xpopt.adapters.torch or .optax)")
+    p.add_argument("--optimizer", nargs="+", choices=["sgd", "adam", "muon", "kron"], default=["adam"],
+                   help="optimizers to check, one JSON / PNG each")
     p.add_argument("--rule", nargs="+", choices=["mup", "spectral"], default=["mup"],
                    help="rules to judge (standard parametrisation is always run beside them)")
-    p.add_argument("--widths", default=widths, help=f"comma-separated widths (default {widths}); the first is the base")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--out", default="xpopt-mup", help="folder for PNG and JSON")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--widths", type=E.width_list, default=E.width_list(widths), metavar="W0,W1,...",
+                   help=f"comma-separated widths, at least two; the first is the base and the smallest "
+                        f"(default: {widths})")
+    p.add_argument("--steps", type=E.positive_int, default=steps, help="optimizer steps per run (>= 1)")
+    p.add_argument("--out", default="xpopt-mup", metavar="DIR", help="folder for PNG and JSON (created if missing)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--seed", type=E.nonnegative_int, default=0, help="seed of the init and the data (>= 0)")
 
 
 def add_coord_arguments(p) -> None:
     _common(p, "128,256,512,1024", 3)
-    p.add_argument("--lr", type=float, default=None, help="base-width LR (default per optimizer)")
+    lrs = ", ".join(f"{k} {v:g}" for k, v in T.COORD_LR.items())
+    p.add_argument("--lr", type=E.positive_float, default=None,
+                   help=f"base-width LR, > 0 (default: per optimizer: {lrs})")
 
 
 def add_transfer_arguments(p) -> None:
     _common(p, "128,512", 50)
-    p.add_argument("--log2-lrs", default=None, help="comma-separated log2 LRs, e.g. --log2-lrs=-10,-8,-6 (default: 9 around the optimizer's)")
+    p.add_argument("--log2-lrs", type=E.float_list, default=None, metavar="L0,L1,...",
+                   help="comma-separated log2 LRs of the base width, at least two, e.g. --log2-lrs=-10,-8,-6 "
+                        "(default: 9 integers centred on the optimizer's LR: "
+                        + ", ".join(f"{k} {round(math.log2(v)) - 4}..{round(math.log2(v)) + 4}"
+                                    for k, v in T.DEFAULT_LR.items()) + ")")
 
 
-def _widths(s: str) -> list:
-    try:
-        ws = [int(w) for w in s.split(",") if w.strip()]
-    except ValueError:
-        raise SystemExit(f"--widths={s!r}: give comma-separated integers such as 128,256,512") from None
-    if len(ws) < 2 or min(ws) < 1:
-        raise SystemExit(f"--widths={s!r}: give at least two positive widths")
-    return ws
+_NEEDS = {"torch": ["torch"], "jax": ["jax", "optax"]}
 
 
-def _run(args, kind: str, measure, to_json, plot) -> int:
+def _check_args(args) -> None:
+    """What the option types cannot see alone; ``parser.error`` (exit 2) before anything runs."""
+    parser = args._parser
+    missing = [m for m in _NEEDS[args.framework] if importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(f"argument --framework: {args.framework} needs {', '.join(missing)}, which is not installed; "
+                     f"pip install xpopt[{args.framework}] or choose the other framework")
+    for name in ("optimizer", "rule"):
+        vals = getattr(args, name)
+        dup = sorted({v for v in vals if vals.count(v) > 1})
+        if dup:
+            parser.error(f"argument --{name}: {', '.join(dup)} given twice; give each once")
+    why = E.check_out_dir(args.out)
+    if why:
+        parser.error(f"argument --out: {why}")
+
+
+def _settings(args, opt: str, **extra) -> dict:
+    return E.settings(getattr(args, "_argv", None), command=args.command, framework=args.framework, optimizer=opt,
+                      rules=["standard"] + list(args.rule), widths=list(args.widths), base_width=args.widths[0],
+                      steps=args.steps, seed=args.seed, **extra)
+
+
+def _run(args, kind: str, measure, to_json, plot, settings) -> int:
     """Per optimizer: standard plus each asked rule, printed, saved as JSON (and a PNG);
     exit code 1 when an asked rule fails."""
-    os.makedirs(args.out, exist_ok=True)
+    _check_args(args)
+    draw = not args.no_plot and importlib.util.find_spec("matplotlib") is not None
     ok = True
     for opt in args.optimizer:
         results = {}
@@ -68,36 +98,50 @@ def _run(args, kind: str, measure, to_json, plot) -> int:
                 ok &= r.passed
         stem = os.path.join(args.out, f"{kind}-{args.framework}-{opt}")
         with open(stem + ".json", "w") as f:
-            json.dump({rule: to_json(r) for rule, r in results.items()}, f, indent=1)
-        if not args.no_plot:
+            json.dump({"settings": settings(opt), "results": {rule: to_json(r) for rule, r in results.items()},
+                       "passed": all(r.passed for rule, r in results.items() if rule != "standard")}, f, indent=1)
+        print(f"wrote {stem}.json")
+        if draw:
             plot(results, stem + ".png")
             print(f"wrote {stem}.png")
+        elif not args.no_plot:
+            print("PNG not drawn: matplotlib is not installed (pip install xpopt[cli], or pass --no-plot)")
     return 0 if ok else 1
 
 
 def run_coordcheck(args) -> int:
     def measure(opt, rule):
-        return T.coord_check(args.framework, optimizer=opt, rule=rule, widths=_widths(args.widths),
+        return T.coord_check(args.framework, optimizer=opt, rule=rule, widths=args.widths,
                              steps=args.steps, lr=args.lr, seed=args.seed, progress=True)
 
     def to_json(c):
         return dict(widths=c.widths, stats=c.stats, slopes=c.slopes, passed=c.passed)
 
-    return _run(args, "coordcheck", measure, to_json, _plot_coord)
+    def settings(opt):
+        lr = T.COORD_LR[opt] if args.lr is None else args.lr
+        return _settings(args, opt, lr=lr, lr_default=args.lr is None,
+                         fallback_lr=lr * T.MUON_FALLBACK_RATIO if opt == "muon" else None,
+                         slope_limit=T.SLOPE_LIMIT)
+
+    return _run(args, "coordcheck", measure, to_json, _plot_coord, settings)
 
 
 def run_transfer(args) -> int:
-    grid = None if args.log2_lrs is None else [float(v) for v in args.log2_lrs.split(",")]
-
     def measure(opt, rule):
-        return T.lr_transfer(args.framework, optimizer=opt, rule=rule, widths=_widths(args.widths),
-                             log2_lrs=grid, steps=args.steps, seed=args.seed, progress=True)
+        return T.lr_transfer(args.framework, optimizer=opt, rule=rule, widths=args.widths,
+                             log2_lrs=args.log2_lrs, steps=args.steps, seed=args.seed, progress=True)
 
     def to_json(t):
         return dict(widths=t.widths, log2_lrs=t.log2_lrs, losses={str(k): v for k, v in t.losses.items()},
                     best={str(k): v for k, v in t.best.items()}, spread=t.spread, passed=t.passed)
 
-    return _run(args, "transfer", measure, to_json, _plot_transfer)
+    def settings(opt):
+        grid = T.default_log2_lrs(opt) if args.log2_lrs is None else list(args.log2_lrs)
+        return _settings(args, opt, log2_lrs=grid, lrs=[2.0 ** v for v in grid], lr_default=args.log2_lrs is None,
+                         fallback_lr_ratio=T.MUON_FALLBACK_RATIO if opt == "muon" else None,
+                         spread_limit=T.SPREAD_LIMIT)
+
+    return _run(args, "transfer", measure, to_json, _plot_transfer, settings)
 
 
 def _plt():

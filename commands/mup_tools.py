@@ -164,9 +164,10 @@ def coord_check(framework: str = "torch", *, optimizer: str = "adam", rule: str 
                 widths: Sequence[int] = (128, 256, 512, 1024), steps: int = 3, lr: Optional[float] = None,
                 base_width: Optional[int] = None, seed: int = 0, progress: bool = False) -> CoordCheck:
     """Run a coordinate check; ``lr`` is the base width's (default per optimizer: ``COORD_LR``)."""
-    widths = sorted(int(w) for w in widths)
-    base_width = base_width or widths[0]
+    widths, base_width = _check_run(widths, base_width, steps, optimizer, seed)
     lr = COORD_LR[optimizer] if lr is None else lr
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} is not valid: give a finite learning rate > 0")
     run = _runner(framework)
     stats: dict = {}
     for w in _progress(widths, progress, f"coordcheck {framework} {optimizer} {rule}"):
@@ -219,11 +220,11 @@ def lr_transfer(framework: str = "torch", *, optimizer: str = "adam", rule: str 
                 widths: Sequence[int] = (128, 512), log2_lrs: Optional[Sequence[float]] = None, steps: int = 50,
                 base_width: Optional[int] = None, seed: int = 0, progress: bool = False) -> Transfer:
     """Sweep a log2 LR grid (the base width's LR) at each width; final training loss per point."""
-    widths = sorted(int(w) for w in widths)
-    base_width = base_width or widths[0]
+    widths, base_width = _check_run(widths, base_width, steps, optimizer, seed)
     if log2_lrs is None:
-        c = round(math.log2(DEFAULT_LR[optimizer]))
-        log2_lrs = [c + d for d in range(-4, 5)]
+        log2_lrs = default_log2_lrs(optimizer)
+    if not log2_lrs or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in log2_lrs):
+        raise ValueError(f"log2_lrs={log2_lrs!r} is not valid: give finite numbers such as [-10, -8, -6]")
     run = _runner(framework)
     losses = {}
     for w in _progress(widths, progress, f"transfer {framework} {optimizer} {rule}"):
@@ -233,6 +234,30 @@ def lr_transfer(framework: str = "torch", *, optimizer: str = "adam", rule: str 
                         seed=seed)
             losses[w].append(ls[-1] if np.isfinite(ls[-1]) else float("inf"))
     return Transfer(framework, optimizer, rule, widths, list(log2_lrs), losses, steps)
+
+
+def default_log2_lrs(optimizer: str) -> list:
+    """The transfer grid when none is given: 9 integers centred on ``DEFAULT_LR[optimizer]``."""
+    c = round(math.log2(DEFAULT_LR[optimizer]))
+    return [c + d for d in range(-4, 5)]
+
+
+def _check_run(widths, base_width, steps, optimizer, seed):
+    """``(sorted widths, base width)`` after the checks both entry points share."""
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"optimizer={optimizer!r} is not valid; use one of {list(DEFAULT_LR)}")
+    ws = sorted(int(w) for w in widths)
+    if len(ws) < 2 or ws[0] < 1 or len(set(ws)) != len(ws):
+        raise ValueError(f"widths={list(widths)!r} is not valid: give at least two distinct widths >= 1")
+    base_width = ws[0] if base_width is None else int(base_width)
+    if not 1 <= base_width <= ws[0]:
+        raise ValueError(f"base_width={base_width} is not valid: it must be >= 1 and at most the smallest "
+                         f"width ({ws[0]}); the rules scale every width relative to it")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is not valid: give an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not valid: give an integer >= 0")
+    return ws, base_width
 
 
 def _runner(framework: str):

@@ -54,7 +54,7 @@ from . import blocking
 from .adam import _bias_correction
 from ._xp import device, is_number, namespace
 
-__all__ = ["KronOptions", "Factors", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
+__all__ = ["KronOptions", "Factors", "Plan", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
            "update_probability", "kron_updates", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
 
 UPDATE_STYLES = ("QUAD", "skew")
@@ -98,16 +98,21 @@ class KronOptions:
     noise_scale: Any = 1e-9
     lr_style: Optional[str] = "adam"
     preconditioner_update_probability: Union[float, str, Callable] = 1.0
-    mu_dtype: Optional[str] = None   # None: same as dtype
+    mu_dtype: Optional[str] = None   # None: the state-dtype rule, see momentum_dtype
 
     def __post_init__(self):
-        _check(self.preconditioner_update_style in UPDATE_STYLES,
-               f"preconditioner_update_style={self.preconditioner_update_style!r} is not valid; use 'skew' "
-               "(Q0.5EQ1.5 with a Procrustes step) or 'QUAD'")
+        style = self.preconditioner_update_style
+        # either case ("quad", "QUAD", "Skew"): stored as the canonical UPDATE_STYLES spelling
+        canon = {s.lower(): s for s in UPDATE_STYLES}.get(style.lower()) if isinstance(style, str) else None
+        _check(canon is not None,
+               f"preconditioner_update_style={style!r} is not valid; use 'skew' "
+               "(Q0.5EQ1.5 with a Procrustes step) or 'QUAD' (either case)")
+        object.__setattr__(self, "preconditioner_update_style", canon)
         _check(self.dtype in FACTOR_DTYPES,
                f"dtype={self.dtype!r} is not valid: factors are stored in 'bfloat16' or 'float32'")
         _check(self.mu_dtype is None or self.mu_dtype in FACTOR_DTYPES,
-               f"mu_dtype={self.mu_dtype!r} is not valid: use None (same as dtype), 'bfloat16' or 'float32'")
+               f"mu_dtype={self.mu_dtype!r} is not valid: use None (float32 for bf16/f16 params, else the "
+               "param's dtype), 'bfloat16' or 'float32'")
         for name in ("block_size", "max_size_dense"):
             v = getattr(self, name)
             _check(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1,
@@ -134,9 +139,17 @@ class KronOptions:
             raise ValueError(f"preconditioner_update_probability={p!r} is not valid: a number in (0, 1], "
                              f"a schedule name {list(PROB_SCHEDULES)} or a callable step -> probability")
 
-    @property
-    def state_dtype(self) -> str:
-        return self.mu_dtype or self.dtype
+    def momentum_dtype(self, param_bits: int) -> Optional[str]:
+        """The momentum's storage dtype for a parameter whose dtype has ``param_bits`` bits.
+
+        The state-dtype rule, the same as Muon's (and its AdamW fallback's):
+        ``mu_dtype`` when given; otherwise float32 for 16-bit parameters
+        (bfloat16 / float16) and None -- the parameter's own dtype -- for
+        float32 and float64 ones.  ``dtype`` stores the factors only.
+        """
+        if self.mu_dtype is not None:
+            return self.mu_dtype
+        return "float32" if param_bits < 32 else None
 
 
 class Factors(NamedTuple):
@@ -571,7 +584,48 @@ def make_noise(noise_key, lay: blocking.Layout, like, scale):
 
 # ------------------------------------------------------------------ planning
 
-_BYTES = {"bfloat16": 2, "float32": 4}
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+class Plan(list):
+    """What ``plan()`` returns: a list of :func:`plan_row` dicts, one per parameter,
+    that prints as a table with totals (``print(opt.plan())``).
+
+    Columns: the parameter's name, shape, layout, Kron's state in MB (momentum
+    plus factors, as stored) beside AdamW's (float32 ``exp_avg`` + ``exp_avg_sq``),
+    and GFLOP of one step with a preconditioner fit and without one.  The last
+    lines are the totals and Kron's state as a multiple of AdamW's.
+    """
+
+    _TOTALS = ("state_bytes", "momentum_bytes", "factor_bytes", "adamw_bytes", "flops_fit", "flops_apply")
+
+    def totals(self) -> dict:
+        """Sums over the parameters of the byte and FLOP columns, and ``params`` (their count)."""
+        out = {k: sum(r[k] for r in self) for k in self._TOTALS}
+        out["params"] = len(self)
+        return out
+
+    def table(self) -> str:
+        head = ("parameter", "shape", "layout", "state MB", "AdamW MB", "GFLOP fit", "GFLOP no fit")
+        rows = [(str(r["name"]), str(tuple(r["shape"])), str(r["layout"]), f"{r['state_bytes'] / 1e6:.3f}",
+                 f"{r['adamw_bytes'] / 1e6:.3f}", f"{r['flops_fit'] / 1e9:.4f}", f"{r['flops_apply'] / 1e9:.4f}")
+                for r in self]
+        t = self.totals()
+        total = (f"total ({t['params']} params)", "", "", f"{t['state_bytes'] / 1e6:.3f}",
+                 f"{t['adamw_bytes'] / 1e6:.3f}", f"{t['flops_fit'] / 1e9:.4f}", f"{t['flops_apply'] / 1e9:.4f}")
+        widths = [max(len(c[i]) for c in [head, total, *rows]) for i in range(len(head))]
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        ratio = t["state_bytes"] / t["adamw_bytes"] if t["adamw_bytes"] else float("nan")
+        return "\n".join([line(head), rule, *map(line, rows), rule, line(total),
+                          f"Kron state / AdamW state = {ratio:.2f} (momentum {t['momentum_bytes'] / 1e6:.3f} MB, "
+                          f"factors {t['factor_bytes'] / 1e6:.3f} MB)"])
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 def _side_flops(kind, t, other, style):
@@ -584,19 +638,26 @@ def _side_flops(kind, t, other, style):
     return 4 * t * t * other, 2 * t * t * other + step
 
 
-def plan_row(lay: blocking.Layout, opts: KronOptions, *, name: str, adamw_state_bytes: int = 8) -> dict:
-    """One parameter of a memory / compute plan: layout, state bytes, FLOPs per step."""
+def plan_row(lay: blocking.Layout, opts: KronOptions, *, name: str, adamw_state_bytes: int = 8,
+             param_bytes: int = 4) -> dict:
+    """One parameter of a memory / compute plan: layout, state bytes, FLOPs per step.
+
+    ``param_bytes``: bytes per entry of the parameter's dtype (the momentum's
+    dtype follows it, :meth:`KronOptions.momentum_dtype`); ``adamw_state_bytes``:
+    AdamW's per entry (float32 ``exp_avg`` + ``exp_avg_sq``).
+    """
     import math as _m
 
     numel = _m.prod(lay.shape)
     fb = _BYTES[opts.dtype]
+    mdt = opts.momentum_dtype(8 * param_bytes)
 
     def side_bytes(kind, t):
         if kind is None:
             return 0
         return lay.blocks * (t * t if kind == "dense" else t) * fb
 
-    mu = 0 if (is_number(opts.b1) and opts.b1 == 0) else numel * _BYTES[opts.state_dtype]
+    mu = 0 if (is_number(opts.b1) and opts.b1 == 0) else numel * (param_bytes if mdt is None else _BYTES[mdt])
     factors = side_bytes(lay.left, lay.tr) + side_bytes(lay.right, lay.tc) + 2 * 4 * lay.blocks
     al, fl = _side_flops(lay.left, lay.tr, lay.tc, opts.preconditioner_update_style)
     ar, fr = _side_flops(lay.right, lay.tc, lay.tr, opts.preconditioner_update_style)

@@ -92,7 +92,7 @@ def test_validate_agrees_from_nudged_starts(tmp_path, capsys, monkeypatch, nudge
 
     monkeypatch.setattr(V, "make_problem", nudged)
     monkeypatch.setattr(V, "plot_losses", lambda *a, **k: None)   # the PNG is the happy path's test
-    rc, out = _validate(tmp_path, "--backends", ",".join(INSTALLED))
+    rc, out = _validate(tmp_path, "--backends", ",".join(INSTALLED), "--torch-threads", str(torch_threads))
     assert rc == 0, capsys.readouterr().out
     rows = _report(out)["rows"]
     assert [(r["backend"], r["dtype"]) for r in rows] == [("numpy", "float64")] + [(b, "float32") for b in INSTALLED]
@@ -211,6 +211,29 @@ def test_out_that_is_a_file_exits_2(tmp_path, capsys):
     f.write_text("x")
     rc = cli.main(["validate", "--out", str(f)])
     assert rc == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_unwritable_out_exits_2_before_running(tmp_path, capsys, monkeypatch):
+    """An --out below a file cannot be created: exit 2 at once (it used to fail with a
+    traceback after the whole run)."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    monkeypatch.setattr(V, "make_problem", lambda *a, **k: pytest.fail("ran before checking --out"))
+    rc = cli.main(["validate", "--backends", "numpy", "--out", str(f / "sub")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "xpopt validate: error: --out " in err and "give a folder you can write to" in err
+
+
+def test_json_carries_settings(tmp_path, capsys):
+    rc, out = _validate(tmp_path, "--backends", "numpy", "--seed", "2")
+    assert rc == 0, capsys.readouterr().out
+    s = _report(out)["settings"]
+    assert s["optimizer"] == "muon" and s["lr"] == V.MUON_HP["lr"] and s["steps"] == STEPS and s["seed"] == 2
+    assert s["dtype"] == "float32" and s["backends"] == ["numpy"] and s["tolerance"] == V.TOLERANCE["float32"]
+    assert s["versions"]["xpopt"] and s["versions"]["numpy"] and s["versions"]["python"]
+    assert s["machine"]["platform"] and s["machine"]["cpu_count"]
+    assert s["command_line"] == f"xpopt validate --steps {STEPS} --out {out} --backends numpy --seed 2"
 
 
 # -------------------------------------------------------- gradients of the model
