@@ -5,22 +5,27 @@
     import xpopt.checkpoint as ckpt
 
     ckpt.save("run.xpopt.npz", opt)                 # torch Muon / Kron (or its state_dict())
-    ckpt.save("run.xpopt.npz", state, params=params)  # optax state of xo.muon / xo.kron..., or arrays state
+    ckpt.save("run.xpopt.npz", state, params=params, optimizer=tx)  # optax state of xo.muon / xo.skew ...
+                                                    # (or an arrays state, optimizer=arrays_opt)
 
     ckpt.load("run.xpopt.npz", like=opt)            # fills a torch optimizer in place (returns it)
-    state = ckpt.load("run.xpopt.npz", like=tx.init(params), params=params)   # an optax state
-    state = ckpt.load("run.xpopt.npz", like=arrays_opt.init(params))          # an arrays state
+    state = ckpt.load("run.xpopt.npz", like=tx.init(params), params=params, optimizer=tx)  # an optax state
+    state = ckpt.load("run.xpopt.npz", like=arrays_opt.init(params), optimizer=arrays_opt)  # an arrays state
 
 The file is a NumPy ``.npz`` (no pickle: ``np.load(..., allow_pickle=False)``
 reads it) holding one array per piece of state and a JSON header in the
 ``__header__`` entry; the format, the array names and the version policy are
-in ``docs/checkpoints.md``.  Parameters are matched between frameworks by
-order (torch: param-group order; optax: pytree flattening order; arrays:
-container order) and their shapes checked; ``names={target_name:
-saved_name}`` matches by name instead.  A torch parameter and a JAX leaf must
-have the same shape: for flax's ``(in, out)`` kernels either keep the JAX
-params in torch's layout (``dimension_numbers=xo.TORCH``) or transpose them
-and the state yourself.
+in ``docs/checkpoints.md``.  Parameters are paired by name when both sides
+have names and they correspond (:func:`canonical_name`: torch's
+``layers.0.w``, JAX's ``['layers'][0]['w']`` and ``layers/0/w`` are one
+name), by order when a side has none (positional names) or ``match="order"``
+is passed, and refused when names exist but disagree; ``names={target_name:
+saved_name}`` pairs explicitly.  Shapes are checked.  A torch parameter and a
+JAX leaf must have the same shape: for flax's ``(in, out)`` kernels either
+keep the JAX params in torch's layout (``dimension_numbers=xo.TORCH``) or
+transpose them and the state yourself.  The saved hyperparameters are
+compared with the target's (:func:`check_hyperparameters`): a warning names
+each that differs, an error each that changes what the state means.
 
 Importing this module imports no framework (NumPy included): each side is
 imported when it is used.
@@ -29,7 +34,10 @@ imported when it is used.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,7 +50,8 @@ FORMAT_VERSION = 1
 HEADER_KEY = "__header__"
 
 #: The state fields a parameter may carry, per route.  Kron's ``key`` is the
-#: parameter's own Threefry key (``fold_in(root_key, index)``), ``mu`` its momentum.
+#: parameter's own Threefry key (``fold_in(root_key, index)`` with the index it
+#: had in the run that created it; it travels with the parameter), ``mu`` its momentum.
 FIELDS = {
     "muon": ("momentum",),
     "fallback": ("exp_avg", "exp_avg_sq"),
@@ -142,7 +151,7 @@ def _kind(obj) -> str:
     return "optax"
 
 
-def export_state(source, *, params=None, names=None, hyperparameters=None) -> Portable:
+def export_state(source, *, params=None, names=None, hyperparameters=None, optimizer=None) -> Portable:
     """The :class:`Portable` state of ``source`` (see :func:`save` for what it may be)."""
     kind = _kind(source)
     if kind == "torch":
@@ -152,12 +161,14 @@ def export_state(source, *, params=None, names=None, hyperparameters=None) -> Po
     else:
         from .adapters._checkpoint_optax import export_optax as f
     port = f(source, params=params, names=names)
+    if optimizer is not None:
+        port.hyperparameters = _options_of(optimizer, kind)
     if hyperparameters:
         port.hyperparameters.update(hyperparameters)
     return port
 
 
-def import_state(port: Portable, like, *, params=None, names=None):
+def import_state(port: Portable, like, *, params=None, names=None, match="auto", optimizer=None):
     """``like`` filled from ``port``: a torch optimizer in place (returned), else a new state."""
     kind = _kind(like)
     if kind == "torch":
@@ -166,13 +177,29 @@ def import_state(port: Portable, like, *, params=None, names=None):
         from .adapters._checkpoint_arrays import import_arrays as f
     else:
         from .adapters._checkpoint_optax import import_optax as f
-    return f(port, like, params=params, names=names)
+    if match not in MATCH:
+        raise ValueError(f"match={match!r} is not one of {MATCH}")
+    target = _options_of(optimizer, kind) if optimizer is not None else None
+    return f(port, like, params=params, names=names, match=match, hyperparameters=target)
+
+
+def _options_of(optimizer, kind) -> dict:
+    if kind == "torch":
+        raise TypeError("xpopt.checkpoint: optimizer= is for optax transforms and arrays optimizers; a torch "
+                        "optimizer is the source / like itself")
+    rec = getattr(optimizer, "hyperparameters", None)
+    if not isinstance(rec, dict):
+        raise TypeError(
+            f"xpopt.checkpoint: optimizer={type(optimizer).__name__} carries no hyperparameters record; pass "
+            "the transform returned by xo.muon / xo.scale_by_muon / xo.quad / xo.skew / xo.scale_by_kron (not a "
+            "chain or inject_hyperparams around it), or arrays.muon / arrays.kron")
+    return rec
 
 
 # --------------------------------------------------------------------------- file
 
 
-def save(path, source, *, params=None, names=None, hyperparameters=None) -> Portable:
+def save(path, source, *, params=None, names=None, hyperparameters=None, optimizer=None) -> Portable:
     """Write ``source``'s optimizer state to ``path`` (an ``.npz``); returns what was written.
 
     ``source``: a torch ``Muon`` / ``Kron`` (preferred: it knows parameter
@@ -182,26 +209,36 @@ def save(path, source, *, params=None, names=None, hyperparameters=None) -> Port
     ``params`` gives the leaf names and dtypes); or the state of
     ``arrays.muon`` / ``arrays.kron``.  ``names``: torch only, a list of
     parameter names in param-group order (default: the names the optimizer
-    was built with, else ``"group g, param i"``).  ``hyperparameters``: extra
-    JSON-able entries for the header (a record; loading uses the target's own).
+    was built with, else ``"group g, param i"``).  ``optimizer``: optax /
+    arrays, the transform or optimizer the state belongs to: its
+    hyperparameters are recorded in the header, so that a load can compare
+    them (torch optimizers record their param groups themselves).
+    ``hyperparameters``: extra JSON-able entries for the header.
     The write is atomic (a temporary file renamed over ``path``).
     """
-    port = export_state(source, params=params, names=names, hyperparameters=hyperparameters)
+    port = export_state(source, params=params, names=names, hyperparameters=hyperparameters, optimizer=optimizer)
     write(path, port)
     return port
 
 
-def load(path, like, *, params=None, names=None):
+def load(path, like, *, params=None, names=None, match="auto", optimizer=None):
     """Read ``path`` into ``like``: see :func:`import_state`.
 
     ``like``: a torch ``Muon`` / ``Kron`` (filled in place through its
     ``load_state_dict``, all or nothing), an optax state to take the shape of
     (``tx.init(params)``), or an arrays state (``opt.init(params)``).
-    ``names``: ``{target_name: saved_name}`` to match parameters by name
-    (default: by order, shapes checked).  Hyperparameters are the target's;
-    the header's are a record (``read(path).hyperparameters``).
+    Parameters are paired by name where both sides have names that
+    correspond (see :func:`pair`), else by order; ``match="order"`` pairs by
+    order whatever the names, ``match="name"`` insists on names, and
+    ``names={target_name: saved_name}`` pairs explicitly.  Shapes are checked.
+    ``optimizer``: optax / arrays, the transform or optimizer ``like``
+    belongs to (``tx``, ``opt``), whose hyperparameters are compared with the
+    saved ones (torch: ``like``'s param groups are).  A difference is a
+    ``UserWarning`` naming each option (the target's values are used), or a
+    :class:`CheckpointError` for options that change what the state means or
+    how it is laid out (:data:`COMPARED`).
     """
-    return import_state(read(path), like, params=params, names=names)
+    return import_state(read(path), like, params=params, names=names, match=match, optimizer=optimizer)
 
 
 def _json_default(o):
@@ -283,29 +320,115 @@ def read(path) -> Portable:
 
 # --------------------------------------------------------------------------- matching (shared by the importers)
 
+#: ``match=`` values of :func:`load`.
+MATCH = ("auto", "name", "order")
 
-def match(port: Portable, targets: list, names: Optional[dict] = None) -> list:
-    """For each target parameter ``(name, shape)``: the index of its saved entry (or None).
+_PLACEHOLDER = re.compile(r"group \d+, param \d+|leaf \d+")
+_TOKEN = re.compile(r"""\[\s*'((?:[^'\\]|\\.)*)'\s*\]|\[\s*"((?:[^"\\]|\\.)*)"\s*\]|\[([^\]]*)\]|([^.\[\]/]+)""")
+#: Path components that wrappers insert (torch.compile, FSDP1, activation checkpointing).
+_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+#: A leading component every name of one side may carry: flax's ``params`` collection, DDP's ``module``.
+_ROOTS = ("params", "module")
 
-    By order unless ``names`` (``{target_name: saved_name}``) is given; the
-    counts must agree, and every matched pair must have the same shape.
+
+def canonical_name(name) -> Optional[str]:
+    """A parameter name in one spelling for every framework, or None when it only tells a position.
+
+    torch's dotted names (``0.weight``, ``layers.1.w``), JAX key paths
+    (``['w_in']``, ``['params']['Dense_0']['kernel']``, ``.attr``, ``[0]``),
+    ``/``-joined paths and the arrays adapter's dict keys become ``/``-joined
+    components (``w_in``, ``params/Dense_0/kernel``, ``layers/1/w``); the
+    components that torch.compile / FSDP wrappers insert are dropped.
+    Positions are not names: ``"group g, param i"`` (torch without names),
+    ``"leaf i"`` and paths made of indices only (``[0]``, ``1``: lists) give None.
+    """
+    if name is None:
+        return None
+    name = str(name).strip()
+    if not name or _PLACEHOLDER.fullmatch(name):
+        return None
+    parts = []
+    for m in _TOKEN.finditer(name):
+        tok = next(g for g in m.groups() if g is not None)
+        parts += [p.strip() for p in re.split(r"[./]", tok) if p.strip() and p.strip() not in _WRAPPERS]
+    if not parts or all(p.isdigit() for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def _strip_root(names: list) -> list:
+    for root in _ROOTS:
+        pre = root + "/"
+        if names and all(n.startswith(pre) for n in names):
+            names = [n[len(pre):] for n in names]
+    return names
+
+
+def _listing(names) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def pair(port: Portable, targets: list, names: Optional[dict] = None, match: str = "auto") -> list:
+    """For each target parameter ``(name, shape)``: the index of its saved entry.
+
+    ``names`` (``{target_name: saved_name}``) pairs explicitly (target names
+    it leaves out pair with the saved parameter of the same name).  Else, with
+    ``match="auto"``: by name when every parameter on both sides has a name
+    (:func:`canonical_name`) and the two sets of names are equal; by order
+    when a side has no names; a :class:`CheckpointError` listing both sides'
+    names when they disagree.  ``match="order"``: by order; ``match="name"``:
+    by name, an error without names.  Every pair must have the same shape.
     """
     saved = port.params
+    if match not in MATCH:
+        raise ValueError(f"match={match!r} is not one of {MATCH}")
+    snames = [p["name"] for p in saved]
+    tnames = [t for t, _ in targets]
+    fix = ("pass names={target_name: saved_name} to pair them yourself, or match='order' to pair them by "
+           "position (the saved order against the target's)")
     if names:
-        by_name = {p["name"]: i for i, p in enumerate(saved)}
+        by_raw = {n: i for i, n in enumerate(snames)}
+        by_can = {canonical_name(n): i for i, n in enumerate(snames) if canonical_name(n) is not None}
+        given = {canonical_name(k) or k: v for k, v in names.items()}
         idx = []
-        for tname, _ in targets:
-            sname = names.get(tname, tname)
-            if sname not in by_name:
-                raise CheckpointError(f"parameter {tname!r}: no saved parameter named {sname!r} "
-                                      f"(saved: {sorted(by_name)})")
-            idx.append(by_name[sname])
+        for tname in tnames:
+            sname = names.get(tname, given.get(canonical_name(tname) or tname, tname))
+            i = by_raw.get(sname, by_can.get(canonical_name(sname)))
+            if i is None:
+                raise CheckpointError(f"parameter {tname!r}: no saved parameter named {sname!r} (saved, in "
+                                      f"order: {_listing(snames)})")
+            idx.append(i)
+        dup = {i for i in idx if idx.count(i) > 1}
+        if dup:
+            raise CheckpointError(f"saved parameter(s) {_listing(snames[i] for i in sorted(dup))} are paired with "
+                                  "more than one target parameter by names=")
     else:
-        if len(saved) != len(targets):
-            raise CheckpointError(
-                f"the checkpoint holds {len(saved)} parameters, the target {len(targets)}; they are matched by "
-                "order: build the target over the same parameters, or pass names={target: saved}")
-        idx = list(range(len(targets)))
+        scan = [canonical_name(n) for n in snames]
+        tcan = [canonical_name(n) for n in tnames]
+        named = None not in scan and None not in tcan
+        if match == "name" and not named:
+            side = "checkpoint's" if None in scan else "target's"
+            raise CheckpointError(f"match='name', but the {side} parameters have no names (saved: "
+                                  f"{_listing(snames)}; target: {_listing(tnames)}); {fix}")
+        if match == "order" or not named:
+            if len(saved) != len(targets):
+                raise CheckpointError(
+                    f"the checkpoint holds {len(saved)} parameters, the target {len(targets)}; they are paired by "
+                    "order: build the target over the same parameters, or pass names={target: saved}")
+            idx = list(range(len(targets)))
+        else:
+            scan, tcan = _strip_root(scan), _strip_root(tcan)
+            if len(set(scan)) == len(scan) == len(tcan) and set(scan) == set(tcan):
+                where = {c: i for i, c in enumerate(scan)}
+                idx = [where[c] for c in tcan]
+            else:
+                only_s = [n for n, c in zip(snames, scan) if c not in set(tcan)]
+                only_t = [n for n, c in zip(tnames, tcan) if c not in set(scan)]
+                raise CheckpointError(
+                    f"the checkpoint's parameter names do not correspond to the target's, so they cannot be "
+                    f"paired by name.\n  saved ({len(snames)}, in order): {_listing(snames)}\n  target "
+                    f"({len(tnames)}, in order): {_listing(tnames)}\n  only saved: {_listing(only_s) or '-'}; only "
+                    f"in the target: {_listing(only_t) or '-'}\n{fix}")
     for (tname, tshape), i in zip(targets, idx):
         s = saved[i]
         if s.get("shape") is not None and tshape is not None and tuple(s["shape"]) != tuple(tshape):
@@ -313,8 +436,35 @@ def match(port: Portable, targets: list, names: Optional[dict] = None) -> list:
                 f"parameter {tname!r} has shape {tuple(tshape)} but the saved parameter {i} ({s['name']!r}) has "
                 f"shape {tuple(s['shape'])}: the checkpoint comes from another model, or the parameters are in "
                 "another order or layout (flax (in, out) vs torch (out, in): keep the JAX params in torch's "
-                "layout with dimension_numbers=xo.TORCH); pass names={target: saved} to match by name")
+                "layout with dimension_numbers=xo.TORCH); pass names={target: saved} to pair them by name")
     return idx
+
+
+def kron_key(port: Portable, j: int, tname: str):
+    """Saved parameter ``j``'s own Kron key (uint32[2], NumPy): it goes with the parameter wherever it is
+    loaded.  A file that holds only the root key (no per-parameter ``key``) gives ``fold_in(root, j)``, the
+    key its saved position had."""
+    import numpy as np
+
+    key, _ = port.get(j, "key")
+    if key is not None:
+        return np.asarray(key, dtype=np.int64).astype(np.uint32)
+    if port.kron_root_key is not None:
+        from .core import kron as K
+
+        return np.asarray(K.param_key(np.asarray(port.kron_root_key, dtype=np.uint32), j), dtype=np.uint32)
+    raise CheckpointError(f"parameter {tname!r}: the checkpoint holds neither its Kron key nor the root key")
+
+
+def check_state_dtype(port: Portable, j: int, fields, want: Optional[str], tname: str, option: str) -> None:
+    """A CheckpointError when saved parameter ``j``'s ``fields`` are not stored in ``want`` (the
+    dtype the target keeps them in, set by its option ``option``): a cast would change the state."""
+    for f in fields:
+        a, dt = port.get(j, f)
+        if a is not None and want is not None and dt != want:
+            raise CheckpointError(
+                f"parameter {tname!r}: the saved {f!r} is {dt}, the target stores it in {want} ({option}); build "
+                f"the target with {option}={dt!r} to resume this state")
 
 
 def check_route(port: Portable, i: int, tname: str, want: str) -> None:
@@ -360,3 +510,149 @@ def json_value(v):
     except (TypeError, ValueError):
         pass
     return repr(v)
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+#: The options a load compares, per optimizer, by their torch / arrays names
+#: (optax's ``learning_rate`` / ``fallback_learning_rate`` are ``lr`` /
+#: ``fallback_lr``).  True: a different value changes how the state is laid
+#: out or what it means (factor / momentum dtype, update style, blocking,
+#: momentum form): the saved state cannot continue under it, a
+#: :class:`CheckpointError`.  False: the run continues under the target's
+#: value, a ``UserWarning`` names it.  Options that only route parameters
+#: (checked per parameter), pick kernels (``batched``) or name things are not
+#: compared, nor the seed (each Kron parameter's key travels with its state).
+COMPARED = {
+    "muon": {"lr": False, "momentum": False, "nesterov": False, "momentum_form": True, "weight_decay": False,
+             "ns_coefficients": False, "ns_steps": False, "eps": False, "safety_factor": False,
+             "adjust_lr_fn": False, "conv_mode": False, "normalize_spatial": False, "ns_dtype": False,
+             "mu_dtype": True, "fallback": False, "fallback_lr": False, "betas": False, "fallback_eps": False,
+             "fallback_weight_decay": False, "min_dim_size": False, "max_aspect_ratio": False,
+             "preconditioning": False, "adaptive": False, "consistent_rms": False},
+    "kron": {"lr": False, "b1": False, "weight_decay": False, "preconditioner_update_style": True,
+             "preconditioner_lr": False, "preconditioner_init_scale": False,
+             "preconditioner_update_probability": False, "max_size_dense": True, "block_size": True,
+             "dtype": True, "mu_dtype": True, "normalize_grads": False, "lr_style": False, "noise_scale": False},
+}
+_RENAMED = {"learning_rate": "lr", "fallback_learning_rate": "fallback_lr"}
+#: What None stands for (the same default in every adapter): another option's value, or a number.
+_NONE_IS = {"fallback_lr": "lr", "fallback_weight_decay": "weight_decay", "max_size_dense": 16384,
+            "block_size": 256, "min_dim_size": 4, "max_aspect_ratio": 128.0, "consistent_rms": 0.2}
+_DTYPES = ("dtype", "mu_dtype", "ns_dtype")
+_SKIP = object()
+
+
+def record_options(optimizer: str, options: dict) -> dict:
+    """The header's ``hyperparameters`` for an optax transform / arrays optimizer built with ``options``
+    (its arguments by name): ``{"param_groups": [{option: JSON value}]}``, as torch's."""
+    out = {}
+    for k, v in options.items():
+        k = _RENAMED.get(k, k)
+        if k in COMPARED[optimizer]:
+            if k in _DTYPES:
+                out[k] = _dtype_name(v)
+                continue
+            j = json_value(v)
+            if isinstance(j, str) and not isinstance(v, str) and not j.startswith("<"):
+                j = f"<{j}>"  # a repr (a traced value, an object): recorded, not compared
+            out[k] = j
+    return {"param_groups": [out]}
+
+
+def _dtype_name(v):
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        for get in (lambda x: x.name, lambda x: x.dtype.name):
+            try:
+                n = get(v)
+            except AttributeError:
+                continue
+            if isinstance(n, str):
+                return n
+        v = str(v)
+    return v.replace("torch.", "")
+
+
+def _norm(optimizer, k, group):
+    v = group.get(k)
+    if k == "lr" and group.get("initial_lr") is not None:  # a torch LR scheduler moves lr; compare its start
+        v = group["initial_lr"]
+    if v is None:
+        ref = "dtype" if (optimizer, k) == ("kron", "mu_dtype") else _NONE_IS.get(k)
+        if k == "ns_steps":
+            v = 8 if str(group.get("ns_coefficients", "")).startswith("polar_express") else 5
+        elif isinstance(ref, str):
+            return _norm(optimizer, ref, group)
+        elif ref is not None:
+            v = ref
+    if k in _DTYPES:
+        return _dtype_name(v)
+    v = json_value(v)
+    if isinstance(v, str):
+        return _SKIP if v.startswith("<") else v.lower()  # a callable (schedule, filter) is not compared
+    if isinstance(v, list) and any(isinstance(x, str) and x.startswith("<") for x in v):
+        return _SKIP
+    return v
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)  # 0-d float32 arrays (inject_hyperparams)
+
+
+def check_hyperparameters(port: Portable, target: Optional[dict], pairs: list, *, stacklevel: int = 4) -> None:
+    """Compare the saved hyperparameters with the target's, option by option (:data:`COMPARED`).
+
+    ``target``: ``{"param_groups": [...]}`` (None: unknown, a warning says
+    they were not compared); ``pairs``: ``(saved_index, target_group)`` per
+    paired parameter.  Raises :class:`CheckpointError` for layout / meaning
+    options, warns (one ``UserWarning``, each option ``saved X, target Y``)
+    for the others.
+    """
+    saved_groups = (port.hyperparameters or {}).get("param_groups") or []
+    if not saved_groups:
+        return  # saved without a record (optax / arrays without optimizer=): nothing to compare with
+    if target is None:
+        opt_, g0 = port.optimizer, saved_groups[0]
+        vals = ((k, _norm(opt_, k, g0)) for k in COMPARED[opt_] if k in g0)
+        shown = ", ".join(f"{k}={v!r}" for k, v in vals if v is not _SKIP)
+        warnings.warn(
+            f"xpopt.checkpoint.load: the target's hyperparameters are unknown, so they were not compared with the "
+            f"saved run's ({shown}); pass optimizer=<the transform or optimizer> to compare them",
+            UserWarning, stacklevel=stacklevel)
+        return
+    target_groups = target.get("param_groups") or []
+    if not target_groups:
+        return
+    todo = set()
+    for j, tg in pairs:
+        sg = port.params[j].get("group", 0 if len(saved_groups) == 1 else None)
+        if sg is not None and sg < len(saved_groups) and tg < len(target_groups):
+            todo.add((sg, tg))
+    if len(target_groups) == 1 and len(saved_groups) == 1:
+        todo.add((0, 0))
+    several = len(saved_groups) > 1 or len(target_groups) > 1
+    fatal, soft = [], []
+    for sg, tg in sorted(todo):
+        s, t = saved_groups[sg], target_groups[tg]
+        where = f"param group {tg} (saved group {sg}): " if several else ""
+        for k, hard in COMPARED[port.optimizer].items():
+            if k not in s or k not in t:
+                continue
+            a, b = _norm(port.optimizer, k, s), _norm(port.optimizer, k, t)
+            if a is _SKIP or b is _SKIP or _same(a, b):
+                continue
+            (fatal if hard else soft).append(f"{where}{k}: saved {a!r}, target {b!r}")
+    if fatal:
+        raise CheckpointError(
+            "the checkpoint's state was made under options that set how the state is stored or what it means, "
+            f"and the target's differ: {'; '.join(fatal)}. Build the target with the saved values to resume "
+            "this state")
+    if soft:
+        warnings.warn(f"xpopt.checkpoint.load: the target's hyperparameters differ from the saved run's (the "
+                      f"target's are used from here on): {'; '.join(soft)}", UserWarning, stacklevel=stacklevel)

@@ -1,6 +1,8 @@
 """arrays-adapter side of ``xpopt.checkpoint``: ``MuonState`` / ``KronState`` <-> Portable.
 
-Names are the container's keys (dict) or positions (list / tuple).  CuPy
+Names are the container's keys (dict) or positions (list / tuple; positions
+are not names, so such parameters pair by order).  A Kron state's containers
+are lists: its names come from ``params=`` (a dict of the params) when given.  CuPy
 state is copied to the host on export; import creates arrays of the ``like``
 state's library (NumPy or CuPy) and dtypes.
 """
@@ -35,6 +37,7 @@ def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
         port.kron_root_key = [int(root[0]), int(root[1])]
         pkeys = _flatten(params, "params")[0] if params is not None else list(range(n))
         pvals = _flatten(params, "params")[1] if params is not None else [None] * n
+        pkeys_ = state.param_keys
         for i, f in enumerate(state.factors):
             mu = state.mu[i] if state.mu else None
             shape = pvals[i].shape if pvals[i] is not None else (mu.shape if mu is not None else None)
@@ -42,7 +45,8 @@ def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
                                 "shape": None if shape is None else list(shape),
                                 "dtype": str(pvals[i].dtype) if pvals[i] is not None else None,
                                 "route": "kron", "step": int(state.step)})
-            port.put(i, "key", np.asarray(K.param_key(root, i), dtype=np.uint32))
+            own = K.param_key(root, i) if pkeys_ is None else pkeys_[i]
+            port.put(i, "key", _host(own).astype(np.uint32))
             if mu is not None:
                 port.put(i, "mu", _host(mu))
             for k in ("Ql", "Qr", "Ll", "Lr"):
@@ -76,34 +80,38 @@ def _arr(port, j, name, like, tname):
     return _like_array(port.get_checked(j, name, like.shape, tname), like)
 
 
-def import_arrays(port: "CK.Portable", like, *, params=None, names=None):
-    del params
+def import_arrays(port: "CK.Portable", like, *, params=None, names=None, match="auto", hyperparameters=None):
     if isinstance(like, KronState):
         CK.check_optimizer(port, "kron")
         n = len(like.factors)
-        tnames = [str(i) for i in range(n)]
+        tnames = [str(k) for k in _flatten(params, "params")[0]] if params is not None else [str(i) for i in range(n)]
+        if len(tnames) != n:
+            raise CK.CheckpointError(f"params has {len(tnames)} entries, the Kron state {n}")
         shapes = [tuple(m.shape) if m is not None else None for m in like.mu] if like.mu else [None] * n
-        idx = CK.match(port, list(zip(tnames, shapes)), names)
-        if port.kron_root_key is None:
-            raise CK.CheckpointError("the checkpoint has no Kron root key (saved from a torch state_dict() "
-                                     "alone): save it from the Kron optimizer itself")
-        root = np.asarray(port.kron_root_key, dtype=np.uint32)
+        if params is not None:
+            shapes = [tuple(x.shape) for x in _flatten(params, "params")[1]]
+        idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
+        CK.check_hyperparameters(port, hyperparameters, [(j, 0) for j in idx], stacklevel=5)
         mus, fs = list(like.mu), list(like.factors)
+        keys = list(like.param_keys) if like.param_keys is not None else [K.param_key(like.key, i) for i in range(n)]
         for k, (tname, j) in enumerate(zip(tnames, idx)):
             if port.params[j].get("step") is None:
                 continue
-            saved_key, _ = port.get(j, "key")
-            if saved_key is not None and not np.array_equal(saved_key, np.asarray(K.param_key(root, k), np.uint32)):
-                raise CK.CheckpointError(f"parameter {tname!r}: its saved random key belongs to another position; "
-                                         "keep the parameters in the order they were saved in")
+            # The saved parameter's own key comes with its state: its draws continue wherever it now sits.
+            keys[k] = _like_array(CK.kron_key(port, j, tname), like.key) if hasattr(like.key, "dtype") \
+                else CK.kron_key(port, j, tname)
             f = like.factors[k]
+            CK.check_state_dtype(port, j, ("Ql", "Qr"), _dtype_str(f.Qr), tname, "dtype")
             fs[k] = K.Factors(*(None if getattr(f, q) is None else _arr(port, j, q, getattr(f, q), tname)
                                 for q in ("Ql", "Qr", "Ll", "Lr")))
             if mus and mus[k] is not None:
+                CK.check_state_dtype(port, j, ("mu",), _dtype_str(mus[k]), tname, "mu_dtype")
                 mus[k] = _arr(port, j, "mu", mus[k], tname)
         step = CK.uniform_step(port, "an arrays Kron state")
+        # The root key only seeds parameters that start fresh; keep the saved one as a record.
+        root = like.key if port.kron_root_key is None else np.asarray(port.kron_root_key, dtype=np.uint32)
         key = _like_array(root, like.key) if hasattr(like.key, "dtype") else root
-        return KronState(step, key, mus, fs, int(port.nonfinite_steps))
+        return KronState(step, key, mus, fs, int(port.nonfinite_steps), param_keys=keys)
     if not isinstance(like, MuonState):
         raise TypeError(f"xpopt.checkpoint.load: like={type(like).__name__} is not an arrays MuonState / KronState")
     CK.check_optimizer(port, "muon")
@@ -112,7 +120,8 @@ def import_arrays(port: "CK.Portable", like, *, params=None, names=None):
     vs = _flatten(like.exp_avg_sq, "like.exp_avg_sq")[1]
     tnames = [str(k) for k in keys]
     shapes = [tuple((b if b is not None else m).shape) for b, m in zip(mu, ms)]
-    idx = CK.match(port, list(zip(tnames, shapes)), names)
+    idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
+    CK.check_hyperparameters(port, hyperparameters, [(j, 0) for j in idx], stacklevel=5)
     new_mu, new_m, new_v = list(mu), list(ms), list(vs)
     for k, (tname, j) in enumerate(zip(tnames, idx)):
         if port.params[j].get("step") is None:
@@ -130,3 +139,7 @@ def import_arrays(port: "CK.Portable", like, *, params=None, names=None):
     if "nonfinite_steps" in out._fields:
         out = out._replace(nonfinite_steps=int(port.nonfinite_steps))
     return out
+
+
+def _dtype_str(a) -> str:
+    return "bfloat16" if str(a.dtype) == "bfloat16" else np.dtype(a.dtype).name

@@ -5,7 +5,10 @@ The state of ``xo.muon`` (``MuonAdamWState``), ``xo.scale_by_muon``
 in the state tree (``optax.chain``, ``inject_hyperparams``, ...); there must
 be exactly one.  On import, the counts of ``optax.ScaleByScheduleState`` and
 ``inject_hyperparams`` states in the same tree are set to the saved step, so
-schedules resume where they were.
+schedules resume where they were.  Names are the pytree key paths of
+``params`` (else of the state's own params-like trees).  Hyperparameters: the
+``optimizer=`` transform's record, else the values an ``inject_hyperparams``
+state in the tree holds.
 """
 
 from __future__ import annotations
@@ -68,11 +71,39 @@ def _param_info(params, n):
     return names, [str(jnp.dtype(x.dtype)) for x in leaves]
 
 
+def _injected(tree, optimizer: str):
+    """The hyperparameters an ``optax.inject_hyperparams`` state in ``tree`` holds, as a header record
+    (None without one)."""
+    found = {}
+
+    def walk(t):
+        if isinstance(t, tuple) and hasattr(t, "_fields"):
+            if "hyperparams" in t._fields and isinstance(t.hyperparams, dict):
+                found.update(t.hyperparams)
+            for c in t:
+                walk(c)
+        elif isinstance(t, (tuple, list)):
+            for c in t:
+                walk(c)
+
+    walk(tree)
+    rec = CK.record_options(optimizer, found)
+    return rec if rec["param_groups"][0] else None
+
+
 def export_optax(state, *, params=None, names=None) -> "CK.Portable":
     node = _one(state, "the state")
     step = int(node.count)
     if isinstance(node, KronState):
-        return _export_kron(node, step, params, names)
+        port = _export_kron(node, step, params, names)
+    else:
+        port = _export_muon(node, step, params, names)
+    port.hyperparameters = _injected(state, port.optimizer) or {}
+    port.nonfinite_steps = _nonfinite(state)
+    return port
+
+
+def _export_muon(node, step, params, names):
     port = CK.Portable(optimizer="muon", params=[], arrays={}, source="optax", step=step)
     tnames, mu, _ = _paths(node.mu, _is_masked)
     if isinstance(node, MuonAdamWState):
@@ -93,7 +124,6 @@ def export_optax(state, *, params=None, names=None) -> "CK.Portable":
         else:
             port.put(i, "exp_avg", _np(m))
             port.put(i, "exp_avg_sq", _np(v))
-    port.nonfinite_steps = _nonfinite(state)
     return port
 
 
@@ -114,18 +144,19 @@ def _nonfinite(state) -> int:
 def _export_kron(node, step, params, names):
     port = CK.Portable(optimizer="kron", params=[], arrays={}, source="optax", step=step)
     n = len(node.factors)
+    knames, keys, _ = _paths(node.param_keys)
     mnames, mus, _ = _paths(node.mu)
     use_mu = len(mus) == n and n > 0
     pnames, pdtypes = _param_info(params, n)
     pshapes = [list(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
-    tnames = names or pnames or (mnames if use_mu else [f"leaf {i}" for i in range(n)])
+    tnames = names or pnames or knames
     root = _np(node.key).astype(np.uint32)
     port.kron_root_key = [int(root[0]), int(root[1])]
     for i, f in enumerate(node.factors):
         shape = pshapes[i] if pshapes else (list(mus[i].shape) if use_mu else None)
         port.params.append({"name": tnames[i], "shape": shape, "dtype": pdtypes[i] if pdtypes else None,
                             "route": "kron", "step": step})
-        port.put(i, "key", np.asarray(K.param_key(root, i), dtype=np.uint32))
+        port.put(i, "key", _np(keys[i]).astype(np.uint32))
         if use_mu:
             port.put(i, "mu", _np(mus[i]))
         for k in ("Ql", "Qr", "Ll", "Lr"):
@@ -139,7 +170,7 @@ def _arr(port, j, name, like_leaf, tname):
     return jnp.asarray(port.get_checked(j, name, like_leaf.shape, tname), dtype=like_leaf.dtype)
 
 
-def _import_muon(port, node, params, names):
+def _import_muon(port, node, params, names, match, target):
     CK.check_optimizer(port, "muon")
     tnames, mu, treedef = _paths(node.mu, _is_masked)
     adamw = isinstance(node, MuonAdamWState)
@@ -148,7 +179,8 @@ def _import_muon(port, node, params, names):
     pnames, _ = _param_info(params, len(mu))
     tnames = pnames or tnames
     shapes = [tuple((b if not _is_masked(b) else m).shape) for b, m in zip(mu, ms)]
-    idx = CK.match(port, list(zip(tnames, shapes)), names)
+    idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
+    CK.check_hyperparameters(port, target, [(j, 0) for j in idx], stacklevel=6)
     new_mu, new_m, new_v = list(mu), list(ms), list(vs)
     for k, (tname, j) in enumerate(zip(tnames, idx)):
         if port.params[j].get("step") is None:
@@ -168,46 +200,42 @@ def _import_muon(port, node, params, names):
     return MuonState(count=count, mu=treedef.unflatten(new_mu)), step
 
 
-def _import_kron(port, node, params, names):
+def _import_kron(port, node, params, names, match, target):
     CK.check_optimizer(port, "kron")
     n = len(node.factors)
+    knames, keys, kdef = _paths(node.param_keys)
     mnames, mus, mdef = _paths(node.mu)
     use_mu = len(mus) == n and n > 0
     pnames, _ = _param_info(params, n)
     pshapes = [tuple(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
-    tnames = pnames or (mnames if use_mu else [f"leaf {i}" for i in range(n)])
+    tnames = pnames or knames
     shapes = pshapes or ([tuple(m.shape) for m in mus] if use_mu else [None] * n)
-    idx = CK.match(port, list(zip(tnames, shapes)), names)
-    if port.kron_root_key is None:
-        raise CK.CheckpointError(
-            "the checkpoint has no Kron root key (it was saved from a torch Kron state_dict() alone): save it "
-            "from the Kron optimizer itself (xpopt.checkpoint.save(path, opt)), which knows its seed")
-    root = np.asarray(port.kron_root_key, dtype=np.uint32)
-    new_mu, new_f = list(mus), list(node.factors)
+    idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
+    CK.check_hyperparameters(port, target, [(j, 0) for j in idx], stacklevel=6)
+    new_mu, new_f, new_keys = list(mus), list(node.factors), list(keys)
     for k, (tname, j) in enumerate(zip(tnames, idx)):
         if port.params[j].get("step") is None:
             continue
-        saved_key, _ = port.get(j, "key")
-        if saved_key is not None and not np.array_equal(np.asarray(saved_key, np.uint32),
-                                                        np.asarray(K.param_key(root, k), np.uint32)):
-            raise CK.CheckpointError(
-                f"parameter {tname!r} (leaf {k}) holds the random key of saved parameter "
-                f"{port.params[j]['name']!r} at another position: Kron draws each parameter's noise and "
-                "update decisions from its position, so the parameters must be in the same order as where "
-                "the checkpoint was saved (a resumed run would draw other numbers)")
+        # The saved parameter's own key comes with its state: its draws continue wherever it now sits.
+        new_keys[k] = jnp.asarray(CK.kron_key(port, j, tname), dtype=keys[k].dtype)
         f = node.factors[k]
         for q in ("Ql",):
             if (getattr(f, q) is None) != (port.get(j, q)[0] is None):
                 raise CK.CheckpointError(f"parameter {tname!r}: the saved Kron factors have another layout "
                                          "(one-sided vs two-sided); use the same max_size_dense and block_size")
+        CK.check_state_dtype(port, j, ("Ql", "Qr"), str(f.Qr.dtype), tname, "dtype")
         new_f[k] = K.Factors(*(None if getattr(f, q) is None else _arr(port, j, q, getattr(f, q), tname)
                                for q in ("Ql", "Qr", "Ll", "Lr")))
         if use_mu:
+            CK.check_state_dtype(port, j, ("mu",), str(mus[k].dtype), tname, "mu_dtype")
             new_mu[k] = _arr(port, j, "mu", mus[k], tname)
     step = CK.uniform_step(port, "an optax Kron state")
     mu_tree = mdef.unflatten(new_mu) if use_mu else node.mu
-    return KronState(jnp.asarray(step, node.count.dtype), jnp.asarray(root, node.key.dtype), mu_tree,
-                     tuple(new_f)), step
+    # The root key only seeds parameters that start fresh (none here); keep the saved one as a record.
+    root = node.key if port.kron_root_key is None else jnp.asarray(np.asarray(port.kron_root_key, np.uint32),
+                                                                    node.key.dtype)
+    return KronState(jnp.asarray(step, node.count.dtype), root, mu_tree, tuple(new_f),
+                     kdef.unflatten(new_keys)), step
 
 
 def _replace(tree, new, step):
@@ -228,12 +256,13 @@ def _replace(tree, new, step):
     return tree
 
 
-def import_optax(port: "CK.Portable", like, *, params=None, names=None):
+def import_optax(port: "CK.Portable", like, *, params=None, names=None, match="auto", hyperparameters=None):
     node = _one(like, "like")
+    target = hyperparameters if hyperparameters is not None else _injected(like, port.optimizer)
     if isinstance(node, KronState):
-        new, step = _import_kron(port, node, params, names)
+        new, step = _import_kron(port, node, params, names, match, target)
     else:
-        new, step = _import_muon(port, node, params, names)
+        new, step = _import_muon(port, node, params, names, match, target)
     out = _replace(like, new, step)
     return _set_nonfinite(out, port.nonfinite_steps)
 

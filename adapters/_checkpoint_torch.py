@@ -86,9 +86,10 @@ def export_torch(source, *, params=None, names=None) -> "CK.Portable":
     live = [p for g in opt.param_groups for p in g["params"]] if opt is not None else [None] * len(ids)
     routes = opt.routes() if isinstance(opt, Muon) else None
     pnames = _names(opt, sd, names)
+    groups = [g for g, group in enumerate(sd["param_groups"]) for _ in group["params"]]
     port = CK.Portable(optimizer="kron" if kron else "muon", params=[], arrays={},
                        hyperparameters=_hypers(sd), source="torch")
-    for i, (st, p, name) in enumerate(zip(states, live, pnames)):
+    for i, (st, p, name, g) in enumerate(zip(states, live, pnames, groups)):
         st = st or {}
         shape = tuple(p.shape) if p is not None else None
         if kron:
@@ -102,7 +103,8 @@ def export_torch(source, *, params=None, names=None) -> "CK.Portable":
             s = st.get("step")
             step = int(float(s)) if s is not None else 10 ** 6  # torch.optim.Muon: no count (warmed up)
         entry = {"name": name, "shape": list(shape) if shape is not None else None,
-                 "dtype": _dtype_name(p.dtype) if p is not None else None, "route": route, "step": step}
+                 "dtype": _dtype_name(p.dtype) if p is not None else None, "route": route, "step": step,
+                 "group": g}
         for k, v in st.items():
             if not torch.is_tensor(v) or k == "step":
                 continue
@@ -131,8 +133,8 @@ def _skipped(sd) -> int:
     return int(v) if v is not None else 0
 
 
-def import_torch(port: "CK.Portable", opt, *, params=None, names=None):
-    del params
+def import_torch(port: "CK.Portable", opt, *, params=None, names=None, match="auto", hyperparameters=None):
+    del params, hyperparameters  # torch optimizers hold their params and their hyperparameters
     Muon, Kron = _kinds()
     if not isinstance(opt, (Muon, Kron)):
         raise TypeError(f"xpopt.checkpoint.load: like={type(opt).__name__} is not an xpopt Muon or Kron")
@@ -141,8 +143,10 @@ def import_torch(port: "CK.Portable", opt, *, params=None, names=None):
     sd = opt.state_dict()
     live = [p for g in opt.param_groups for p in g["params"]]
     ids = [i for g in sd["param_groups"] for i in g["params"]]
+    groups = [g for g, group in enumerate(sd["param_groups"]) for _ in group["params"]]
     tnames = _names(opt, sd, None)
-    idx = CK.match(port, [(n, tuple(p.shape)) for n, p in zip(tnames, live)], names)
+    idx = CK.pair(port, [(n, tuple(p.shape)) for n, p in zip(tnames, live)], names, match)
+    CK.check_hyperparameters(port, _hypers(sd), list(zip(idx, groups)), stacklevel=5)
     routes = None if kron else opt.routes()
     state: dict = {}
     for k, (pid, p, tname, j) in enumerate(zip(ids, live, tnames, idx)):
@@ -151,14 +155,12 @@ def import_torch(port: "CK.Portable", opt, *, params=None, names=None):
             continue
         if kron:
             st = {"step": int(saved["step"])}
-            key, _ = port.get(j, "key")
-            if key is None:
-                raise CK.CheckpointError(f"parameter {tname!r}: the saved Kron state has no key")
-            st["key"] = torch.as_tensor(np.asarray(key, dtype=np.uint32).astype(np.int64))
+            # the saved parameter's own key: its random stream goes where it goes
+            st["key"] = torch.as_tensor(CK.kron_key(port, j, tname).astype(np.int64))
             for f in _KRON_FIELDS:
                 if port.get(j, f)[0] is not None:
                     st[f] = _from_port(port, j, f, p.device)
-            _check_kron_fields(opt, p, st, tname)
+            _check_kron_fields(opt, p, st, tname, port, j)
         else:
             route = routes[k].route
             CK.check_route(port, j, tname, route)
@@ -174,8 +176,13 @@ def import_torch(port: "CK.Portable", opt, *, params=None, names=None):
     return opt
 
 
-def _check_kron_fields(opt, p, st, tname) -> None:
+def _check_kron_fields(opt, p, st, tname, port, j) -> None:
+    from ._kron_torch import _options
+
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    opts = _options(group, "the target")
+    CK.check_state_dtype(port, j, ("Ql", "Qr"), opts.dtype, tname, "dtype")
+    CK.check_state_dtype(port, j, ("mu",), opts.state_dtype, tname, "mu_dtype")
     want = {"Qr", "Ll", "Lr"} | ({"mu"} if group["b1"] != 0 else set())
     lay = opt._layouts[p]
     if lay.left is not None:

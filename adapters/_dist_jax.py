@@ -222,7 +222,7 @@ def partition_specs(params, param_specs=None, *, tx=None, mesh=None, **kron_opti
     """PartitionSpecs of an xpopt optax state, a pytree shaped like ``tx.init(params)``.
 
     Kron's (and Muon's) momentum and the fallback's moments are sharded like their
-    params; Kron's factors and Lipschitz estimates, the step count and the key are
+    params; Kron's factors and Lipschitz estimates, the step count and the keys are
     replicated (factors are at most ``block_size`` squared per block: small next to
     the params, and every device needs them whole to precondition its gathered
     matrix).  Leaves of other transforms in a chain (optax's own counts) are
@@ -262,7 +262,7 @@ def partition_specs(params, param_specs=None, *, tx=None, mesh=None, **kron_opti
     def convert(node):
         if isinstance(node, KronState):
             factors = tuple(type(f)(*(None if q is None else P() for q in f)) for f in node.factors)
-            return KronState(P(), P(), like_params(node.mu), factors)
+            return KronState(P(), P(), like_params(node.mu), factors, jax.tree.map(lambda _: P(), node.param_keys))
         if isinstance(node, MuonState):
             return MuonState(P(), like_params(node.mu))
         if isinstance(node, MuonAdamWState):

@@ -5,6 +5,9 @@ gradients with non-finite entries zeroed, and under ``"skip"`` its new state
 and updates are replaced by the old state and zeros when the step saw a
 non-finite gradient.  ``"raise"`` raises when the gradients are concrete
 (outside jit); traced it acts as ``"skip"`` (see ``core.fault``).
+
+Also here, the other wrapper every xpopt transform goes through on its way
+out: :func:`described` attaches the options it was built with.
 """
 
 from __future__ import annotations
@@ -56,3 +59,21 @@ def with_nonfinite(tx, policy):
         return new_u, NonfiniteState(new_inner, count)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class Described(optax.GradientTransformation):
+    """An xpopt transform: optax's ``(init, update)`` pair with ``hyperparameters``, the options it
+    was built with (``xpopt.checkpoint.record_options``), which ``xpopt.checkpoint`` records on save
+    and compares on load (``optimizer=tx``)."""
+
+
+class DescribedExtraArgs(optax.GradientTransformationExtraArgs):
+    __doc__ = Described.__doc__
+
+
+def described(tx, hyperparameters: dict):
+    """``tx`` carrying ``hyperparameters`` (same init / update, same optax class behaviour)."""
+    cls = DescribedExtraArgs if isinstance(tx, optax.GradientTransformationExtraArgs) else Described
+    out = cls(tx.init, tx.update)
+    out.hyperparameters = hyperparameters
+    return out

@@ -8,7 +8,8 @@
     params = arrays.apply_updates(params, updates)
 
 Same options, state content and random draws as ``xpopt.adapters.torch.Kron``
-(parameter ``i`` in container order draws from ``fold_in(PRNGKey(seed), i)``),
+(parameter ``i`` in container order starts with the key ``fold_in(PRNGKey(seed), i)``,
+kept in ``state.param_keys``, so a checkpoint carries it with the parameter),
 so the same seed gives the same numbers; ``update`` returns the deltas
 ``-lr * (D + weight_decay * W)``.  ``dtype="bfloat16"`` stores factors as
 ``ml_dtypes.bfloat16`` on NumPy (exact, slow); ``"float32"`` is the NumPy default here.
@@ -35,6 +36,7 @@ class KronState(NamedTuple):
     mu: list         # momentum per param (None when b1 == 0)
     factors: list    # core.kron.Factors per param
     nonfinite_steps: int = 0  # steps that saw a non-finite gradient (nonfinite= policy)
+    param_keys: Any = None    # each param's own key, uint32[2] (fold_in(key, i) at init; None: derived so)
 
 
 class Kron:
@@ -66,7 +68,7 @@ class Kron:
                                           init_scale=self.opts.preconditioner_init_scale))
         like = values[0] if values else None
         key = R.PRNGKey(self.seed, like=like if like is not None else _np_like())
-        return KronState(0, key, mu, factors)
+        return KronState(0, key, mu, factors, param_keys=[K.param_key(key, i) for i in range(len(values))])
 
     def update(self, grads, state: KronState, params=None):
         """``(updates, new_state)``; the ``nonfinite=`` policy as ``arrays.muon``."""
@@ -85,7 +87,8 @@ class Kron:
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay, p) in enumerate(zip(gs, state.mu, state.factors, lays, ps)):
             xp, _ = namespace(g, names=(f"grads[{keys[i]!r}]",))
-            nkey, dkey = K.step_keys(K.param_key(state.key, i), t)
+            pkey = K.param_key(state.key, i) if state.param_keys is None else state.param_keys[i]
+            nkey, dkey = K.step_keys(pkey, t)
             update = True if prob >= 1.0 else bool(K.draw_update(dkey, prob))
             cdt = xp.float64 if g.dtype == xp.float64 else xp.float32
             noise = None
@@ -101,7 +104,7 @@ class Kron:
             out.append(delta)
             new_mu.append(m)
             new_f.append(nf)
-        return _rebuild(kind, keys, out), KronState(t, state.key, new_mu, new_f)
+        return _rebuild(kind, keys, out), KronState(t, state.key, new_mu, new_f, param_keys=state.param_keys)
 
     def plan(self, params) -> K.Plan:
         """Per parameter (dict key or list index): layout, state bytes and FLOPs; prints as a
@@ -130,7 +133,13 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
          max_size_dense: int = 16384, block_size: int = 256, dtype: str = "float32", mu_dtype: Any = None,
          normalize_grads: bool = False, lr_style: Any = "adam", noise_scale: float = 1e-9, scanned: Any = False,
          seed: int = 0, nonfinite=None) -> Kron:
-    """PSGD Kron for NumPy / CuPy (see the module docstring; options as ``xpopt.adapters.torch.Kron``)."""
+    """PSGD Kron for NumPy / CuPy (see the module docstring; options as ``xpopt.adapters.torch.Kron``).
+
+    The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint`` records and
+    compares with ``optimizer=opt``)."""
+    from .. import checkpoint as CK
+
+    record = CK.record_options("kron", locals())
     try:
         C.check_nonnegative(lr, "lr")
         C.check_nonnegative(weight_decay, "weight_decay")
@@ -147,4 +156,6 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
         nonfinite = check_nonfinite(nonfinite)
     except ValueError as e:
         raise ValueError(f"kron: {e}") from None
-    return Kron(lr, weight_decay, opts, scanned, seed, nonfinite)
+    opt = Kron(lr, weight_decay, opts, scanned, seed, nonfinite)
+    opt.hyperparameters = record
+    return opt

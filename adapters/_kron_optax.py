@@ -11,9 +11,11 @@ are ``chain(scale_by_*, add_decayed_weights(weight_decay, mask), scale_by_learni
 
 State: :class:`KronState` (``count``, ``key`` = ``PRNGKey(seed)`` as 2 x uint32, ``mu``
 (a params-like tree, None leaves when ``b1 == 0``), ``factors``: one
-``core.kron.Factors`` per leaf).  Leaf ``i`` (flattening order) draws its noise and
-its "fit this step?" decision from ``fold_in(key, i)`` and the step: the same numbers
-as ``xpopt.adapters.torch.Kron`` for the same seed and parameter order.  Under
+``core.kron.Factors`` per leaf, ``param_keys``: a params-like tree of each leaf's own
+key, 2 x uint32).  Leaf ``i`` (flattening order) starts with the key ``fold_in(key, i)``
+and draws its noise and its "fit this step?" decision from its key and the step: the
+same numbers as ``xpopt.adapters.torch.Kron`` for the same seed and parameter order.
+The key is state, so a checkpoint carries it with the parameter into any order.  Under
 ``jax.jit`` the decision is a ``lax.cond``.  With ``optax.inject_hyperparams``
 list :data:`KRON_STATIC_ARGS` in ``static_args`` (the layout options shape the state).
 ``nonfinite=``: None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` around the
@@ -27,15 +29,17 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from .. import checkpoint as CK
 from ..core import blocking
 from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number
 from . import _common as C
 from . import _dist_jax as _dist
-from ._fault_optax import with_nonfinite
+from ._fault_optax import described, with_nonfinite
 
 __all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
            "KRON_STATIC_ARGS"]
@@ -51,6 +55,7 @@ class KronState(NamedTuple):
     key: Any        # uint32[2], PRNGKey(seed)
     mu: Any         # params-like tree (None leaves when b1 == 0)
     factors: Any    # tuple of core.kron.Factors, one per leaf
+    param_keys: Any  # params-like tree: each leaf's own key, uint32[2] (fold_in(key, i) at init)
 
 
 def _dtype_name(v, argname):
@@ -100,6 +105,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
                   noise_scale: float = 1e-9, preconditioner_update_probability: Union[float, str, Callable] = 1.0,
                   mu_dtype: Any = None, seed: Optional[int] = None, nonfinite=None) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
+    record = CK.record_options("kron", locals())
     opts = _options(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
                     preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
                     preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
@@ -128,8 +134,10 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         if seed is None:
             raise TypeError("seed is traced: call init outside jax.jit, or list 'seed' in static_args")
         key = R.PRNGKey(seed, like=jnp.zeros((0,), jnp.uint32))
-        factors, key = _dist.replicate_on_mesh((factors, key), leaves)
-        return KronState(jnp.zeros([], jnp.int32), key, mu, factors)
+        root = R.PRNGKey(seed, like=np.zeros((0,), np.uint32))  # the same bits, on the host
+        keys = treedef.unflatten([jnp.asarray(K.param_key(root, i), jnp.uint32) for i in range(len(leaves))])
+        factors, key, keys = _dist.replicate_on_mesh((factors, key, keys), leaves)
+        return KronState(jnp.zeros([], jnp.int32), key, mu, factors, keys)
 
     def update_fn(updates, state, params=None):
         path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -141,9 +149,10 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         prob = K.update_probability(opts.preconditioner_update_probability, count)
         always = is_number(prob) and prob >= 1.0
         mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
+        keys = treedef.flatten_up_to(state.param_keys)
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
-            nkey, dkey = K.step_keys(K.param_key(state.key, i), count)
+            nkey, dkey = K.step_keys(keys[i], count)
             update = True if always else K.draw_update(dkey, prob)
             cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
             noise = None
@@ -162,9 +171,9 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             new_mu.append(nm)
             new_f.append(nf)
         mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
-        return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f))
+        return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f), state.param_keys)
 
-    return with_nonfinite(optax.GradientTransformation(init_fn, update_fn), nonfinite)
+    return described(with_nonfinite(optax.GradientTransformation(init_fn, update_fn), nonfinite), record)
 
 
 def scale_by_quad(**kw) -> optax.GradientTransformation:
@@ -180,6 +189,7 @@ def scale_by_skew(**kw) -> optax.GradientTransformation:
 def _full(style, args: dict):
     """``chain(scale_by_kron, add_decayed_weights, scale_by_learning_rate)`` from quad's / skew's arguments."""
     args = dict(args)
+    record = CK.record_options("kron", dict(args, preconditioner_update_style=style))
     learning_rate, weight_decay = args.pop("learning_rate"), args.pop("weight_decay")
     mask = args.pop("weight_decay_mask")
     nonfinite = args.pop("nonfinite")  # around the whole chain: a skipped step decays nothing either
@@ -188,7 +198,7 @@ def _full(style, args: dict):
         C.check_hyper(weight_decay, "weight_decay")
         tx.append(optax.add_decayed_weights(weight_decay, mask))
     tx.append(optax.scale_by_learning_rate(C.check_lr(learning_rate, "learning_rate")))
-    return with_nonfinite(optax.chain(*tx), nonfinite)
+    return described(with_nonfinite(optax.chain(*tx), nonfinite), record)
 
 
 def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,

@@ -365,7 +365,12 @@ def muon(
     params, else the param dtype).  Every other option is documented in
     ``docs/adapters.md`` and :func:`xpopt.adapters.optax.muon`; ``nonfinite``:
     None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` (``xpopt.core.fault``).
+    The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint``
+    records and compares with ``optimizer=opt``).
     """
+    from .. import checkpoint as CK
+
+    record = CK.record_options("muon", locals())
     nonfinite = C_fault.check_policy(nonfinite)
     opts = C.muon_options(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
@@ -393,10 +398,12 @@ def muon(
         C.resolve_dim_spec(dimension_numbers)
     if isinstance(labels, str):
         C.check_label(labels, "every entry")
-    return Muon(lr=lr, fallback_lr=flr, weight_decay=wd, fallback_weight_decay=fwd,
-                weight_decay_mask=weight_decay_mask, opts=opts, fb=fb, mu_dtype=mu_dtype,
-                min_dim_size=min_dim, max_aspect_ratio=max_ratio, labels=labels,
-                dimension_numbers=dimension_numbers, nonfinite=nonfinite)
+    opt = Muon(lr=lr, fallback_lr=flr, weight_decay=wd, fallback_weight_decay=fwd,
+               weight_decay_mask=weight_decay_mask, opts=opts, fb=fb, mu_dtype=mu_dtype,
+               min_dim_size=min_dim, max_aspect_ratio=max_ratio, labels=labels,
+               dimension_numbers=dimension_numbers, nonfinite=nonfinite)
+    opt.hyperparameters = record
+    return opt
 
 
 def nonfinite_update(opt, update, grads, state, params, who):

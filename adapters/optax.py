@@ -129,7 +129,8 @@ from optax.contrib import MuonDimensionNumbers
 from ..backends import jax as _jax_backend
 from . import _common as C
 from . import _dist_jax as _dist
-from ._fault_optax import NonfiniteState, with_nonfinite
+from .. import checkpoint as CK
+from ._fault_optax import NonfiniteState, described, with_nonfinite
 
 __all__ = [
     "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
@@ -329,6 +330,7 @@ def scale_by_muon(
     ``safety_factor`` and ``consistent_rms`` may be 0-d (traced) arrays, so
     ``optax.inject_hyperparams(xo.scale_by_muon)()`` works.  State: :class:`MuonState`.
     """
+    record = CK.record_options("muon", locals())
     momentum, eps, safety_factor, consistent_rms = map(_real_part, (momentum, eps, safety_factor, consistent_rms))
     opts = C.muon_options(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
@@ -379,7 +381,7 @@ def scale_by_muon(
             out[i] = _dist.restore(lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype)), leaves[i])
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
-    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite)
+    return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite), record)
 
 
 # --------------------------------------------------------------------------- muon
@@ -474,6 +476,7 @@ def muon(
     Returns an ``optax.GradientTransformationExtraArgs`` with state
     :class:`MuonAdamWState`; ``update`` needs ``params`` when weight decay is on.
     """
+    record = CK.record_options("muon", locals())
     (learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
      safety_factor, fallback_eps, consistent_rms, max_aspect_ratio) = map(_real_part, (
         learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
@@ -606,7 +609,7 @@ def muon(
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
         return treedef.unflatten(out), new_state
 
-    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite)
+    return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite), record)
 
 
 #: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.
