@@ -59,11 +59,24 @@ def as_base_shapes(base, shapes_of) -> dict:
     return shapes_of(base)
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether a ``roles=`` pattern names parameter ``name``.
+
+    ``fnmatch`` (case-sensitive; ``*`` crosses ``.`` and ``/``), plus one rule: a
+    leading ``*.`` (torch names) or ``*/`` (pytree paths) also matches at the top
+    level, so ``"*.pos_emb"`` names ``pos_emb`` as well as ``blocks.0.pos_emb``
+    (the "at any depth" reading, as ``**/`` in a ``.gitignore``).
+    """
+    if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        return True
+    return pattern[:2] in ("*.", "*/") and fnmatch.fnmatchcase(name, pattern[2:])
+
+
 def _override(name: str, roles: Optional[Mapping[str, str]]):
     if not roles:
         return None
     for pattern, role in roles.items():
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        if name_matches(name, pattern):
             M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
             return role
     return None
