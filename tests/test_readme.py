@@ -285,3 +285,65 @@ def test_mup_roles_star_slash_top_level_jax():
 
     rows = xo.mup_plan(tree(64), tree(16), roles={"*/pos_emb": "output"})
     assert {r["name"]: r["role"] for r in rows}["pos_emb"] == "output"
+
+
+# --------------------------------------------------------------------------- item 10: figures and claims
+
+
+def _section(heading: str) -> str:
+    start = TEXT.index(heading)
+    nxt = re.search(r"^#{1,3} ", TEXT[start + len(heading):], flags=re.M)
+    return TEXT[start: start + len(heading) + (nxt.start() if nxt else len(TEXT))]
+
+
+def test_readme_intro_and_nonfinite_claims():
+    """The intro does not call muP future work (it ships: core/mup.py, the muP
+    section); the NumPy section does not deny the ``nonfinite=`` check every adapter has."""
+    intro = TEXT.split("\n## ", 1)[0]
+    assert "muP" in intro and "next" not in intro, intro
+    numpy_section = _section("### NumPy / CuPy")
+    assert "no implicit check" not in numpy_section
+    assert "nonfinite=" in numpy_section
+
+
+def test_readme_compile_benchmark_param_counts():
+    """The README's torch.compile figures name the benchmark's models by their size: the
+    counts in the README and in the benchmark's docstring are the models' own."""
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("_bench_torch_compile", ROOT / "benchmarks" / "torch_compile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    counts = {name: sum(p.numel() for p in make().parameters()) / 1e6 for name, make in bench.MODELS.items()}
+    small, medium = f"{counts['small']:.2f} M", f"{counts['medium']:.1f} M"
+    assert small == "0.33 M" and medium == "3.7 M", counts
+    assert f"({small} params)" in TEXT and f"({medium}," in TEXT
+    assert f"~{small} params" in bench.__doc__ and f"~{medium} params" in bench.__doc__, bench.__doc__
+
+
+def _validate_records():
+    return sorted((ROOT / "docs").glob("validate-*.json"))
+
+
+def test_readme_validate_tables():
+    """The ``xpopt validate`` tables in the README are those of the run recorded in
+    ``docs/validate-<optimizer>.json`` (the command writes it with ``--out docs``), and
+    that run used today's model and hyperparameters: change either and this fails
+    until the run is repeated and the README updated."""
+    import dataclasses
+
+    from xpopt import validate as V
+
+    records = _validate_records()
+    assert "validate-kron.json" in [p.name for p in records], records
+    for path in records:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        opt = rec["optimizer"]
+        table = V.format_table(rec["rows"])
+        assert table in TEXT, f"README.md lacks the {opt} table of docs/{path.name}:\n{table}"
+        hp = json.loads(json.dumps(V._json_safe(
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in V.OPTIMIZERS[opt].hyperparameters.items()})))
+        assert rec["hyperparameters"] == hp, f"docs/{path.name} was run with other {opt} hyperparameters"
+        model = dataclasses.asdict(V.MODEL)
+        assert {k: rec["model"][k] for k in model} == model, f"docs/{path.name} was run on another model"
+        assert (rec["steps"], rec["seed"], rec["dtype"]) == (V.DEFAULT_STEPS, V.DEFAULT_SEED, "float32")
+        assert rec["ok"]
