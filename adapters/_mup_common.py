@@ -59,8 +59,17 @@ def as_base_shapes(base, shapes_of) -> dict:
     return shapes_of(base)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether a ``roles=`` pattern names parameter ``name``.
+
+    ``fnmatch`` (case-sensitive; ``*`` crosses ``.`` and ``/``), plus one rule: a
+    leading ``*.`` (torch names) or ``*/`` (pytree paths) also matches at the top
+    level, so ``"*.pos_emb"`` names ``pos_emb`` as well as ``blocks.0.pos_emb``
+    (the "at any depth" reading, as ``**/`` in a ``.gitignore``).
+    """
+    if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        return True
+    return pattern[:2] in ("*.", "*/") and fnmatch.fnmatchcase(name, pattern[2:])
 
 
 def check_roles(roles: Optional[Mapping[str, str]], names: Sequence[str],
@@ -78,9 +87,9 @@ def check_roles(roles: Optional[Mapping[str, str]], names: Sequence[str],
         raise ValueError(f"roles must be a dict {{name or pattern: role}}, not {type(roles).__name__}")
     for pattern, role in roles.items():
         M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
-        if any(_matches(n, pattern) for n in names):
+        if any(name_matches(n, pattern) for n in names):
             continue
-        tied = sorted({aliases[a] for a in (aliases or {}) if _matches(a, pattern)})
+        tied = sorted({aliases[a] for a in (aliases or {}) if name_matches(a, pattern)})
         if tied:
             raise ValueError(f"roles pattern {pattern!r} matches only the second name of tied parameter(s) "
                              f"{tied}; give the role under that name")
@@ -92,7 +101,7 @@ def _override(name: str, roles: Optional[Mapping[str, str]]):
     if not roles:
         return None
     for pattern, role in roles.items():
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        if name_matches(name, pattern):
             M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
             return role
     return None

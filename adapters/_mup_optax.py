@@ -22,7 +22,8 @@ Names.  Every leaf is named by its pytree path, ``"/"``-joined (dict keys,
 sequence indices, attribute names): ``"Dense_0/kernel"``, or
 ``"params/Dense_0/kernel"`` if the tree has a ``"params"`` level.  ``roles=``
 (``{name or fnmatch pattern: role}``), ``fan_mapping=`` and a base-shapes dict
-use these names.
+use these names; a pattern starting ``*/`` also matches at the top level
+(``"*/pos_emb"`` names ``pos_emb`` and ``Block_0/pos_emb``).
 
 Kinds and roles.  A leaf named ``embedding`` is an embedding (role ``input``);
 a leaf with ``ndim <= 1`` a vector (``vector``); any other leaf (``kernel``,
@@ -150,11 +151,9 @@ def _check_roles(roles, names):
         return
     if not isinstance(roles, Mapping):
         raise ValueError(f"roles must be a dict {{name or pattern: role}}, not {type(roles).__name__}")
-    import fnmatch
-
     for pattern, role in roles.items():
         M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
-        if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
+        if not any(C.name_matches(n, pattern) for n in names):
             raise ValueError(f"roles pattern {pattern!r} matches no parameter; names are '/'-joined pytree "
                              f"paths such as {names[:4]}")
 

@@ -11,7 +11,9 @@
 Roles come from module types (``Embedding`` -> input, ``Linear`` / ``Conv`` ->
 hidden unless its fans say input or output, the last ``Linear`` -> output
 at the base width, 1-D -> vector), overridable by name patterns
-(``roles={"lm_head.weight": "output", "*.pos_emb": "input"}``).  Nothing
+(``roles={"lm_head.weight": "output", "*.pos_emb": "input"}``; fnmatch, and
+a leading ``*.`` also matches at the top level: ``"*.pos_emb"`` names
+``pos_emb`` and ``blocks.0.pos_emb``).  Nothing
 is stored on the tensors: the groups carry plain numbers, and the output
 multipliers are forward pre-hooks on the readout modules.
 """

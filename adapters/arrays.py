@@ -26,7 +26,9 @@ fallback), or a callable ``params -> such a container``.
 
 Routing: ``labels=None`` asks core ``suitability`` about each weight's
 torch-layout shape; else a container like ``params`` of ``"muon"`` /
-``"fallback"`` / None (automatic), or a callable returning one.
+``"fallback"`` / None (automatic), or a callable returning one.  For dict
+params the labels dict may name only some keys (``labels={"emb": "fallback"}``):
+the others are automatic; a key that params lacks is a ValueError.
 
 State (:class:`MuonState`) holds plain arrays of the params' library (None where
 a field does not apply) and a Python int ``step``: picklable, ``np.savez``-able.
@@ -114,6 +116,22 @@ def _per_leaf(spec, params, keys, kind, argname: str, is_value) -> list:
     return _matching(spec, keys, kind, argname)
 
 
+def _labels_per_leaf(spec, params, keys, kind) -> list:
+    """``labels`` per entry.  A dict for dict params may list only some keys: the
+    others are automatic (None), as if listed with None; a key params lacks is an
+    error (a typo would otherwise route nothing).  Lists/tuples match params
+    entry for entry."""
+    if callable(spec) and not _is_label_value(spec):
+        spec = spec(params)
+    if kind is dict and isinstance(spec, dict):
+        unknown = [k for k in spec if k not in params]
+        if unknown:
+            raise ValueError(f"labels has keys that params lacks: {sorted(map(str, unknown))}; "
+                             f"params keys are {sorted(map(str, keys))}")
+        return [spec.get(k) for k in keys]
+    return _per_leaf(spec, params, keys, kind, "labels", _is_label_value)
+
+
 def _check_arrays(values, names, argname: str) -> str:
     """The library (numpy/cupy) shared by ``values``; TypeError on anything else or a mix."""
     libs = []
@@ -199,7 +217,7 @@ class Muon:
         lib = _check_arrays(values, names, argname)
         n = len(keys)
         labels = ([None] * n if self.labels is None else
-                  _per_leaf(self.labels, params, keys, kind, "labels", _is_label_value))
+                  _labels_per_leaf(self.labels, params, keys, kind))
         dspec = "torch" if self.dimension_numbers is None else self.dimension_numbers
         dims = [C.resolve_dim_spec(d) for d in
                 _per_leaf(dspec, params, keys, kind, "dimension_numbers", _is_dims_value)]

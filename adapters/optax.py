@@ -41,8 +41,10 @@ Routing.  ``labels=None`` sends a leaf to Muon iff core ``suitability`` accepts
 its torch-layout shape (at least two non-unit dims, no unit out/in dim,
 sides >= ``min_dim_size``, aspect ratio <= ``max_aspect_ratio``).  Otherwise
 ``labels`` is a pytree (or prefix) of ``"muon"`` / ``"fallback"`` / ``None``
-(automatic) or a callable ``params -> such a pytree``.  Embeddings and output
-heads are usually labelled ``"fallback"``.
+(automatic) or a callable ``params -> such a pytree``.  A dict in it may name
+only some keys of the params dict at the same place (``labels={"embed":
+"fallback"}``): the others are automatic; a key the params lack is a ValueError.
+Embeddings and output heads are usually labelled ``"fallback"``.
 
 Precision.  bf16/f16 leaves keep float32 state (``mu_dtype=None``) and get
 float32 updates, which ``optax.apply_updates`` adds and rounds into the param
@@ -186,6 +188,21 @@ def _per_leaf(spec, tree, treedef, argname: str) -> list:
             f"{argname} does not match the params tree: give one value per leaf (the same pytree "
             f"structure as params, or a prefix of it). Details: {e}"
         ) from None
+
+
+def _fill_labels(spec, tree, path=""):
+    """``labels`` with the keys a dict leaves out filled with None (automatic).
+
+    Only plain dicts facing a dict of params are filled, at any depth; a key the
+    params lack is a ValueError naming it (a typo would otherwise route nothing).
+    Everything else is returned as given, for ``_per_leaf``'s prefix matching."""
+    if not (type(spec) is dict and isinstance(tree, dict)):
+        return spec
+    unknown = [k for k in spec if k not in tree]
+    if unknown:
+        raise ValueError(f"labels{path} has keys that the params lack: {sorted(map(str, unknown))}; "
+                         f"params{path} has {sorted(map(str, tree))}")
+    return {k: _fill_labels(spec[k], tree[k], f"{path}[{k!r}]") if k in spec else None for k in tree}
 
 
 def _flatten_up_to(treedef, tree, argname: str) -> list:
@@ -461,7 +478,8 @@ def muon(
         4 and 128.0 (core ``suitability``'s).  They shape the computation:
         Python numbers (or concrete arrays), never traced ones.
       labels: None (automatic), or a pytree/prefix of ``"muon"``/``"fallback"``/None,
-        or a callable ``params -> such a pytree``.
+        or a callable ``params -> such a pytree``; a dict may leave out keys
+        (automatic).
       dimension_numbers: None/``"flax"`` (default), ``"torch"``, a
         ``MuonDimensionNumbers``, a pytree of them (None leaf = fallback) or a
         callable ``params -> such a pytree``.
@@ -504,7 +522,8 @@ def muon(
     def plan(tree):
         leaves, treedef, names = _flatten(tree)
         n = len(leaves)
-        labs = [None] * n if labels is None else _per_leaf(labels, tree, treedef, "labels")
+        labs = [None] * n if labels is None else _per_leaf(
+            lambda t: _fill_labels(labels(t) if callable(labels) else labels, t), tree, treedef, "labels")
         dims = _dims_per_leaf(dimension_numbers, tree, treedef, n)
         if weight_decay_mask is None:
             decay = [True] * n

@@ -1,7 +1,7 @@
 """``torch.compile`` of ``xpopt.adapters.torch.Muon.step``: compile time and step time vs eager.
 
 Models (float32, params with fixed random gradients; no forward/backward timed)
-  small:   MLP 256 -> 4 x Linear(256, 256) -> 10, LayerNorms        (~0.27 M params)
+  small:   MLP 256 -> 4 x Linear(256, 256) -> 10, LayerNorms        (~0.33 M params)
   medium:  4 transformer blocks, d=256, MLP 1024, vocab 1024, embedding and
            head on the AdamW fallback                                (~3.7 M params)
 

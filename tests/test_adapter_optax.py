@@ -501,8 +501,10 @@ def test_bad_params_and_trees_raise_naming_the_leaf():
         xo.muon(0.02).init({"w": good, "steps": jnp.zeros((4,), jnp.int32)})
     with pytest.raises(TypeError, match=r"params\['flag'\].*bool"):
         xo.muon(0.02).init({"w": good, "flag": jnp.ones((8, 8), bool)})
-    with pytest.raises(ValueError, match="labels does not match the params tree"):
+    with pytest.raises(ValueError, match=r"labels has keys that the params lack: \['x'\]"):
         xo.muon(0.02, labels={"w": "muon", "x": "fallback"}).init({"w": good, "b": jnp.ones(8)})
+    with pytest.raises(ValueError, match="labels does not match the params tree"):
+        xo.muon(0.02, labels=["muon", "fallback"]).init({"w": good, "b": jnp.ones(8)})
     with pytest.raises(ValueError, match=r"labels.*params\['b'\].*'adam'"):
         xo.muon(0.02, labels={"w": "muon", "b": "adam"}).init({"w": good, "b": jnp.ones(8)})
     with pytest.raises(ValueError, match=r"params\['b'\].*at least 2 dimensions"):
