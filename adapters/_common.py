@@ -13,7 +13,7 @@ import dataclasses
 import math
 import numbers
 import warnings
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import array_api_compat
 
@@ -100,6 +100,44 @@ def _axes(ax, argname) -> tuple[int, ...]:
 # AdamOptions, KronOptions); the adapters build them from their arguments.
 
 MUON_FIELDS = tuple(f.name for f in dataclasses.fields(MuonOptions))
+
+
+#: Where an adapter's signature differs from its optimizer's options dataclass
+#: (``core.muon.MuonOptions``, ``core.kron.KronOptions``): the one list of
+#: framework conventions, checked by ``tests/test_definitions.py``.  Per adapter:
+#: ``renamed`` {option: the adapter's name}, ``defaults`` {option: the adapter's
+#: default} (``REQUIRED``: no default), ``omitted`` {option: why the adapter does
+#: not take it}, ``extra`` the adapter's own arguments (containers, layout, logging).
+REQUIRED = "<required>"
+_OPTAX_LR = {"lr": "learning_rate", "fallback_lr": "fallback_learning_rate"}
+#: optax.inject_hyperparams turns every numeric argument into an array; options that
+#: shape the computation default to None (= the definition's default) so they stay static.
+_OPTAX_STATIC_MUON = {"min_dim_size": None, "max_aspect_ratio": None}
+_OPTAX_STATIC_KRON = {"max_size_dense": None, "block_size": None, "seed": None}
+_SCALE_BY = "a scale_by_ transform: chain optax.add_decayed_weights / scale_by_learning_rate for it"
+SIGNATURES = {
+    "torch.Muon": dict(
+        omitted={"mu_dtype": "torch keeps Muon's momentum in float32 for bf16/f16 params and in the param dtype "
+                             "otherwise (MuonOptions' mu_dtype=None rule), with no override yet"},
+        extra=("params", "verbose", "fallback_filter")),
+    "optax.muon": dict(renamed=_OPTAX_LR, defaults={"lr": REQUIRED, **_OPTAX_STATIC_MUON},
+                       extra=("weight_decay_mask", "labels", "dimension_numbers")),
+    "optax.scale_by_muon": dict(
+        omitted={k: _SCALE_BY for k in ("lr", "weight_decay", "fallback", "fallback_lr", "betas", "fallback_eps",
+                                         "fallback_weight_decay", "min_dim_size", "max_aspect_ratio")},
+        extra=("dimension_numbers",)),
+    "arrays.muon": dict(extra=("weight_decay_mask", "labels", "dimension_numbers")),
+    "torch.Kron": dict(extra=("params", "scanned", "verbose")),
+    "optax.quad": dict(renamed={"lr": "learning_rate"}, defaults=_OPTAX_STATIC_KRON,
+                       omitted={"preconditioner_update_style": "fixed by the function: quad is 'QUAD'"},
+                       extra=("weight_decay_mask", "scanned_layers")),
+    "optax.skew": dict(renamed={"lr": "learning_rate"}, defaults=_OPTAX_STATIC_KRON,
+                       omitted={"preconditioner_update_style": "fixed by the function: skew is 'skew'"},
+                       extra=("weight_decay_mask", "scanned_layers")),
+    "optax.scale_by_kron": dict(defaults=_OPTAX_STATIC_KRON, omitted={"lr": _SCALE_BY, "weight_decay": _SCALE_BY},
+                                extra=("scanned_layers",)),
+    "arrays.kron": dict(extra=("scanned",)),
+}
 
 
 def muon_definition(owner: str, **kw) -> MuonOptions:
@@ -323,4 +361,4 @@ def group_options(o, where: str, *, owner: str = "Muon", flags: Sequence[str] = 
     return opts
 
 
-__all__ += ["group_options", "muon_definition", "MUON_FIELDS"]
+__all__ += ["group_options", "muon_definition", "MUON_FIELDS", "SIGNATURES", "REQUIRED"]

@@ -162,7 +162,7 @@ def test_param_groups_schedulers_and_closures():
 
 def test_plan_matches_the_allocated_state():
     ps = [torch.nn.Parameter(torch.zeros(768, 3072)), torch.nn.Parameter(torch.zeros(3072))]
-    opt = Kron(ps, lr=1e-3)                       # bf16 factors and momentum (the seed's default)
+    opt = Kron(ps, lr=1e-3, dtype=torch.bfloat16)  # bf16 factors and momentum (the memory choice)
     plan = opt.plan()
     for p in ps:
         p.grad = torch.randn_like(p)
