@@ -13,36 +13,26 @@ import dataclasses
 import math
 import numbers
 import warnings
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import array_api_compat
 
-from ..backends import get_backend
-from ..core.adam import adam_update, check_betas
-from ..core.muon import (
-    ADJUST_LR_FNS,
-    CONV_MODES,
-    DEFAULT_RMS,
-    MOMENTUM_FORMS,
-    check_momentum,
-    debias_factor,
-    momentum_update,
-    orthogonalized_updates,
-    suitability,
+from ..core._check import (  # noqa: F401  (the validators, re-exported for the adapters)
+    check_array_hyper, check_bool, check_choice, check_dtype_spec, check_hyper, check_int, check_lr,
+    check_nonnegative, check_real, check_scalar_hyper, dtype_name, is_array_scalar, is_low_precision, is_on,
+    is_traced, static_number,
 )
-from ..core.newton_schulz import PRECONDITIONINGS, resolve_coefficients
+from ..core.adam import FALLBACKS, AdamOptions  # noqa: F401
+from ..core.muon import MuonOptions, suitability
 
 __all__ = [
     "DimensionNumbers", "FLAX", "TORCH", "FALLBACKS", "LABELS",
-    "MuonOptions", "FallbackOptions", "Layout", "LeafPlan",
-    "muon_options", "fallback_options", "check_routing_options", "check_lr", "check_hyper",
+    "MuonOptions", "AdamOptions", "Layout", "LeafPlan", "check_lr", "check_hyper",
     "check_nonnegative", "is_array_scalar", "is_on", "dtype_name", "is_low_precision",
     "resolve_dim_spec", "is_dim_numbers", "layout_for", "plan_leaf", "muon_leaf_plan",
     "check_label", "check_leaf_dtype", "check_decay_flag", "warn_bf16_once",
-    "check_consistent_rms", "check_batched",
 ]
 
-FALLBACKS = ("adamw", "nadamw")
 LABELS = ("muon", "fallback")
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
@@ -106,287 +96,56 @@ def _axes(ax, argname) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- options
+# Each optimizer's options, defaults and validation live in core (MuonOptions,
+# AdamOptions, KronOptions); the adapters build them from their arguments.
+
+MUON_FIELDS = tuple(f.name for f in dataclasses.fields(MuonOptions))
 
 
-def _check_real(value, argname: str, *, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argname} must be a real number, got {value!r}")
-    bad = value <= minimum if strict else value < minimum
-    if bad or math.isnan(value):
-        op = ">" if strict else ">="
-        raise ValueError(f"{argname} must be {op} {minimum}, got {value!r}")
-    return float(value)
+#: Where an adapter's signature differs from its optimizer's options dataclass
+#: (``core.muon.MuonOptions``, ``core.kron.KronOptions``): the one list of
+#: framework conventions, checked by ``tests/test_definitions.py``.  Per adapter:
+#: ``renamed`` {option: the adapter's name}, ``defaults`` {option: the adapter's
+#: default} (``REQUIRED``: no default), ``omitted`` {option: why the adapter does
+#: not take it}, ``extra`` the adapter's own arguments (containers, layout, logging).
+REQUIRED = "<required>"
+_OPTAX_LR = {"lr": "learning_rate", "fallback_lr": "fallback_learning_rate"}
+#: optax.inject_hyperparams turns every numeric argument into an array; options that
+#: shape the computation default to None (= the definition's default) so they stay static.
+_OPTAX_STATIC_MUON = {"min_dim_size": None, "max_aspect_ratio": None}
+_OPTAX_STATIC_KRON = {"max_size_dense": None, "block_size": None, "seed": None}
+_SCALE_BY = "a scale_by_ transform: chain optax.add_decayed_weights / scale_by_learning_rate for it"
+SIGNATURES = {
+    "torch.Muon": dict(
+        omitted={"mu_dtype": "torch keeps Muon's momentum in float32 for bf16/f16 params and in the param dtype "
+                             "otherwise (MuonOptions' mu_dtype=None rule), with no override yet"},
+        extra=("params", "verbose", "fallback_filter")),
+    "optax.muon": dict(renamed=_OPTAX_LR, defaults={"lr": REQUIRED, **_OPTAX_STATIC_MUON},
+                       extra=("weight_decay_mask", "labels", "dimension_numbers")),
+    "optax.scale_by_muon": dict(
+        omitted={k: _SCALE_BY for k in ("lr", "weight_decay", "fallback", "fallback_lr", "betas", "fallback_eps",
+                                         "fallback_weight_decay", "min_dim_size", "max_aspect_ratio")},
+        extra=("dimension_numbers",)),
+    "arrays.muon": dict(extra=("weight_decay_mask", "labels", "dimension_numbers")),
+    "torch.Kron": dict(extra=("params", "scanned", "verbose")),
+    "optax.quad": dict(renamed={"lr": "learning_rate"}, defaults=_OPTAX_STATIC_KRON,
+                       omitted={"preconditioner_update_style": "fixed by the function: quad is 'QUAD'"},
+                       extra=("weight_decay_mask", "scanned_layers")),
+    "optax.skew": dict(renamed={"lr": "learning_rate"}, defaults=_OPTAX_STATIC_KRON,
+                       omitted={"preconditioner_update_style": "fixed by the function: skew is 'skew'"},
+                       extra=("weight_decay_mask", "scanned_layers")),
+    "optax.scale_by_kron": dict(defaults=_OPTAX_STATIC_KRON, omitted={"lr": _SCALE_BY, "weight_decay": _SCALE_BY},
+                                extra=("scanned_layers",)),
+    "arrays.kron": dict(extra=("scanned",)),
+}
 
 
-def check_nonnegative(value, argname: str) -> float:
-    return _check_real(value, argname, minimum=0.0)
-
-
-def _check_bool(value, argname: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{argname} must be True or False, got {value!r}")
-    return value
-
-
-def _check_choice(value, choices, argname: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{argname}={value!r} is not valid; use one of {list(choices)}")
-    return value
-
-
-def is_array_scalar(x) -> bool:
-    """A 0-d array (e.g. a value injected by ``optax.inject_hyperparams``, maybe traced)."""
-    return not isinstance(x, numbers.Number) and getattr(x, "shape", None) == () and hasattr(x, "dtype")
-
-
-def is_traced(x) -> bool:
-    """True for an abstract array (inside ``jax.jit``): its value is unknown until run time."""
-    return get_backend(x).is_traced(x)
-
-
-def check_array_hyper(value, argname: str, *, minimum: float = 0.0, strict: bool = False,
-                      below: Optional[float] = None):
-    """Range-check a 0-d array hyperparameter when it is concrete; returns ``value`` unchanged.
-
-    A traced one (``optax.inject_hyperparams`` under ``jax.jit``) is left unchecked:
-    reading it is impossible there, and checking on device would cost a sync per step.
-    """
-    if is_traced(value):
-        return value
-    v = float(value)
-    ok = (v > minimum if strict else v >= minimum) and (below is None or v < below)
-    if not ok:  # NaN fails every comparison
-        rng = f"in [{minimum:g}, {below:g})" if below is not None else f"{'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{argname} must be {rng}, got {value!r}")
-    return value
-
-
-def check_scalar_hyper(value, argname: str, *, minimum: float = 0.0, strict: bool = False,
-                       below: Optional[float] = None):
-    """A continuous hyperparameter: a real number or a 0-d array.
-
-    Numbers and concrete 0-d arrays are range-checked and returned as float;
-    a traced 0-d array is returned unchanged (see :func:`check_array_hyper`).
-    """
-    if is_array_scalar(value):
-        check_array_hyper(value, argname, minimum=minimum, strict=strict, below=below)
-        return value if is_traced(value) else float(value)
-    if below is not None and isinstance(value, numbers.Real) and not isinstance(value, bool) \
-            and not value < below:
-        raise ValueError(f"{argname} must be in [{minimum:g}, {below:g}), got {value!r}")
-    return _check_real(value, argname, minimum=minimum, strict=strict)
-
-
-def static_number(value, argname: str, *, integer: bool):
-    """A Python int/float for an option that shapes the computation (None stays None).
-
-    A concrete 0-d array is converted; a traced one cannot be, so the error says
-    how to keep the option static under ``optax.inject_hyperparams``.
-    """
-    if not is_array_scalar(value):
-        return value
-    if is_traced(value):
-        raise TypeError(
-            f"{argname} is a traced array: optax.inject_hyperparams turns numeric arguments into "
-            f"arrays, traced under jax.jit, but {argname} sets the shape of the computation and "
-            f"must be a Python number. List it in static_args, e.g. optax.inject_hyperparams(xo.muon, "
-            f"static_args=xo.STATIC_ARGS) (xo = xpopt.adapters.optax), or leave it at its default")
-    xp = array_api_compat.array_namespace(value)
-    if integer:
-        if not xp.isdtype(value.dtype, "integral"):
-            raise ValueError(f"{argname} must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def check_lr(value, argname: str):
-    """A float >= 0, a 0-d array (checked when concrete), or a schedule (callable step -> float).
-
-    Arrays and schedules are returned unchanged.
-    """
-    if callable(value):
-        return value
-    if is_array_scalar(value):
-        return check_array_hyper(value, argname)
-    return check_nonnegative(value, argname)
-
-
-def check_hyper(value, argname: str):
-    """A float >= 0 or a 0-d array (weight decays, checked when concrete); float or unchanged."""
-    if is_array_scalar(value):
-        return check_array_hyper(value, argname)
-    return check_nonnegative(value, argname)
-
-
-def is_on(value) -> bool:
-    """False only for a Python/NumPy zero; an array (maybe traced) counts as on."""
-    return True if is_array_scalar(value) else bool(value)
-
-
-def _check_dtype_spec(spec, argname: str, *, auto: bool = False):
-    if spec is None:
-        return None
-    if auto and isinstance(spec, str) and spec == "auto":
-        return spec
-    if isinstance(spec, str):
-        if spec not in _FLOAT_NAMES:
-            raise ValueError(f"{argname}={spec!r} is not a floating dtype name; use one of {list(_FLOAT_NAMES)}")
-        return spec
-    name = dtype_name(spec)
-    if name not in _FLOAT_NAMES:
-        raise TypeError(f"{argname}={spec!r} is not a floating dtype; use float32, float64 or bfloat16")
-    # Hand core the name: it resolves names for every backend, while dtype *classes*
-    # such as jnp.bfloat16 / np.float32 are not understood by backends.resolve_dtype.
-    return name
-
-
-def dtype_name(dtype) -> str:
-    """``"bfloat16"``, ``"float32"``, ... for a dtype object, dtype class or name."""
-    if isinstance(dtype, str):
-        return dtype
-    name = getattr(dtype, "name", None)
-    if not isinstance(name, str):
-        name = getattr(dtype, "__name__", None) or str(dtype)
-    return name.rsplit(".", 1)[-1]
-
-
-def is_low_precision(dtype) -> bool:
-    return dtype_name(dtype) in ("bfloat16", "float16")
-
-
-@dataclasses.dataclass(frozen=True)
-class MuonOptions:
-    momentum: float
-    nesterov: bool
-    momentum_form: str
-    ns_coefficients: Any
-    ns_steps: int
-    eps: float
-    safety_factor: float
-    adjust_lr_fn: str
-    conv_mode: str
-    normalize_spatial: bool
-    ns_dtype: Any
-    batched: Any  # True, False or "auto"
-    preconditioning: str = "frobenius"
-    adaptive: bool = False
-    consistent_rms: Any = None
-
-    @property
-    def ns_is_bf16(self) -> bool:
-        return self.ns_dtype is not None and dtype_name(self.ns_dtype) == "bfloat16"
-
-    @property
-    def rms(self):
-        return DEFAULT_RMS if self.consistent_rms is None else self.consistent_rms
-
-    def debias(self, step):
-        """Bias correction of the momentum for ``adaptive`` (1.0 when off); ``step`` 1-based."""
-        if not self.adaptive:
-            return 1.0
-        return debias_factor(self.momentum, step, nesterov=self.nesterov, form=self.momentum_form)
-
-    def momentum_step(self, buf, grad):
-        """Core ``momentum_update``: ``(new_buf, update)``."""
-        return momentum_update(buf, grad, momentum=self.momentum, nesterov=self.nesterov,
-                               form=self.momentum_form)
-
-    def orthogonalize(self, updates: list, step=None) -> list:
-        """Core ``orthogonalized_updates`` on torch-layout arrays (lr_scale included).
-
-        ``step`` (1-based, this update included) is needed with ``adaptive``.
-        """
-        return orthogonalized_updates(
-            updates, conv_mode=self.conv_mode, normalize_spatial=self.normalize_spatial,
-            adjust_lr_fn=self.adjust_lr_fn, rms=self.rms, batch=self.batched,
-            adaptive=self.adaptive, debias=self.debias(step), coefficients=self.ns_coefficients,
-            steps=self.ns_steps, eps=self.eps, safety_factor=self.safety_factor,
-            compute_dtype=self.ns_dtype, preconditioning=self.preconditioning,
-        )
-
-
-def check_consistent_rms(consistent_rms, adjust_lr_fn):
-    """None, a float > 0 or a 0-d array; only meaningful with ``match_rms_adamw``."""
-    if consistent_rms is None:
-        return None
-    if adjust_lr_fn != "match_rms_adamw":
-        raise ValueError(
-            f"consistent_rms={consistent_rms!r} sets the RMS constant of adjust_lr_fn='match_rms_adamw' "
-            f"(update RMS = consistent_rms), but adjust_lr_fn={adjust_lr_fn!r}; drop one of the two")
-    return check_scalar_hyper(consistent_rms, "consistent_rms", minimum=0.0, strict=True)
-
-
-def check_batched(batched):
-    if batched in (True, False) and isinstance(batched, bool) or batched == "auto":
-        return batched
-    raise ValueError(f"batched={batched!r} is not valid; use 'auto' (batch where measured faster), True or False")
-
-
-def muon_options(*, momentum, nesterov, momentum_form, ns_coefficients, ns_steps, eps,
-                 safety_factor, adjust_lr_fn, conv_mode, normalize_spatial, ns_dtype,
-                 batched, preconditioning="frobenius", adaptive=False,
-                 consistent_rms=None) -> MuonOptions:
-    """Validate the Muon options (docs/adapters.md); errors name the argument."""
-    if isinstance(momentum, bool):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    check_momentum(momentum)
-    ns_steps = static_number(ns_steps, "ns_steps", integer=True)
-    if ns_steps is not None and (
-            isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1):
-        raise ValueError(f"ns_steps must be an integer >= 1 or None (the preset's own count), got {ns_steps!r}")
+def muon_definition(owner: str, **kw) -> MuonOptions:
+    """``MuonOptions(**kw)``; errors keep their type and read ``"{owner}: {message}"``."""
     try:
-        coeffs = resolve_coefficients(ns_coefficients, None if ns_steps is None else int(ns_steps))
-    except ValueError as e:
-        raise ValueError(f"ns_coefficients={ns_coefficients!r} is not valid: {e}") from None
-    adjust_lr_fn = _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
-    return MuonOptions(
-        momentum=check_scalar_hyper(momentum, "momentum", below=1.0),
-        nesterov=_check_bool(nesterov, "nesterov"),
-        momentum_form=_check_choice(momentum_form, MOMENTUM_FORMS, "momentum_form"),
-        ns_coefficients=coeffs,
-        ns_steps=len(coeffs),
-        eps=check_scalar_hyper(eps, "eps"),
-        safety_factor=check_scalar_hyper(safety_factor, "safety_factor", minimum=0.0, strict=True),
-        adjust_lr_fn=adjust_lr_fn,
-        conv_mode=_check_choice(conv_mode, CONV_MODES, "conv_mode"),
-        normalize_spatial=_check_bool(normalize_spatial, "normalize_spatial"),
-        ns_dtype=_check_dtype_spec(ns_dtype, "ns_dtype", auto=True),
-        batched=check_batched(batched),
-        preconditioning=_check_choice(preconditioning, PRECONDITIONINGS, "preconditioning"),
-        adaptive=_check_bool(adaptive, "adaptive"),
-        consistent_rms=check_consistent_rms(consistent_rms, adjust_lr_fn),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class FallbackOptions:
-    fallback: str
-    beta1: float
-    beta2: float
-    eps: float
-
-    def direction(self, grad, m, v, step):
-        """Core ``adam_update``: ``(direction, m, v)``; the step is ``-lr * direction``."""
-        return adam_update(grad, m, v, step, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                           nesterov=self.fallback == "nadamw")
-
-
-def fallback_options(*, fallback, betas, fallback_eps) -> FallbackOptions:
-    _check_choice(fallback, FALLBACKS, "fallback")
-    b1, b2 = (check_scalar_hyper(b, f"betas[{i}]", below=1.0) for i, b in enumerate(check_betas(betas)))
-    return FallbackOptions(fallback, b1, b2, check_scalar_hyper(fallback_eps, "fallback_eps"))
-
-
-def check_routing_options(min_dim_size=None, max_aspect_ratio=None) -> tuple[int, float]:
-    """``(min_dim_size, max_aspect_ratio)``; None = core ``suitability``'s 4 and 128."""
-    min_dim_size = static_number(min_dim_size, "min_dim_size", integer=True)
-    max_aspect_ratio = static_number(max_aspect_ratio, "max_aspect_ratio", integer=False)
-    min_dim_size = 4 if min_dim_size is None else min_dim_size
-    max_aspect_ratio = 128.0 if max_aspect_ratio is None else max_aspect_ratio
-    if isinstance(min_dim_size, bool) or not isinstance(min_dim_size, numbers.Integral) or min_dim_size < 1:
-        raise ValueError(f"min_dim_size must be an integer >= 1, got {min_dim_size!r}")
-    ratio = _check_real(max_aspect_ratio, "max_aspect_ratio", minimum=1.0)
-    return int(min_dim_size), ratio
+        return MuonOptions(**kw)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{owner}: {e}") from None
 
 
 def warn_bf16_once(opts: MuonOptions, native: bool, flag: list) -> None:
@@ -556,24 +315,9 @@ def check_decay_flag(flag, where: str) -> bool:
 
 
 # =========================================================================== options held in a mapping
-# Added for adapters/torch.py (issue 11, item 6).  torch keeps an optimizer's
-# options in param-group dicts, so it validates one whole mapping at a time
-# (the constructor's defaults, each added group, each loaded group) through
-# the shared validators above.  This block is kept at the end of the file so
-# that edits above it and here merge independently.
-
-
-class GroupOptions(NamedTuple):
-    """The validated options of one param group (or of an optimizer's defaults)."""
-
-    muon: MuonOptions
-    fallback: FallbackOptions
-    lr: Any
-    fallback_lr: Any
-    weight_decay: Any
-    fallback_weight_decay: Any
-    min_dim_size: int
-    max_aspect_ratio: float
+# torch keeps an optimizer's options in param-group dicts, so it validates one
+# whole mapping at a time (the constructor's defaults, each added group, each
+# loaded group) through the same definition.
 
 
 def _check_value(value, argname: str, *, optional: bool = False):
@@ -587,48 +331,34 @@ def _check_value(value, argname: str, *, optional: bool = False):
 
 
 def group_options(o, where: str, *, owner: str = "Muon", flags: Sequence[str] = (),
-                  optional_flags: Sequence[str] = (), callables=()) -> GroupOptions:
-    """Validate a mapping holding every shared option (names as in ``docs/adapters.md``).
+                  optional_flags: Sequence[str] = (), callables=()) -> MuonOptions:
+    """The :class:`MuonOptions` of a mapping holding every option (a torch param group).
 
-    ``lr`` and ``weight_decay`` are numbers >= 0 or 0-d arrays, and so are
-    ``fallback_lr`` / ``fallback_weight_decay`` (or None); the Muon, fallback
-    and routing options go through :func:`muon_options`,
-    :func:`fallback_options` and :func:`check_routing_options`.  An adapter's
-    own keys can be checked too: ``flags`` (True/False), ``optional_flags``
-    (True/False or absent/None) and ``callables`` (None or a callable; a
-    mapping ``{key: "its signature"}`` puts the signature in the message).
-
-    Every error keeps its type (``TypeError`` / ``ValueError``) and reads
-    ``"{owner}: {shared message} ({where})"``: the shared message names the
-    option, its value and what is allowed, ``where`` names the group.
+    Learning rates and weight decays must be values (numbers or 0-d arrays),
+    not schedules.  An adapter's own keys are checked too: ``flags``
+    (True/False), ``optional_flags`` (True/False or absent/None) and
+    ``callables`` (None or a callable; a mapping ``{key: "its signature"}``
+    puts the signature in the message).  Every error keeps its type and reads
+    ``"{owner}: {message} ({where})"``.
     """
     try:
-        lr = _check_value(o["lr"], "lr")
-        fallback_lr = _check_value(o["fallback_lr"], "fallback_lr", optional=True)
-        weight_decay = _check_value(o["weight_decay"], "weight_decay")
-        fallback_weight_decay = _check_value(o["fallback_weight_decay"], "fallback_weight_decay", optional=True)
-        muon = muon_options(
-            momentum=o["momentum"], nesterov=o["nesterov"], momentum_form=o["momentum_form"],
-            ns_coefficients=o["ns_coefficients"], ns_steps=o["ns_steps"], eps=o["eps"],
-            safety_factor=o["safety_factor"], adjust_lr_fn=o["adjust_lr_fn"], conv_mode=o["conv_mode"],
-            normalize_spatial=o["normalize_spatial"], ns_dtype=o["ns_dtype"], batched=o["batched"],
-            preconditioning=o["preconditioning"], adaptive=o["adaptive"],
-            consistent_rms=o["consistent_rms"])
-        fallback = fallback_options(fallback=o["fallback"], betas=o["betas"], fallback_eps=o["fallback_eps"])
-        min_dim_size, max_aspect_ratio = check_routing_options(o["min_dim_size"], o["max_aspect_ratio"])
+        for key in ("lr", "weight_decay"):
+            _check_value(o[key], key)
+        for key in ("fallback_lr", "fallback_weight_decay"):
+            _check_value(o[key], key, optional=True)
+        opts = MuonOptions(**{k: o[k] for k in MUON_FIELDS if k in o})
         for key in flags:
-            _check_bool(o[key], key)
+            check_bool(o[key], key)
         for key in optional_flags:
             if o.get(key) is not None:
-                _check_bool(o[key], key)
+                check_bool(o[key], key)
         for key in callables:
             if o.get(key) is not None and not callable(o[key]):
                 sig = f" {callables[key]}" if isinstance(callables, dict) else ""
                 raise TypeError(f"{key}={o[key]!r} must be None or a callable{sig}")
     except (TypeError, ValueError) as e:
         raise type(e)(f"{owner}: {e} ({where})") from None
-    return GroupOptions(muon, fallback, lr, fallback_lr, weight_decay, fallback_weight_decay,
-                        min_dim_size, max_aspect_ratio)
+    return opts
 
 
-__all__ += ["GroupOptions", "group_options"]
+__all__ += ["group_options", "muon_definition", "MUON_FIELDS", "SIGNATURES", "REQUIRED"]

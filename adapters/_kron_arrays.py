@@ -24,8 +24,6 @@ from ..core import blocking
 from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number, namespace
-from ..core.fault import check_policy as check_nonfinite
-from . import _common as C
 
 __all__ = ["KronState", "Kron", "kron"]
 
@@ -141,21 +139,14 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
 
     record = CK.record_options("kron", locals())
     try:
-        C.check_nonnegative(lr, "lr")
-        C.check_nonnegative(weight_decay, "weight_decay")
         opts = K.KronOptions(b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
                              preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
                              preconditioner_update_style=preconditioner_update_style, dtype=dtype,
                              block_size=block_size, noise_scale=noise_scale, lr_style=lr_style,
-                             preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype)
+                             preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype,
+                             lr=lr, weight_decay=weight_decay, seed=seed, nonfinite=nonfinite)
     except (TypeError, ValueError) as e:
         raise type(e)(f"kron: {e}") from None
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"kron: seed={seed!r} must be an integer in [0, 2**64)")
-    try:
-        nonfinite = check_nonfinite(nonfinite)
-    except ValueError as e:
-        raise ValueError(f"kron: {e}") from None
-    opt = Kron(lr, weight_decay, opts, scanned, seed, nonfinite)
+    opt = Kron(opts.lr, opts.weight_decay, opts, scanned, opts.seed, opts.nonfinite)
     opt.hyperparameters = record
     return opt

@@ -101,7 +101,7 @@ def _scanned_flags(scanned_layers, params, treedef, n):
 def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_grads: bool = False,
                   max_size_dense: Optional[int] = None, preconditioner_lr: float = 0.7,
                   preconditioner_init_scale: float = 1.0, preconditioner_update_style: str = "skew",
-                  dtype: Any = "bfloat16", scanned_layers: Any = None, block_size: Optional[int] = None,
+                  dtype: Any = "float32", scanned_layers: Any = None, block_size: Optional[int] = None,
                   noise_scale: float = 1e-9, preconditioner_update_probability: Union[float, str, Callable] = 1.0,
                   mu_dtype: Any = None, seed: Optional[int] = None, nonfinite=None) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
@@ -112,12 +112,8 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
                     noise_scale=noise_scale, preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype)
     # seed is read by init only; under inject_hyperparams it arrives as an array
     # (traced inside a jitted update, where it is not needed).
-    if C.is_array_scalar(seed) and C.is_traced(seed):
-        seed = None
-    else:
-        seed = 0 if seed is None else C.static_number(seed, "seed", integer=True)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**64)")
+    seed = None if C.is_array_scalar(seed) and C.is_traced(seed) else \
+        K.KronOptions(seed=0 if seed is None else seed).seed
     fdt = jnp.dtype(opts.dtype)
     use_mu = not (is_number(b1) and b1 == 0)
     opts_no_mu = dataclasses.replace(opts, b1=0.0)  # momentum is applied before kron_updates
@@ -201,9 +197,9 @@ def _full(style, args: dict):
     return described(with_nonfinite(optax.chain(*tx), nonfinite), record)
 
 
-def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
+def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.0,
          weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "float32",
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
          preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None,
          nonfinite=None) -> optax.GradientTransformation:
@@ -211,9 +207,9 @@ def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
     return _full("QUAD", locals())
 
 
-def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.1,
+def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.0,
          weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "bfloat16",
+         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "float32",
          scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
          preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None,
          nonfinite=None) -> optax.GradientTransformation:
@@ -221,7 +217,7 @@ def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float 
     return _full("skew", locals())
 
 
-def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optional[int] = None, dtype: Any = "bfloat16",
+def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optional[int] = None, dtype: Any = "float32",
               mu_dtype: Any = None, b1: float = 0.95, preconditioner_update_style: str = "skew",
               scanned_layers: Any = None) -> list[dict]:
     """Per leaf (by pytree path): layout, state bytes and FLOPs, before allocating anything.

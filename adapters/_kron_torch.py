@@ -117,12 +117,14 @@ class Kron(torch.optim.Optimizer):
                  preconditioner_update_style: str = "skew", preconditioner_lr: float = 0.7,
                  preconditioner_init_scale: float = 1.0,
                  preconditioner_update_probability: Union[float, str, Callable[[int], float]] = 1.0,
-                 max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.bfloat16,
+                 max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.float32,
                  mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
                  noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False,
                  nonfinite: Optional[str] = None):
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-            raise ValueError(f"Kron: seed={seed!r} must be an integer in [0, 2**64)")
+        try:
+            K.KronOptions(seed=seed)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"Kron: {e}") from None
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
                         preconditioner_update_style=preconditioner_update_style,
                         preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,

@@ -189,7 +189,7 @@ class Muon:
     """Returned by :func:`muon`: ``init(params)`` and ``update(grads, state, params)``."""
 
     def __init__(self, *, lr, fallback_lr, weight_decay, fallback_weight_decay, weight_decay_mask,
-                 opts: C.MuonOptions, fb: C.FallbackOptions, mu_dtype, min_dim_size, max_aspect_ratio,
+                 opts: C.MuonOptions, fb: C.AdamOptions, mu_dtype, min_dim_size, max_aspect_ratio,
                  labels, dimension_numbers, nonfinite=None):
         self.nonfinite = nonfinite
         self.lr = lr
@@ -390,21 +390,21 @@ def muon(
 
     record = CK.record_options("muon", locals())
     nonfinite = C_fault.check_policy(nonfinite)
-    opts = C.muon_options(
-        momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
-        adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=ns_dtype, batched=batched, preconditioning=preconditioning, adaptive=adaptive,
-        consistent_rms=consistent_rms,
+    opts = C.MuonOptions(
+        lr=lr, fallback_lr=fallback_lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
+        weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
+        safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode,
+        normalize_spatial=normalize_spatial, ns_dtype=ns_dtype, batched=batched, mu_dtype=mu_dtype,
+        fallback=fallback, betas=betas, fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
+        min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio, preconditioning=preconditioning,
+        adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
     )
-    fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
-    lr = C.check_lr(lr, "lr")
-    flr = lr if fallback_lr is None else C.check_lr(fallback_lr, "fallback_lr")
-    wd = C.check_nonnegative(weight_decay, "weight_decay")
-    fwd = wd if fallback_weight_decay is None else C.check_nonnegative(fallback_weight_decay, "fallback_weight_decay")
-    min_dim, max_ratio = C.check_routing_options(min_dim_size, max_aspect_ratio)
+    fb = opts.fallback_options
+    lr, flr = opts.lr, opts.fallback_lr_value
+    wd, fwd = opts.weight_decay, opts.fallback_weight_decay_value
+    min_dim, max_ratio = opts.min_dim_size, opts.max_aspect_ratio
     if mu_dtype is not None:
-        mu_dtype = C._check_dtype_spec(mu_dtype, "mu_dtype")
+        mu_dtype = opts.mu_dtype
         if isinstance(mu_dtype, str):
             import numpy as np  # a dtype name -> a numpy dtype, which cupy accepts too
 

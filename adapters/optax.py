@@ -310,8 +310,8 @@ def _fallback_at(fb, scheds, count):
     s1, s2 = scheds
     if s1 is None and s2 is None:
         return fb
-    return dataclasses.replace(fb, beta1=fb.beta1 if s1 is None else s1(count),
-                               beta2=fb.beta2 if s2 is None else s2(count))
+    return dataclasses.replace(fb, betas=(fb.beta1 if s1 is None else s1(count),
+                                          fb.beta2 if s2 is None else s2(count)))
 
 
 # --------------------------------------------------------------------------- scale_by_muon
@@ -349,14 +349,14 @@ def scale_by_muon(
     """
     record = CK.record_options("muon", locals())
     momentum, eps, safety_factor, consistent_rms = map(_real_part, (momentum, eps, safety_factor, consistent_rms))
-    opts = C.muon_options(
+    mu_dt = _check_mu_dtype(mu_dtype)
+    opts = C.MuonOptions(
         momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
         adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=_not_injected(ns_dtype, "ns_dtype"), batched=batched, preconditioning=preconditioning,
-        adaptive=adaptive, consistent_rms=consistent_rms,
+        ns_dtype=_not_injected(ns_dtype, "ns_dtype"), batched=batched, mu_dtype=mu_dtype,
+        preconditioning=preconditioning, adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
     )
-    mu_dt = _check_mu_dtype(mu_dtype)
     _check_dims_arg(dimension_numbers)
     warned: list = []
 
@@ -499,21 +499,27 @@ def muon(
      safety_factor, fallback_eps, consistent_rms, max_aspect_ratio) = map(_real_part, (
         learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
         safety_factor, fallback_eps, consistent_rms, max_aspect_ratio))
-    opts = C.muon_options(
-        momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
-        adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=_not_injected(ns_dtype, "ns_dtype"), batched=batched, preconditioning=preconditioning,
-        adaptive=adaptive, consistent_rms=consistent_rms,
-    )
-    betas, beta_scheds = _split_beta_schedules(betas)
-    fb = C.fallback_options(fallback=fallback, betas=betas, fallback_eps=fallback_eps)
-    lr = C.check_lr(learning_rate, "learning_rate")
-    flr = lr if fallback_learning_rate is None else C.check_lr(fallback_learning_rate, "fallback_learning_rate")
-    wd = C.check_hyper(weight_decay, "weight_decay")
-    fwd = wd if fallback_weight_decay is None else C.check_hyper(fallback_weight_decay, "fallback_weight_decay")
-    min_dim, max_ratio = C.check_routing_options(min_dim_size, max_aspect_ratio)
     mu_dt = _check_mu_dtype(mu_dtype)
+    betas, beta_scheds = _split_beta_schedules(betas)
+    # optax's names first (learning_rate, fallback_learning_rate), then the one definition.
+    C.check_lr(learning_rate, "learning_rate")
+    if fallback_learning_rate is not None:
+        C.check_lr(fallback_learning_rate, "fallback_learning_rate")
+    opts = C.MuonOptions(
+        lr=learning_rate, fallback_lr=fallback_learning_rate, momentum=momentum, nesterov=nesterov,
+        momentum_form=momentum_form, weight_decay=weight_decay, ns_coefficients=ns_coefficients,
+        ns_steps=ns_steps, eps=eps, safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn,
+        conv_mode=conv_mode, normalize_spatial=normalize_spatial, ns_dtype=_not_injected(ns_dtype, "ns_dtype"),
+        batched=batched, mu_dtype=mu_dtype, fallback=fallback, betas=betas, fallback_eps=fallback_eps,
+        fallback_weight_decay=fallback_weight_decay,
+        min_dim_size=4 if min_dim_size is None else min_dim_size,
+        max_aspect_ratio=128.0 if max_aspect_ratio is None else max_aspect_ratio,
+        preconditioning=preconditioning, adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
+    )
+    fb = opts.fallback_options
+    lr, flr = opts.lr, opts.fallback_lr_value
+    wd, fwd = opts.weight_decay, opts.fallback_weight_decay_value
+    min_dim, max_ratio = opts.min_dim_size, opts.max_aspect_ratio
     _check_dims_arg(dimension_numbers)
     if isinstance(labels, str):
         C.check_label(labels, "every leaf")

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Any
 
 from ._xp import is_complex, is_number, namespace
 
-__all__ = ["check_betas", "adam_update", "adamw_step"]
+__all__ = ["check_betas", "adam_update", "adamw_step", "AdamOptions", "FALLBACKS"]
 
 
 def check_betas(betas) -> tuple:
@@ -101,3 +103,39 @@ def adamw_step(param, grad, m, v, step, *, lr, betas=(0.9, 0.999), eps: float = 
     if not is_number(weight_decay) or weight_decay:
         param = param * (1.0 - lr * weight_decay)
     return param - lr * direction, m, v
+
+
+FALLBACKS = ("adamw", "nadamw")
+
+
+@dataclass(frozen=True)
+class AdamOptions:
+    """The AdamW / NAdamW rule (module docstring), validated: Muon's fallback.
+
+    ``betas`` entries are numbers in [0, 1) or 0-d arrays (checked when concrete).
+    """
+
+    fallback: str = "adamw"
+    betas: tuple = (0.9, 0.95)
+    eps: Any = 1e-8
+
+    def __post_init__(self):
+        from . import _check as V
+
+        V.check_choice(self.fallback, FALLBACKS, "fallback")
+        b1, b2 = (V.check_scalar_hyper(b, f"betas[{i}]", below=1.0) for i, b in enumerate(check_betas(self.betas)))
+        object.__setattr__(self, "betas", (b1, b2))
+        object.__setattr__(self, "eps", V.check_scalar_hyper(self.eps, "fallback_eps"))
+
+    @property
+    def beta1(self):
+        return self.betas[0]
+
+    @property
+    def beta2(self):
+        return self.betas[1]
+
+    def direction(self, grad, m, v, step):
+        """:func:`adam_update`: ``(direction, m, v)``; the step is ``-lr * direction``."""
+        return adam_update(grad, m, v, step, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                           nesterov=self.fallback == "nadamw")

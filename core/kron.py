@@ -85,7 +85,25 @@ def _check(ok: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class KronOptions:
-    """Every structural Kron option, validated once (the adapters forward these)."""
+    """Kron's one definition: every option, its one default, its validation.
+
+    Every adapter (``xpopt.adapters.torch.Kron``, optax ``quad`` / ``skew`` /
+    ``scale_by_kron``, ``arrays.kron``) takes these names with these defaults;
+    the few framework differences are listed in ``adapters._common.SIGNATURES``
+    and checked by ``tests/test_definitions.py``.
+
+    Two defaults were decided here for every framework at once:
+
+    - ``weight_decay=0.0``: decay is a property of the model, not of the
+      preconditioner; 0 is what torch.optim's Adam, kron-torch and psgd_torch
+      default to (the optax functions used eformer's 0.1 until they were unified).
+    - ``dtype="float32"``: the factors' storage.  It is the one dtype every
+      backend stores (CuPy has no bfloat16, NumPy only through ml_dtypes), and
+      xpopt's point is the same numbers on every framework: a bf16 rounding of
+      the factors turns a one-ulp float32 difference between two BLAS into a
+      2^-8 one.  ``dtype="bfloat16"`` halves the state (0.75x AdamW's instead
+      of 1.5x, README's state table) at one rounding per fit: the memory choice.
+    """
 
     b1: Any = 0.95
     normalize_grads: bool = False
@@ -93,14 +111,29 @@ class KronOptions:
     preconditioner_lr: Any = 0.7
     preconditioner_init_scale: Any = 1.0
     preconditioner_update_style: str = "skew"
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
     block_size: int = 256
     noise_scale: Any = 1e-9
     lr_style: Optional[str] = "adam"
     preconditioner_update_probability: Union[float, str, Callable] = 1.0
     mu_dtype: Optional[str] = None   # None: the state-dtype rule, see momentum_dtype
+    lr: Any = 1e-3
+    weight_decay: Any = 0.0
+    seed: Optional[int] = 0          # None only where it is traced (optax.inject_hyperparams under jit)
+    nonfinite: Optional[str] = None
 
     def __post_init__(self):
+        from . import _check as V
+        from .fault import check_policy
+
+        object.__setattr__(self, "lr", V.check_lr(self.lr, "lr"))
+        object.__setattr__(self, "weight_decay", V.check_hyper(self.weight_decay, "weight_decay"))
+        if self.seed is not None:
+            seed = V.static_number(self.seed, "seed", integer=True)
+            _check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2 ** 64,
+                   f"seed={self.seed!r} must be an integer in [0, 2**64)")
+            object.__setattr__(self, "seed", int(seed))
+        object.__setattr__(self, "nonfinite", check_policy(self.nonfinite))
         style = self.preconditioner_update_style
         # either case ("quad", "QUAD", "Skew"): stored as the canonical UPDATE_STYLES spelling
         canon = {s.lower(): s for s in UPDATE_STYLES}.get(style.lower()) if isinstance(style, str) else None

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from ._xp import is_complex, is_number, namespace
 from .newton_schulz import orthogonalize
@@ -25,7 +27,7 @@ from .newton_schulz import orthogonalize
 __all__ = [
     "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES",
     "DEFAULT_RMS", "momentum_update", "debias_factor", "lr_scale", "suitability", "matrix_shape", "to_matrix",
-    "from_matrix", "batch_groups", "orthogonalized_updates", "muon_step",
+    "from_matrix", "batch_groups", "orthogonalized_updates", "muon_step", "MuonOptions",
 ]
 
 MOMENTUM_FORMS = ("ema", "classic")
@@ -318,3 +320,172 @@ def muon_step(
 def _is_on(v) -> bool:
     """False only for a Python zero: a 0-d array (maybe traced) counts as on."""
     return bool(v) if is_number(v) else True
+
+
+# ------------------------------------------------------------------ the definition
+
+BATCHED = (True, False, "auto")
+
+
+@dataclass(frozen=True)
+class MuonOptions:
+    """Muon's one definition: every option, its one default, its validation.
+
+    Every adapter (``xpopt.adapters.torch.Muon``, ``optax.muon`` /
+    ``scale_by_muon``, ``arrays.muon``) takes these names with these defaults;
+    the few framework differences are listed in ``adapters._common.SIGNATURES``
+    and checked by ``tests/test_definitions.py``.  Values are validated and
+    normalised on construction (``ns_coefficients`` -> a tuple of ``(a, b, c)``
+    triples and ``ns_steps`` its length; dtypes -> names); errors name the
+    option and what is allowed.  Continuous hyperparameters may be 0-d arrays
+    (checked when concrete); ``lr``/``fallback_lr`` may also be schedules
+    (callables) where the adapter supports them (optax).
+
+    The fallback (AdamW / NAdamW, :class:`xpopt.core.adam.AdamOptions`) runs
+    with ``fallback_lr`` (None: ``lr``) and ``fallback_weight_decay`` (None:
+    ``weight_decay``).  ``mu_dtype`` None keeps the momentum in float32 for
+    bf16/f16 parameters and in the parameter's dtype otherwise.
+    """
+
+    lr: Any = 0.02
+    momentum: Any = 0.95
+    nesterov: bool = True
+    momentum_form: str = "ema"
+    weight_decay: Any = 0.0
+    ns_coefficients: Any = "quintic"
+    ns_steps: Optional[int] = None
+    eps: Any = 1e-7
+    safety_factor: Any = 1.0
+    adjust_lr_fn: str = "match_rms_adamw"
+    conv_mode: str = "flatten"
+    normalize_spatial: bool = True
+    ns_dtype: Any = None
+    batched: Any = "auto"
+    mu_dtype: Any = None
+    fallback: str = "adamw"
+    fallback_lr: Any = None
+    betas: tuple = (0.9, 0.95)
+    fallback_eps: Any = 1e-8
+    fallback_weight_decay: Any = None
+    min_dim_size: int = 4
+    max_aspect_ratio: float = 128.0
+    preconditioning: str = "frobenius"
+    adaptive: bool = False
+    consistent_rms: Any = None
+    nonfinite: Optional[str] = None
+
+    def __post_init__(self):
+        from . import _check as V
+        from .adam import AdamOptions
+        from .fault import check_policy
+        from .newton_schulz import PRECONDITIONINGS, resolve_coefficients
+
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("lr", V.check_lr(self.lr, "lr"))
+        if self.fallback_lr is not None:
+            put("fallback_lr", V.check_lr(self.fallback_lr, "fallback_lr"))
+        put("weight_decay", V.check_hyper(self.weight_decay, "weight_decay"))
+        if self.fallback_weight_decay is not None:
+            put("fallback_weight_decay", V.check_hyper(self.fallback_weight_decay, "fallback_weight_decay"))
+        if isinstance(self.momentum, bool):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        check_momentum(self.momentum)
+        put("momentum", V.check_scalar_hyper(self.momentum, "momentum", below=1.0))
+        put("nesterov", V.check_bool(self.nesterov, "nesterov"))
+        V.check_choice(self.momentum_form, MOMENTUM_FORMS, "momentum_form")
+        ns_steps = V.static_number(self.ns_steps, "ns_steps", integer=True)
+        if ns_steps is not None and (
+                isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1):
+            raise ValueError(f"ns_steps must be an integer >= 1 or None (the preset's own count), got {ns_steps!r}")
+        try:
+            coeffs = resolve_coefficients(self.ns_coefficients, None if ns_steps is None else int(ns_steps))
+        except ValueError as e:
+            raise ValueError(f"ns_coefficients={self.ns_coefficients!r} is not valid: {e}") from None
+        put("ns_coefficients", coeffs)
+        put("ns_steps", len(coeffs))
+        put("eps", V.check_scalar_hyper(self.eps, "eps"))
+        put("safety_factor", V.check_scalar_hyper(self.safety_factor, "safety_factor", minimum=0.0, strict=True))
+        V.check_choice(self.adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
+        V.check_choice(self.conv_mode, CONV_MODES, "conv_mode")
+        put("normalize_spatial", V.check_bool(self.normalize_spatial, "normalize_spatial"))
+        put("ns_dtype", V.check_dtype_spec(self.ns_dtype, "ns_dtype", auto=True))
+        if not (isinstance(self.batched, bool) or self.batched == "auto"):
+            raise ValueError(f"batched={self.batched!r} is not valid; use 'auto' (batch where measured faster), "
+                             "True or False")
+        put("mu_dtype", V.check_dtype_spec(self.mu_dtype, "mu_dtype"))
+        put("_fallback", AdamOptions(self.fallback, self.betas, self.fallback_eps))
+        put("betas", self._fallback.betas)
+        put("fallback_eps", self._fallback.eps)
+        put("min_dim_size", V.check_int(self.min_dim_size, "min_dim_size"))
+        max_ratio = V.static_number(self.max_aspect_ratio, "max_aspect_ratio", integer=False)
+        put("max_aspect_ratio", V.check_real(max_ratio, "max_aspect_ratio", minimum=1.0))
+        V.check_choice(self.preconditioning, PRECONDITIONINGS, "preconditioning")
+        put("adaptive", V.check_bool(self.adaptive, "adaptive"))
+        if self.consistent_rms is not None:
+            if self.adjust_lr_fn != "match_rms_adamw":
+                raise ValueError(
+                    f"consistent_rms={self.consistent_rms!r} sets the RMS constant of adjust_lr_fn="
+                    f"'match_rms_adamw' (update RMS = consistent_rms), but adjust_lr_fn={self.adjust_lr_fn!r}; "
+                    "drop one of the two")
+            put("consistent_rms", V.check_scalar_hyper(self.consistent_rms, "consistent_rms", minimum=0.0,
+                                                       strict=True))
+        put("nonfinite", check_policy(self.nonfinite))
+
+    # -------------------------------------------------------------- derived values
+
+    @property
+    def fallback_options(self):
+        """The fallback's :class:`~xpopt.core.adam.AdamOptions`."""
+        return self._fallback
+
+    @property
+    def fallback_lr_value(self):
+        return self.lr if self.fallback_lr is None else self.fallback_lr
+
+    @property
+    def fallback_weight_decay_value(self):
+        return self.weight_decay if self.fallback_weight_decay is None else self.fallback_weight_decay
+
+    @property
+    def rms(self):
+        """The RMS constant of ``match_rms_adamw`` (``consistent_rms``, default 0.2)."""
+        return DEFAULT_RMS if self.consistent_rms is None else self.consistent_rms
+
+    @property
+    def ns_is_bf16(self) -> bool:
+        from ._check import dtype_name
+
+        return self.ns_dtype is not None and dtype_name(self.ns_dtype) == "bfloat16"
+
+    def suitable(self, shape) -> tuple[bool, str]:
+        """:func:`suitability` with this definition's thresholds."""
+        return suitability(shape, min_dim_size=self.min_dim_size, max_aspect_ratio=self.max_aspect_ratio)
+
+    # -------------------------------------------------------------- the step, in pieces
+
+    def debias(self, step):
+        """Bias correction of the momentum for ``adaptive`` (1.0 when off); ``step`` 1-based."""
+        if not self.adaptive:
+            return 1.0
+        return debias_factor(self.momentum, step, nesterov=self.nesterov, form=self.momentum_form)
+
+    def momentum_step(self, buf, grad, *, momentum=None, inplace: bool = False):
+        """:func:`momentum_update`: ``(new_buf, update)`` (``momentum`` overrides, e.g. scheduled)."""
+        return momentum_update(buf, grad, momentum=self.momentum if momentum is None else momentum,
+                               nesterov=self.nesterov, form=self.momentum_form, inplace=inplace)
+
+    def orthogonalize(self, updates: list, step=None, *, compute_dtype=None, debias=None) -> list:
+        """:func:`orthogonalized_updates` on torch-layout arrays (``lr_scale`` included).
+
+        ``step`` (1-based, this update included) is needed with ``adaptive``.
+        """
+        return orthogonalized_updates(
+            updates, conv_mode=self.conv_mode, normalize_spatial=self.normalize_spatial,
+            adjust_lr_fn=self.adjust_lr_fn, rms=self.rms, batch=self.batched,
+            adaptive=self.adaptive, debias=self.debias(step) if debias is None else debias,
+            coefficients=self.ns_coefficients, steps=self.ns_steps, eps=self.eps,
+            safety_factor=self.safety_factor, preconditioning=self.preconditioning,
+            compute_dtype=self.ns_dtype if compute_dtype is None else compute_dtype,
+        )

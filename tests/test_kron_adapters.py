@@ -165,7 +165,7 @@ def test_param_groups_schedulers_and_closures():
                                               (torch.bfloat16, None)])
 def test_plan_matches_the_allocated_state(pdtype, mu_dtype):
     ps = [torch.nn.Parameter(torch.zeros(768, 3072, dtype=pdtype)), torch.nn.Parameter(torch.zeros(3072, dtype=pdtype))]
-    opt = Kron(ps, lr=1e-3, mu_dtype=mu_dtype)    # bf16 factors (the default)
+    opt = Kron(ps, lr=1e-3, dtype=torch.bfloat16, mu_dtype=mu_dtype)   # bf16 factors (the memory choice)
     plan = opt.plan()
     for p in ps:
         p.grad = torch.randn_like(p)

@@ -650,15 +650,15 @@ def test_fallback_survives_overflowing_squares_like_adamw(big, betas):
 # ========================================================= 6. options live once
 
 def test_options_are_validated_by_the_shared_validators(monkeypatch):
-    """Construction, add_param_group and load_state_dict validate through ``_common``; step() does not."""
+    """Construction, add_param_group and load_state_dict validate through core's MuonOptions; step() does not."""
     calls = []
-    real = C.muon_options
+    real = C.MuonOptions
 
     def spy(**kw):
         calls.append(kw)
         return real(**kw)
 
-    monkeypatch.setattr(C, "muon_options", spy)
+    monkeypatch.setattr(C, "MuonOptions", spy)
     params = make_params()
     opt = Muon(params[:4])
     n_construct = len(calls)
