@@ -314,12 +314,8 @@ _FACTOR_KEYS = ("Ql", "Qr", "Ll", "Lr")
 
 def kron_group(opt, group: dict, opts, g_index: int) -> None:
     """``Kron.step`` for one group of DTensor params: momentum on shards, factors on owners."""
-    import dataclasses
-
-    import numpy as np
-
     from ..core import kron as K
-    from ._kron_torch import _as_key
+    from ._kron_torch import _factors, _host_key, _store
 
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
@@ -354,27 +350,12 @@ def kron_group(opt, group: dict, opts, g_index: int) -> None:
         states.append(st)
         ms.append(m)
     full = gather_to_owners(ms, shapes, own, comm)
-    no_mu = dataclasses.replace(opts, b1=0.0)  # momentum is done: the owner's kron_updates sees m as g
     dirs = {}
-    for i in sorted(full):
-        st, lay, t = states[i], opt._layouts[params[i]], states[i]["step"]
-        key = np.asarray(st["key"].tolist(), dtype=np.uint32)
-        noise_key, decision_key = K.step_keys(key, t)
-        prob = K.update_probability(opts.preconditioner_update_probability, t)
-        update = True if prob >= 1.0 else bool(K.draw_update(decision_key, prob))
-        m = full[i]
-        noise = None
-        if update and opts.noise_scale:
-            nk = torch.as_tensor(np.asarray(noise_key, dtype=np.int64)).to(m.device)
-            noise = K.make_noise(_as_key(nk), lay, torch.empty(0, dtype=m.dtype, device=m.device),
-                                 opts.noise_scale)
-        f = K.Factors(st.get("Ql"), st["Qr"], st["Ll"], st["Lr"])
-        (D,), _, (nf,) = K.kron_updates([m], [None], [f], [lay], step=t, opts=no_mu, update=update,
-                                        noise=None if noise is None else [noise])
-        for k, v in zip(_FACTOR_KEYS, nf):
-            if v is not None:
-                st[k].copy_(v)
-        dirs[i] = D
+    for i in sorted(full):  # the owner: m is the whole matrix's momentum, so no mu here
+        st = states[i]
+        dirs[i], _, nf = K.kron_step(full[i], None, _factors(st), opt._layouts[params[i]], key=_host_key(st),
+                                     step=st["step"], opts=opts, host_decision=True)
+        _store(st, None, nf)
     # D is float32 (float64 for float64 params) on every rank: the dtype of m.
     local_d = scatter_from_owners(dirs, ms, shapes, own, comm)
     from .torch import apply_update

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from ..backends import resolve_dtype
 from ..core import blocking
+from ..core._apply import apply_update
 from ..core import kron as K
 from ..core import random as R
 from ..core._xp import is_number, namespace
@@ -81,25 +82,12 @@ class Kron:
         t = state.step + 1
         lays = self._layouts(gs)
         ps = _matching(params, keys, kind, "params", "grads") if params is not None else [None] * len(gs)
-        prob = K.update_probability(self.opts.preconditioner_update_probability, t)
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay, p) in enumerate(zip(gs, state.mu, state.factors, lays, ps)):
-            xp, _ = namespace(g, names=(f"grads[{keys[i]!r}]",))
+            namespace(g, names=(f"grads[{keys[i]!r}]",))
             pkey = K.param_key(state.key, i) if state.param_keys is None else state.param_keys[i]
-            nkey, dkey = K.step_keys(pkey, t)
-            update = True if prob >= 1.0 else bool(K.draw_update(dkey, prob))
-            cdt = xp.float64 if g.dtype == xp.float64 else xp.float32
-            noise = None
-            if update and self.opts.noise_scale:
-                noise = [K.make_noise(nkey, lay, xp.zeros((0,), dtype=cdt), self.opts.noise_scale)]
-            (d,), (m,), (nf,) = K.kron_updates([g], [mu], [f], [lay], step=t, opts=self.opts, update=update,
-                                               noise=noise)
-            delta = -self.lr * d
-            if self.weight_decay:
-                if p is None:
-                    raise ValueError("weight_decay needs params: call update(grads, state, params)")
-                delta = delta - (self.lr * self.weight_decay) * xp.astype(p, d.dtype)
-            out.append(delta)
+            d, m, nf = K.kron_step(g, mu, f, lay, key=pkey, step=t, opts=self.opts, host_decision=True)
+            out.append(apply_update(p, d, self.lr, self.weight_decay))
             new_mu.append(m)
             new_f.append(nf)
         return _rebuild(kind, keys, out), KronState(t, state.key, new_mu, new_f, param_keys=state.param_keys)

@@ -24,7 +24,6 @@ whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_s
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -116,7 +115,6 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         K.KronOptions(seed=0 if seed is None else seed).seed
     fdt = jnp.dtype(opts.dtype)
     use_mu = not (is_number(b1) and b1 == 0)
-    opts_no_mu = dataclasses.replace(opts, b1=0.0)  # momentum is applied before kron_updates
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -142,27 +140,17 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
             return updates, state
         lays = _layouts(leaves, _scanned_flags(scanned_layers, updates, treedef, len(leaves)), opts)
         count = optax.safe_increment(state.count)
-        prob = K.update_probability(opts.preconditioner_update_probability, count)
-        always = is_number(prob) and prob >= 1.0
         mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
         keys = treedef.flatten_up_to(state.param_keys)
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
-            nkey, dkey = K.step_keys(keys[i], count)
-            update = True if always else K.draw_update(dkey, prob)
-            cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
-            noise = None
-            if not (is_number(opts.noise_scale) and opts.noise_scale == 0):
-                like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: beside the key
-                noise = [K.make_noise(nkey, lay, like, opts.noise_scale)]
             _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")
-            # Momentum is elementwise: it stays on the shards.  Only its bias-corrected
-            # result is gathered, once per step; the fit and the application then run
-            # on the whole matrix without a collective per matmul (core.kron.momentum
-            # + kron_updates(b1=0) gives the same bits as kron_updates with b1).
-            m, nm = K.momentum(g, mu, step=count, b1=opts.b1)
-            (d,), _, (nf,) = K.kron_updates([_dist.gather(m)], [None], [f], [lay], step=count, opts=opts_no_mu,
-                                            update=update, noise=noise)
+            like = _dist.replicate_on_mesh(jnp.zeros((0,), jnp.float64 if g.dtype == jnp.float64 else jnp.float32),
+                                           [g])  # eager: the noise beside the key
+            # Momentum stays on the shards; only its bias-corrected result is gathered, once per
+            # step, so the fit and the application run on the whole matrix (core.kron.kron_step).
+            d, nm, nf = K.kron_step(g, mu, f, lay, key=keys[i], step=count, opts=opts, noise_like=like,
+                                    gather=_dist.gather)
             out.append(_dist.restore(d.astype(g.dtype), g))
             new_mu.append(nm)
             new_f.append(nf)

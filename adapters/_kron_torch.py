@@ -233,26 +233,10 @@ class Kron(torch.optim.Optimizer):
         return loss
 
     def _step_param(self, p, st, group, opts) -> None:
-        lay = self._layouts[p]
         st["step"] += 1
-        t = st["step"]
-        key = np.asarray(st["key"].tolist(), dtype=np.uint32)
-        noise_key, decision_key = K.step_keys(key, t)
-        prob = K.update_probability(opts.preconditioner_update_probability, t)
-        update = True if prob >= 1.0 else bool(K.draw_update(decision_key, prob))
-        cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-        noise = None
-        if update and opts.noise_scale:
-            nk = torch.as_tensor(np.asarray(noise_key, dtype=np.int64)).to(p.device)
-            noise = K.make_noise(_as_key(nk), lay, torch.empty(0, dtype=cdt, device=p.device), opts.noise_scale)
-        f = K.Factors(st.get("Ql"), st["Qr"], st["Ll"], st["Lr"])
-        (D,), (mu,), (nf,) = K.kron_updates([p.grad], [st.get("mu")], [f], [lay], step=t, opts=opts,
-                                            update=update, noise=None if noise is None else [noise])
-        if mu is not None:
-            st["mu"].copy_(mu)
-        for k, v in zip(("Ql", "Qr", "Ll", "Lr"), nf):
-            if v is not None:
-                st[k].copy_(v)
+        D, mu, nf = K.kron_step(p.grad, st.get("mu"), _factors(st), self._layouts[p], key=_host_key(st),
+                                step=st["step"], opts=opts, host_decision=True)
+        _store(st, mu, nf)
         from .torch import apply_update
 
         apply_update(p, D, group["lr"], group["weight_decay"], D.dtype)
@@ -312,8 +296,19 @@ def _prng_key(seed: int):
     return R.PRNGKey(seed, like=np.zeros(0, np.uint32))
 
 
-def _as_key(t: torch.Tensor):
-    """A key in the form ``core.random`` takes for torch (uint32 where it can)."""
-    from ..core import random as R
+def _host_key(st: dict) -> np.ndarray:
+    """The parameter's key on the host (NumPy): the draw is made there, without a device sync."""
+    return np.asarray(st["key"].tolist(), dtype=np.uint32)
 
-    return R.as_key(t) if hasattr(R, "as_key") else t
+
+def _factors(st: dict) -> K.Factors:
+    return K.Factors(st.get("Ql"), st["Qr"], st["Ll"], st["Lr"])
+
+
+def _store(st: dict, mu, factors) -> None:
+    """Copy a step's new momentum (None: unchanged) and factors into the state, in place."""
+    if mu is not None:
+        st["mu"].copy_(mu)
+    for k, v in zip(("Ql", "Qr", "Ll", "Lr"), factors):
+        if v is not None:
+            st[k].copy_(v)

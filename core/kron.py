@@ -55,7 +55,7 @@ from .adam import _bias_correction
 from ._xp import device, is_number, namespace
 
 __all__ = ["KronOptions", "Factors", "Plan", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
-           "update_probability", "kron_updates", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
+           "update_probability", "kron_updates", "kron_step", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
 
 UPDATE_STYLES = ("QUAD", "skew")
 FACTOR_DTYPES = ("bfloat16", "float32")
@@ -541,6 +541,45 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
             D = D / ADAM_DIVISOR
         dirs.append(D)
     return dirs, new_mus, new_f
+
+
+def kron_step(g, mu, factors: Factors, lay: blocking.Layout, *, key, step, opts: KronOptions,
+              noise_like=None, gather=None, host_decision: bool = False, cond=None):
+    """One parameter's whole Kron step: ``(direction, new_mu, new_factors)``; every adapter calls this.
+
+    In order: the parameter's keys at ``step`` (``key``: its own key, state),
+    the fit probability and the draw (``host_decision``: a Python bool, for
+    callers that decide on the host; else an array under jit, for ``cond``),
+    :func:`momentum` (elementwise: ``gather``, if given, takes the
+    bias-corrected ``m`` from a shard to the whole matrix), noise when the
+    preconditioner may be fitted and ``noise_scale`` is not zero (allocated
+    beside ``noise_like``, default beside ``m``; ``key`` is moved there), then
+    :func:`kron_updates` with ``m`` as the gradient.  ``mu=None``: ``g`` is
+    already the momentum (``b1 == 0``, or a sharded caller that ran
+    :func:`momentum` on its shards and gathered ``m`` itself).  The caller
+    applies ``direction`` (``core._apply``) and stores the state in its form.
+    """
+    from . import random as R
+
+    noise_key, decision_key = step_keys(key, step)
+    prob = update_probability(opts.preconditioner_update_probability, step)
+    if is_number(prob) and prob >= 1.0:
+        update = True
+    else:
+        update = draw_update(decision_key, prob)
+        update = bool(update) if host_decision else update
+    m, new_mu = momentum(g, mu, step=step, b1=opts.b1)
+    if gather is not None:
+        m = gather(m)
+    noise = None
+    if update is not False and not (is_number(opts.noise_scale) and opts.noise_scale == 0):
+        if noise_like is None:
+            xp, _ = namespace(m, names=("g",))
+            noise_like = xp.zeros((0,), dtype=m.dtype, device=device(m))
+        noise = [make_noise(R.key_like(noise_key, noise_like), lay, noise_like, opts.noise_scale)]
+    (d,), _, (nf,) = kron_updates([m], [None], [factors], [lay], step=step, opts=opts, update=update,
+                                  noise=noise, cond=cond)
+    return d, new_mu, nf
 
 
 def momentum(g, mu, *, step, b1, dtype=None):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ._xp import device, namespace
 
-__all__ = ["PRNGKey", "threefry2x32", "fold_in", "split", "bits", "uniform", "normal", "as_key"]
+__all__ = ["PRNGKey", "threefry2x32", "fold_in", "split", "bits", "uniform", "normal", "as_key", "key_like"]
 
 _MASK = 0xFFFFFFFF
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -71,6 +71,15 @@ def as_key(key):
     xp, backend = namespace(key, names=("key",))
     w = _words(xp, backend)
     return key if key.dtype == w else xp.astype(key, w)
+
+
+def key_like(key, like):
+    """``key``'s words as a key of ``like``'s backend and device: a host key (NumPy) taken to
+    the device that draws with it; a key of ``like``'s own type as it is."""
+    if type(key) is type(like):
+        return key
+    xp, backend = namespace(like, names=("like",))
+    return xp.asarray([int(key[0]), int(key[1])], dtype=_words(xp, backend), device=device(like))
 
 
 def PRNGKey(seed: int, *, like):
