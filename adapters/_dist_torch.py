@@ -247,50 +247,27 @@ def _check_local_rows(params, labels, comm: _Comm, who: str) -> None:
 def muon_group(opt, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
     """``Muon._muon_group`` for DTensor params: momentum on shards, NS on owners."""
     from . import torch as T
-    from ..core.muon import batch_groups, debias_factor, momentum_update, orthogonalized_updates
+    from ..core.muon import batch_groups
 
     comm = _Comm(params)
     labels = lambda i: repr(opt._routes[params[i]].name)  # noqa: E731
     _check_local_rows(params, labels, comm, "Muon")
-    mu = T._muon_momentum(group)
-    nesterov, form = group["nesterov"], group["momentum_form"]
-    torch._foreach_add_(steps, 1.0)
-    ns_dtype = group["ns_dtype"]
-    auto = isinstance(ns_dtype, str) and ns_dtype == "auto"
-    rms = T.DEFAULT_RMS if group["consistent_rms"] is None else group["consistent_rms"]
-    common = dict(
-        conv_mode=group["conv_mode"], normalize_spatial=group["normalize_spatial"],
-        adjust_lr_fn=group["adjust_lr_fn"], rms=rms, adaptive=group["adaptive"], debias=1.0,
-        coefficients=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"],
-        safety_factor=group["safety_factor"], preconditioning=group["preconditioning"], cast_back=False)
-    local_p = [p.to_local() for p in params]
-    updates = []
-    for b, g in zip(bufs, grads):
-        lb = b.to_local()
-        _, u = momentum_update(lb, g.to_local().to(lb.dtype), momentum=mu, nesterov=nesterov, form=form,
-                               inplace=True)
-        updates.append(u)
+    momentum, directions = opt._muon_parts(group, steps)
+    updates = [momentum(b.to_local(), g.to_local()) for b, g in zip(bufs, grads)]
     shapes = [tuple(p.shape) for p in params]
     own = owners(shapes, comm.world)
     full = gather_to_owners(updates, shapes, own, comm)
     mine = sorted(full)
     dirs = {}
-    if mine:
-        for idx in batch_groups([full[i] for i in mine], conv_mode=group["conv_mode"], batch=group["batched"]):
-            ids = [mine[j] for j in idx]
-            u0 = full[ids[0]]
-            cdt = ("bfloat16" if opt._native_bf16 and not u0.is_complex() else None) if auto else ns_dtype
-            ds = orthogonalized_updates([full[i] for i in ids], batch=True, compute_dtype=cdt, **common)
-            for i, d in zip(ids, ds):
-                if group["adaptive"]:
-                    d = d * debias_factor(mu, steps[i], nesterov=nesterov, form=form)
-                dirs[i] = d
+    for idx in batch_groups([full[i] for i in mine], conv_mode=group["conv_mode"], batch=group["batched"]):
+        ids = [mine[j] for j in idx]
+        dirs.update(zip(ids, directions([full[i] for i in ids], [steps[i] for i in ids])))
     # Directions travel in the update's dtype (the state dtype): a bf16
     # Newton-Schulz result widens exactly, and every rank knows that dtype.
     local_d = scatter_from_owners(dirs, updates, shapes, own, comm)
     lr, wd = T._scalar(group["lr"]), group["weight_decay"]
-    for p, d in zip(local_p, local_d):
-        opt._apply(p, d, lr, wd)
+    for p, d in zip(params, local_d):
+        opt._apply(p.to_local(), d, lr, wd)
 
 
 def all_agree(ok: bool, device=None) -> bool:

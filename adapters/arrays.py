@@ -51,6 +51,7 @@ from ..backends import backend_name, get_backend
 from . import _common as C
 from ._common import DimensionNumbers
 from ..core import fault as C_fault
+from ..core._apply import apply_update
 from ._fault import eager_gate
 
 __all__ = ["muon", "apply_updates", "MuonState", "Muon", "DimensionNumbers", "FLAX", "TORCH"]
@@ -288,9 +289,9 @@ class Muon:
                     raise ValueError(f"grad for {nm} has shape {tuple(g.shape)}, param has {tuple(x.shape)}")
         else:
             keys, _, names, kind, lib, plans = self._plan(grads, "grads")
-            pvals = None
+            pvals = [None] * len(keys)
         wd, fwd = self.weight_decay, self.fallback_weight_decay
-        if pvals is None and any(p.decay and (wd if p.layout is not None else fwd) for p in plans):
+        if params is None and any(p.decay and (wd if p.layout is not None else fwd) for p in plans):
             raise ValueError("weight decay needs the current parameters: call update(grads, state, params)")
         bufs = _matching(state.mu, keys, kind, "state.mu", "grads")
         ms = _matching(state.exp_avg, keys, kind, "state.exp_avg", "grads")
@@ -319,10 +320,7 @@ class Muon:
         # ns_dtype="auto" is resolved by core per matrix (complex ones stay complex)
         for i, d in zip(idx, self.options.orthogonalize(mats, step=step + 1)):
             d = plans[i].layout.from_torch(d)
-            delta = -lr_t * d
-            if wd and plans[i].decay:
-                delta = delta - (lr_t * wd) * _cast(pvals[i], d.dtype)
-            out[i] = delta
+            out[i] = apply_update(pvals[i], d, lr_t, wd if plans[i].decay else 0)
 
         for i, (g, p, m, v) in enumerate(zip(gvals, plans, ms, vs)):
             if p.layout is not None:
@@ -331,10 +329,7 @@ class Muon:
             direction, m2, v2 = self.fallback.direction(_cast(g, cdt), _cast(m, cdt),
                                                          _cast(v, _real_dtype(g, cdt)), step + 1)
             new_m[i], new_v[i] = _cast(m2, m.dtype), _cast(v2, v.dtype)
-            delta = -flr_t * direction
-            if fwd and p.decay:
-                delta = delta - (flr_t * fwd) * _cast(pvals[i], direction.dtype)
-            out[i] = delta
+            out[i] = apply_update(pvals[i], direction, flr_t, fwd if p.decay else 0)
 
         new_state = MuonState(step + 1, _rebuild(kind, keys, new_mu), _rebuild(kind, keys, new_m),
                               _rebuild(kind, keys, new_v))

@@ -129,6 +129,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from ..backends import jax as _jax_backend
+from ..core._apply import apply_update
 from . import _common as C
 from . import _dist_jax as _dist
 from .. import checkpoint as CK
@@ -569,10 +570,10 @@ def muon(
             p_leaves = _flatten_up_to(treedef, params, "params")
             plans = plan(params)
         else:
-            p_leaves = None
+            p_leaves = [None] * len(grads)
             plans = plan(updates)
         needs_params = any(p.decay and C.is_on(wd if p.layout is not None else fwd) for p in plans)
-        if needs_params and p_leaves is None:
+        if needs_params and params is None:
             raise ValueError(
                 "weight decay needs the current parameters: call update(grads, state, params) "
                 "(a weight decay given as an array, as optax.inject_hyperparams does, counts as on "
@@ -613,10 +614,7 @@ def muon(
         for i, d in zip(idx, opts.orthogonalize(mats, step=count_inc)):
             cdt = _compute_dtype(grads[i].dtype)
             d = _dist.restore(plans[i].layout.from_torch(d), grads[i])
-            delta = -lr_t * d
-            if C.is_on(wd) and plans[i].decay:
-                delta = delta - (lr_t * wd) * p_leaves[i].astype(d.dtype)
-            out[i] = delta.astype(cdt)
+            out[i] = apply_update(p_leaves[i], d, lr_t, wd if plans[i].decay else 0).astype(cdt)
 
         # Fallback leaves: core AdamW/NAdamW direction, 1-based step.
         for i, (g, p, m, v) in enumerate(zip(grads, plans, ms, vs)):
@@ -625,10 +623,7 @@ def muon(
             cdt = _compute_dtype(g.dtype)
             direction, m2, v2 = fb_t.direction(g.astype(cdt), m.astype(cdt), v.astype(_real_dtype(cdt)), count_inc)
             new_m[i], new_v[i] = m2.astype(m.dtype), v2.astype(v.dtype)
-            delta = -flr_t * direction
-            if C.is_on(fwd) and p.decay:
-                delta = delta - (flr_t * fwd) * p_leaves[i].astype(direction.dtype)
-            out[i] = delta.astype(cdt)
+            out[i] = apply_update(p_leaves[i], direction, flr_t, fwd if p.decay else 0).astype(cdt)
 
         new_state = MuonAdamWState(count=count_inc, mu=treedef.unflatten(new_mu),
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))

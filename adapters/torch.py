@@ -539,7 +539,11 @@ class Muon(torch.optim.Optimizer):
         # The direction may be narrower (bf16 Newton-Schulz output): the update widens it exactly.
         apply_update(p, direction, lr, wd, _state_dtype(p))
 
-    def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
+    def _muon_parts(self, group: dict, steps: list):
+        """``(momentum, directions)`` of a group's Muon step, its steps counted: ``momentum(buf, grad)``
+        updates ``buf`` in place and returns the update to orthogonalise; ``directions(updates, steps)``
+        orthogonalises one batch (with its adaptive bias correction).  ``_muon_group`` and the
+        sharded path (``_dist_torch.muon_group``, which only adds the array movement) share them."""
         mu = _muon_momentum(group)
         nesterov, form = group["nesterov"], group["momentum_form"]
         torch._foreach_add_(steps, 1.0)
@@ -553,23 +557,31 @@ class Muon(torch.optim.Optimizer):
             adjust_lr_fn=group["adjust_lr_fn"], rms=rms, adaptive=group["adaptive"], debias=1.0,
             coefficients=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"],
             safety_factor=group["safety_factor"], preconditioning=group["preconditioning"], cast_back=False)
+
+        def momentum(buf, grad):
+            return momentum_update(buf, grad.to(buf.dtype), momentum=mu, nesterov=nesterov, form=form,
+                                   inplace=True)[1]
+
+        def directions(updates, batch_steps):
+            cdt = ("bfloat16" if self._native_bf16 and not updates[0].is_complex() else None) if auto else ns_dtype
+            ds = orthogonalized_updates(updates, batch=True, compute_dtype=cdt, **common)
+            if not group["adaptive"]:
+                return ds
+            # each param's own bias correction (params added or loaded at
+            # different times have different step counts)
+            return [d * debias_factor(mu, t, nesterov=nesterov, form=form) for d, t in zip(ds, batch_steps)]
+
+        return momentum, directions
+
+    def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
+        momentum, directions = self._muon_parts(group, steps)
         lr, wd = _scalar(group["lr"]), group["weight_decay"]
         # Momentum, Newton-Schulz and the update run batch group by batch group
         # (one matrix unless batching pays), so each matrix is still in cache
         # for the next phase, as in torch.optim's per-parameter loop.
         for idx in batch_groups(bufs, conv_mode=group["conv_mode"], batch=group["batched"]):
-            updates = []
-            for i in idx:
-                _, u = momentum_update(bufs[i], grads[i].to(bufs[i].dtype), momentum=mu, nesterov=nesterov,
-                                       form=form, inplace=True)
-                updates.append(u)
-            cdt = ("bfloat16" if self._native_bf16 and not bufs[idx[0]].is_complex() else None) if auto else ns_dtype
-            directions = orthogonalized_updates(updates, batch=True, compute_dtype=cdt, **common)
-            for i, d in zip(idx, directions):
-                if group["adaptive"]:
-                    # each param's own bias correction (params added or loaded at
-                    # different times have different step counts)
-                    d = d * debias_factor(mu, steps[i], nesterov=nesterov, form=form)
+            ds = directions([momentum(bufs[i], grads[i]) for i in idx], [steps[i] for i in idx])
+            for i, d in zip(idx, ds):
                 self._apply(params[i], d, lr, wd)
 
     def _fallback_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
@@ -822,7 +834,8 @@ def torch_optim_state_dict(muon: dict, adamw: Optional[dict] = None) -> dict:
 def apply_update(p: torch.Tensor, direction: torch.Tensor, lr, wd, dtype: torch.dtype) -> None:
     """``W <- W * (1 - lr*wd) - lr * direction`` in ``dtype`` (Muon, Kron, and their sharded paths).
 
-    A bf16/f16 param is updated in float32 and rounded once.  ``lr`` / ``wd``
+    The in-place torch form of ``core._apply.apply_update``'s contract (the
+    functional adapters return that delta instead).  A bf16/f16 param is updated in float32 and rounded once.  ``lr`` / ``wd``
     are numbers or 0-d tensors (no sync: a tensor stays a tensor).
     """
     target = p if p.dtype == dtype else p.to(dtype)
