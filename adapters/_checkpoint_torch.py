@@ -182,7 +182,8 @@ def _check_kron_fields(opt, p, st, tname, port, j) -> None:
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     opts = _options(group, "the target")
     CK.check_state_dtype(port, j, ("Ql", "Qr"), opts.dtype, tname, "dtype")
-    CK.check_state_dtype(port, j, ("mu",), opts.state_dtype, tname, "mu_dtype")
+    mdt = opts.momentum_dtype(torch.finfo(p.dtype).bits)   # the state-dtype rule; None: the param's dtype
+    CK.check_state_dtype(port, j, ("mu",), mdt or str(p.dtype).removeprefix("torch."), tname, "mu_dtype")
     want = {"Qr", "Ll", "Lr"} | ({"mu"} if group["b1"] != 0 else set())
     lay = opt._layouts[p]
     if lay.left is not None:
