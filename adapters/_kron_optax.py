@@ -145,8 +145,8 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
             _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")
-            like = _dist.replicate_on_mesh(jnp.zeros((0,), jnp.float64 if g.dtype == jnp.float64 else jnp.float32),
-                                           [g])  # eager: the noise beside the key
+            cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
+            like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: the noise beside the key
             # Momentum stays on the shards; only its bias-corrected result is gathered, once per
             # step, so the fit and the application run on the whole matrix (core.kron.kron_step).
             d, nm, nf = K.kron_step(g, mu, f, lay, key=keys[i], step=count, opts=opts, noise_like=like,

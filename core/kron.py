@@ -503,7 +503,8 @@ def kron_updates(grads, mus, factors, layouts, *, step, opts: KronOptions, updat
     ``update``: whether the preconditioners are fitted this step (see
     :func:`precondition`); ``noise``: per parameter ``(S, tr, tc)`` arrays or
     None.  Directions are float32 (float64 for float64 gradients); the
-    adapter applies ``-lr * (D + wd * W)``.
+    adapter applies them by ``core._apply``'s contract.  One parameter's
+    whole step (keys, draw, noise, momentum) is :func:`kron_step`.
     """
     if not grads:
         return [], [], []
@@ -587,7 +588,7 @@ def momentum(g, mu, *, step, b1, dtype=None):
 
     Elementwise, so a sharded adapter runs it on each rank's shard and sends
     only ``m`` to the rank that fits the preconditioner, which then calls
-    :func:`kron_updates` with ``b1=0`` (there ``m = g``): both paths run these
+    :func:`kron_step` with ``mu=None`` (there ``m = g``): both paths run these
     same operations, so they give the same bits.  ``dtype``: the computation
     dtype (default float32, float64 for float64 ``g``).  ``mu=None`` (``b1 ==
     0``): ``m`` is ``g`` in the computation dtype.
