@@ -59,3 +59,20 @@ def warn_unknown_keys(group: dict, known: Iterable[str], where: str, owner: str)
         f"{owner}: {where} has key(s) {', '.join(hints)} that {owner} does not use; they are kept in the "
         f"group but ignored. {owner}'s group keys: {', '.join(sorted(known - {'params'}))}",
         UserWarning, stacklevel=_user_stacklevel())
+
+
+def setstate_keeping_defaults(opt, state: dict, base_setstate) -> None:
+    """``torch.optim.Optimizer.__setstate__`` without the key it adds to ``defaults``.
+
+    torch's ``__setstate__`` (run by ``load_state_dict``, ``copy.deepcopy`` and
+    unpickling) does ``defaults.setdefault("differentiable", False)`` for its own
+    optimizers' ``step`` decorator, which ours do not use.  Left there, every
+    group added afterwards (``add_param_group`` fills groups from ``defaults``)
+    and every group our ``__setstate__`` completes from ``defaults`` would gain
+    it, and ``state_dict()`` after a round trip would not equal the one saved.
+    """
+    defaults = state.get("defaults", opt.__dict__.get("defaults"))
+    had = defaults is not None and "differentiable" in defaults
+    base_setstate(state)
+    if not had:
+        opt.defaults.pop("differentiable", None)

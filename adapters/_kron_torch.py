@@ -38,7 +38,7 @@ from ..core import kron as K
 from ..core.fault import check_policy as _check_nonfinite
 from . import _common as C
 from . import _dist_torch as _dist
-from ._groups_torch import warn_unknown_keys
+from ._groups_torch import setstate_keeping_defaults, warn_unknown_keys
 
 __all__ = ["Kron"]
 
@@ -68,6 +68,23 @@ def _dtype_name(v, argname):
     except (KeyError, TypeError):
         raise ValueError(f"Kron: {argname}={v!r} is not valid: factors are stored in torch.bfloat16 or "
                          "torch.float32 ('bfloat16' / 'float32')") from None
+
+
+#: The group values ``_options`` reads, but ``lr``: a group's validated options are reused while
+#: these are unchanged (``Kron._group_options``).  ``lr`` is read from the group at every step
+#: (a scheduler changes it each step) and validated when the group is added or loaded.
+_SNAPSHOT = _STRUCTURAL + ("weight_decay", "scanned", "verbose")
+_MISSING = object()
+
+
+def _snapshot(group: dict) -> tuple:
+    return tuple(group.get(k, _MISSING) for k in _SNAPSHOT)
+
+
+def _unchanged(old: tuple, new: tuple) -> bool:
+    """Values equal (tensors: the same object; no device sync) and of the same type."""
+    return all(a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+               for a, b in zip(old, new))
 
 
 def _options(group: dict, where: str) -> K.KronOptions:
@@ -140,6 +157,7 @@ class Kron(torch.optim.Optimizer):
         self._layouts: dict = {}
         self._index: dict = {}
         self._names: dict = {}     # param -> its name, when given (named_parameters())
+        self._opts: dict = {}      # group index -> (_snapshot(group), its validated KronOptions)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -147,7 +165,7 @@ class Kron(torch.optim.Optimizer):
         g = len(self.param_groups) - 1
         group = self.param_groups[g]
         try:
-            _options(group, f"param group {g}")
+            self._opts[g] = (_snapshot(group), _options(group, f"param group {g}"))
             warn_unknown_keys(group, self.defaults, f"param group {g}", "Kron")
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
@@ -166,7 +184,23 @@ class Kron(torch.optim.Optimizer):
             _dist.check_group(group["params"], lambda i: f"{self._index[group['params'][i]]} (group {g})", "Kron")
         except Exception:
             self.param_groups.pop()
+            self._opts.pop(g, None)
             raise
+
+    def _group_options(self, g: int, group: dict) -> K.KronOptions:
+        """Group ``g``'s options, validated when it was added or loaded; again only if changed since.
+
+        Users and schedulers edit ``param_groups`` in place: a changed option
+        (``b1``, ``weight_decay``, ...) is validated here, once, and used;
+        ``lr`` is read from the group by the step itself and costs nothing.
+        """
+        snap = _snapshot(group)
+        hit = self._opts.get(g)
+        if hit is not None and _unchanged(hit[0], snap):
+            return hit[1]
+        opts = _options(group, f"param group {g}")
+        self._opts[g] = (snap, opts)
+        return opts
 
     def _name(self, p) -> str:
         """The parameter's name (``named_parameters()``), else ``param i`` (its index, which keys its noise)."""
@@ -186,7 +220,7 @@ class Kron(torch.optim.Optimizer):
         """
         rows = K.Plan()
         for g, group in enumerate(self.param_groups):
-            opts = _options(group, f"param group {g}")
+            opts = self._group_options(g, group)
             for p in group["params"]:
                 rows.append(K.plan_row(self._layouts[p], opts, name=self._name(p), param_bytes=p.element_size()))
         return rows
@@ -218,8 +252,9 @@ class Kron(torch.optim.Optimizer):
                 loss = closure()
         if self._nonfinite is not None and not self._nonfinite_gate():
             return loss
-        for g, group in enumerate(self.param_groups):
-            opts = _options(group, f"param group {g}")
+        # every group's options first: an invalid edit leaves all params as they were
+        group_opts = [self._group_options(g, group) for g, group in enumerate(self.param_groups)]
+        for g, (group, opts) in enumerate(zip(self.param_groups, group_opts)):
             if _dist.sharded(group["params"]):  # FSDP2 DTensors: factors on owner ranks
                 _dist.kron_group(self, group, opts, g)
                 continue
@@ -253,8 +288,11 @@ class Kron(torch.optim.Optimizer):
         torch casts all tensor state of a floating param to the param's dtype
         (the int64 key through float32 would lose bits; float32 ``L`` of a
         bf16 param would be rounded), so the saved tensors are taken as saved.
-        Every parameter's state is checked against its layout before anything
-        is loaded: a state dict that does not fit leaves the optimizer as it was.
+        Every parameter's state is checked against its layout, and every loaded
+        group's options are validated, before anything is loaded: a state dict
+        that does not fit leaves the optimizer as it was.  The checkpoint's
+        options win (torch's rule); an option its group lacks keeps this
+        optimizer's value for that group.
         """
         saved = state_dict.get("state", {})
         ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
@@ -263,7 +301,12 @@ class Kron(torch.optim.Optimizer):
             for i, p in zip(ids, params):
                 if i in saved:
                     self._check_loaded(p, saved[i])
+        loaded = self._loaded_options(state_dict)
         super().load_state_dict(state_dict)
+        for g, (group, (full, cached)) in enumerate(zip(self.param_groups, loaded or ())):
+            for k, v in full.items():
+                group.setdefault(k, v)
+            self._opts[g] = cached
         for i, p in zip(ids, params):
             if i not in saved:
                 continue
@@ -272,6 +315,28 @@ class Kron(torch.optim.Optimizer):
                 if torch.is_tensor(v):
                     st[k] = v.to(device="cpu" if k == "key" else p.device, copy=True)
             st["step"] = int(st["step"])
+
+    def _loaded_options(self, state_dict: dict) -> Optional[list]:
+        """Per saved group: its options (completed from the live group) and ``(snapshot, KronOptions)``."""
+        saved = state_dict.get("param_groups")
+        if not isinstance(saved, list) or len(saved) != len(self.param_groups):
+            return None  # torch raises its own error for this
+        out = []
+        for g, (s, live) in enumerate(zip(saved, self.param_groups)):
+            full = {k: s[k] if k in s else live[k] for k in ("lr",) + _SNAPSHOT}
+            out.append((full, (_snapshot(full), _options(full, f"param group {g} of the loaded state_dict"))))
+        return out
+
+    # torch pickles only defaults/state/param_groups (copy.deepcopy too); keep the layout and keys.
+    def __getstate__(self) -> dict:
+        s = super().__getstate__()
+        s.update(_seed=self._seed, _layouts=self._layouts, _index=self._index, _names=self._names,
+                 _nonfinite=self._nonfinite)
+        return s
+
+    def __setstate__(self, state: dict) -> None:
+        setstate_keeping_defaults(self, state, super().__setstate__)
+        self.__dict__.setdefault("_opts", {})   # validated again at the first step
 
     def _check_loaded(self, p, st: dict) -> None:
         lay = self._layouts[p]

@@ -106,6 +106,7 @@ from ..core.muon import (
 from . import _common as C
 from . import _dist_torch as _dist
 from ._fault import eager_gate
+from ._groups_torch import setstate_keeping_defaults
 from ._groups_torch import warn_unknown_keys as _warn_unknown_keys
 from ..core.fault import check_policy as check_nonfinite
 
@@ -723,7 +724,7 @@ class Muon(torch.optim.Optimizer):
                 live["step"] = _step_tensor(p, _WARM_STEP)
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
+        setstate_keeping_defaults(self, state, super().__setstate__)
         self.__dict__.setdefault("_nonfinite", None)
         # Groups of an older pickle lack newer options: the defaults fill them
         # (what torch.optim.AdamW does for its own additions).

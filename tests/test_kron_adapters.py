@@ -216,3 +216,60 @@ def test_inject_hyperparams_learning_rate():
     st = bad.init(params)
     with pytest.raises(TypeError, match="block_size"):
         jax.jit(bad.update)(grads, st, params)
+
+
+def test_options_are_validated_when_a_group_changes_not_every_step(monkeypatch):
+    """Construction, add_param_group and load_state_dict validate (through core's KronOptions);
+    step() reuses those options, a scheduler's lr included, and validates a group again only when
+    one of its options changed: the new value is validated once, at the next step, and used."""
+    from xpopt.core import kron as K
+
+    calls, used = [], []
+    real_options, real_updates = K.KronOptions, K.kron_updates
+
+    def spy(**kw):
+        calls.append(kw)
+        return real_options(**kw)
+
+    def spy_updates(*a, **kw):
+        used.append(kw["opts"].b1)
+        return real_updates(*a, **kw)
+
+    monkeypatch.setattr(K, "KronOptions", spy)
+    monkeypatch.setattr(K, "kron_updates", spy_updates)
+    ps = [torch.nn.Parameter(torch.tensor(p)) for p in _start()]
+    opt = Kron(ps[:3], lr=0.1, **KW)
+    assert len(calls) >= 1
+    n = len(calls)
+    opt.add_param_group({"params": ps[3:], "b1": 0.5})
+    assert len(calls) == n + 1 and calls[-1]["b1"] == 0.5
+    grads = iter(_grads(12))
+
+    def steps(k):
+        for _ in range(k):
+            for p, g in zip(ps, next(grads)):
+                p.grad = torch.tensor(g)
+            for group in opt.param_groups:
+                group["lr"] *= 0.9                  # an LR scheduler
+            opt.step()
+
+    n = len(calls)
+    steps(3)
+    assert len(calls) == n                          # step() validates nothing
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert len(calls) > n                           # the loaded groups are validated
+    n = len(calls)
+    steps(3)
+    assert len(calls) == n
+    used.clear()
+    opt.param_groups[1]["b1"] = 0.8                 # a user changes an option
+    steps(1)
+    assert len(calls) == n + 1 and calls[-1]["b1"] == 0.8   # validated once ...
+    assert used == [0.9] * 3 + [0.8] * 3                     # ... and used
+    steps(2)
+    assert len(calls) == n + 1
+    before = [p.detach().clone() for p in ps]
+    opt.param_groups[1]["weight_decay"] = -1.0
+    with pytest.raises(ValueError, match=r"weight_decay.*param group 1"):
+        steps(1)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))   # nothing was stepped

@@ -686,3 +686,72 @@ def test_torch_errors_are_the_shared_messages_naming_the_group(kw):
     with pytest.raises(shared.type) as ours:
         Muon([{"params": make_params([(8, 16)])}, {"params": make_params([(8,)]), **kw}])
     assert str(ours.value) == f"Muon: {shared.value} (param group 1)"
+
+
+# ============================================== state_dict() round trips add nothing
+
+def _build(cls_name, params):
+    """Two groups (the second with its own options) of Muon or Kron over ``params``."""
+    from xpopt.adapters.torch import Kron
+
+    if cls_name == "Muon":
+        return Muon([{"params": params[:3]}, {"params": params[3:], "momentum": 0.9, "weight_decay": 0.01}])
+    return Kron([{"params": params[:3]}, {"params": params[3:], "b1": 0.9, "weight_decay": 0.01}],
+                lr=0.01, block_size=8, seed=2)
+
+
+def assert_same_state_dict(got: dict, want: dict) -> None:
+    """Equal in keys and values: every group's keys and options, every state tensor (dtype too)."""
+    assert len(got["param_groups"]) == len(want["param_groups"])
+    for g, (a, b) in enumerate(zip(got["param_groups"], want["param_groups"])):
+        assert sorted(a) == sorted(b), (g, set(a) ^ set(b))
+        for k in b:
+            if isinstance(b[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), (g, k)
+            else:
+                assert a[k] == b[k], (g, k, a[k], b[k])
+    assert sorted(got["state"]) == sorted(want["state"])
+    for i, st in want["state"].items():
+        assert sorted(got["state"][i]) == sorted(st), (i, set(got["state"][i]) ^ set(st))
+        for k, v in st.items():
+            w = got["state"][i][k]
+            if isinstance(v, torch.Tensor):
+                assert w.dtype == v.dtype and torch.equal(w, v), (i, k)
+            else:
+                assert w == v, (i, k)
+
+
+@pytest.mark.parametrize("cls_name", ["Muon", "Kron"])
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "pickle"])
+def test_state_dict_is_unchanged_by_a_round_trip(cls_name, how):
+    """``state_dict()`` after a load (or a copy / pickle of the optimizer) equals the one saved:
+    no new group keys (torch's ``__setstate__`` puts ``differentiable`` in ``defaults``), the same
+    state; and the copy continues as the original does, bit for bit."""
+    import pickle
+
+    params = make_params()
+    opt = _build(cls_name, params)
+    grads = grad_seq(steps=5)
+    train(opt, params, grads[:2])
+    sd = copy.deepcopy(opt.state_dict())
+    if how == "load_state_dict":
+        other_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        other = _build(cls_name, other_params)
+        other.load_state_dict(copy.deepcopy(sd))
+        opt.load_state_dict(copy.deepcopy(sd))              # into itself, too
+        assert_same_state_dict(opt.state_dict(), sd)
+    else:
+        copy_of = copy.deepcopy if how == "deepcopy" else (lambda o: pickle.loads(pickle.dumps(o)))
+        other = copy_of(opt)
+        other_params = [p for g in other.param_groups for p in g["params"]]
+    assert_same_state_dict(other.state_dict(), sd)
+    # a group added afterwards gets the optimizer's options only, as before the round trip
+    extra = torch.nn.Parameter(torch.ones(4, 4))
+    other.add_param_group({"params": [extra]})
+    assert "differentiable" not in other.param_groups[-1]
+    other.param_groups.pop()
+    # the round-tripped optimizer continues exactly as the original
+    a, b = train(opt, params, grads[2:]), train(other, other_params, grads[2:])
+    for x, y in zip(a[-1], b[-1]):
+        assert torch.equal(x, y)
+    assert_same_state_dict(other.state_dict(), opt.state_dict())
