@@ -126,6 +126,7 @@ class KronOptions:
         from . import _check as V
         from .fault import check_policy
 
+        V.host_numbers(self)   # NumPy 0-d values -> numbers (np.asarray(0.7) works as 0.7 does)
         object.__setattr__(self, "lr", V.check_lr(self.lr, "lr"))
         object.__setattr__(self, "weight_decay", V.check_hyper(self.weight_decay, "weight_decay"))
         if self.seed is not None:
