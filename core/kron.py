@@ -55,7 +55,9 @@ from .adam import _bias_correction
 from ._xp import device, is_number, namespace
 
 __all__ = ["KronOptions", "Factors", "Plan", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
-           "update_probability", "kron_updates", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
+           "update_probability", "kron_updates", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR",
+           "FACTOR_DTYPES", "PROB_SCHEDULES", "BALANCE_EVERY", "PROCRUSTES_MAX_STEP", "rms_clip", "param_key",
+           "step_keys", "draw_update", "make_noise", "plan_row"]
 
 UPDATE_STYLES = ("QUAD", "skew")
 FACTOR_DTYPES = ("bfloat16", "float32")
