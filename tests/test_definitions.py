@@ -354,3 +354,32 @@ def test_optax_takes_the_same_zero_d_arrays(definition):
         for g, w in zip(got, want):
             w = np.asarray(w)
             np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * float(np.abs(w).max()), err_msg=name)
+
+
+# --------------------------------------------------------------- the options table
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/adapters.md"])
+def test_options_table_is_the_generated_one(doc):
+    """README's and docs/adapters.md's options tables are exactly what the definitions render.
+
+    After changing an option or SIGNATURES: ``python -m xpopt.commands.options_table
+    --write README.md docs/adapters.md``.
+    """
+    import pathlib
+
+    from xpopt.commands import options_table as T
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / doc).read_text(encoding="utf-8")
+    assert text.count(T.BEGIN) == 1 and text.count(T.END) == 1, f"{doc}: one options table"
+    assert T.section(text) == T.render(), f"{doc}: run python -m xpopt.commands.options_table --write {doc}"
+
+
+def test_options_table_has_every_option_and_adapter():
+    from xpopt.commands import options_table as T
+
+    table = T.render()
+    for definition in (MuonOptions, KronOptions):
+        for f in dataclasses.fields(definition):
+            assert f"| `{f.name}` |" in table, f.name
+    assert {k for _, _, cols in T.TABLES for _, keys in cols for k in keys} == set(C.SIGNATURES)
+    assert "| `lr` | `0.02` | = | `learning_rate`, required |" in table
