@@ -41,11 +41,7 @@ BLOCKS = R.python_blocks(TEXT)
 
 #: blocks known not to run as written, by heading: strict xfail, so the entry
 #: must go once the block runs (XPASS fails).
-KNOWN_BROKEN = {
-    "Moving a training run between PyTorch and JAX": (
-        "owned by the checkpoint work (issue 17's other items): as written it flattens the JAX params "
-        "dict in sorted key order, which is not torch's parameter order, so ckpt.load refuses the shapes"),
-}
+KNOWN_BROKEN: dict = {}
 
 
 def _has(mod: str) -> bool:
