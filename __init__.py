@@ -1,4 +1,4 @@
-"""xpopt: Muon and PSGD Kron (and, next, muP) written once against the array API.
+"""xpopt: Muon and PSGD Kron, with muP / spectral scaling, written once against the array API.
 
 Importing ``xpopt`` imports no array framework; each backend loads on first
 use, chosen by the type of the arrays you pass.

@@ -1,10 +1,17 @@
-"""Framework-free helpers shared by ``adapters/optax.py`` and ``adapters/arrays.py``.
+"""Framework-free helpers shared by the adapters (torch, optax, arrays; Muon and Kron).
 
-Option validation (one set of names, defaults and messages, see
-``docs/adapters.md``), parameter layout ("dimension numbers": which axes are
-fan-in and fan-out) and routing (Muon or the AdamW fallback).  Nothing here
-imports an array framework: arrays are handled through
-``array_api_compat.array_namespace`` and their ``shape``/``dtype``.
+The options themselves live in core: ``core.muon.MuonOptions`` (with
+``core.adam.AdamOptions``) and ``core.kron.KronOptions`` hold every option, its
+default and its validation.  Here: :data:`SIGNATURES`, the framework
+conventions where an adapter's signature differs from those dataclasses
+(checked by ``tests/test_definitions.py``, rendered into README's options table
+by ``xpopt.commands.options_table``); the core validators, re-exported;
+building ``MuonOptions`` with the adapter's name in its errors
+(:func:`muon_definition`) and from a torch param group (:func:`group_options`);
+parameter layout ("dimension numbers": which axes are fan-in and fan-out) and
+Muon's routing (Muon or the AdamW fallback).  Nothing here imports an array
+framework: arrays are handled through ``array_api_compat.array_namespace`` and
+their ``shape``/``dtype``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_dtensor", "check_group", "sharded", "bytes_sent", "reset_bytes", "owners"]
+__all__ = ["is_dtensor", "check_group", "sharded", "bytes_sent", "reset_bytes", "owners", "muon_group",
+           "kron_group", "all_agree", "local", "gather_to_owners", "scatter_from_owners"]
 
 _SENT = [0]  # bytes this process put on the wire (self-sends excluded)
 

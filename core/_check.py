@@ -110,22 +110,53 @@ def static_number(value, argname: str, *, integer: bool):
     return float(value)
 
 
+def _host_number(value):
+    """A NumPy 0-d array / scalar as a Python float; any other array unchanged.
+
+    A NumPy value is concrete and on the host, so nothing is lost by reading it,
+    and a float keeps the update in the parameters' dtype: ``np.asarray(0.1)`` is
+    float64, and multiplying float32 updates by it would promote them (and the
+    parameters after ``apply_updates``) to float64.  Other arrays stay arrays: a
+    jax value may be traced under ``optax.inject_hyperparams``, a torch tensor
+    ``lr`` is torch.optim's own convention.
+    """
+    return float(value) if type(value).__module__ == "numpy" else value
+
+
+def host_numbers(options) -> None:
+    """Replace every NumPy 0-d field of a frozen options dataclass by its Python number.
+
+    For options that are validated as numbers (``KronOptions``' ``b1``,
+    ``block_size``, ...): a 0-d NumPy value is then accepted wherever a number
+    is, and gives the float's result (see :func:`_host_number`).
+    """
+    import dataclasses
+
+    for f in dataclasses.fields(options):
+        v = getattr(options, f.name)
+        if type(v).__module__ == "numpy" and getattr(v, "shape", None) == ():
+            object.__setattr__(options, f.name, v.item())
+
+
 def check_lr(value, argname: str):
     """A float >= 0, a 0-d array (checked when concrete), or a schedule (callable step -> float).
 
-    Arrays and schedules are returned unchanged.
+    Schedules and arrays are returned unchanged, except NumPy 0-d arrays, returned as float.
     """
     if callable(value):
         return value
     if is_array_scalar(value):
-        return check_array_hyper(value, argname)
+        return _host_number(check_array_hyper(value, argname))
     return check_nonnegative(value, argname)
 
 
 def check_hyper(value, argname: str):
-    """A float >= 0 or a 0-d array (weight decays, checked when concrete); float or unchanged."""
+    """A float >= 0 or a 0-d array (weight decays, checked when concrete); float or unchanged.
+
+    As :func:`check_lr`: a NumPy 0-d array is returned as float.
+    """
     if is_array_scalar(value):
-        return check_array_hyper(value, argname)
+        return _host_number(check_array_hyper(value, argname))
     return check_nonnegative(value, argname)
 
 

@@ -55,7 +55,9 @@ from .adam import _bias_correction
 from ._xp import device, is_number, namespace
 
 __all__ = ["KronOptions", "Factors", "Plan", "UPDATE_STYLES", "init_factors", "precondition", "precond_lr",
-           "update_probability", "kron_updates", "kron_step", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR"]
+           "update_probability", "kron_updates", "kron_step", "momentum", "BETA_L", "RMS_CLIP", "ADAM_DIVISOR",
+           "FACTOR_DTYPES", "PROB_SCHEDULES", "BALANCE_EVERY", "PROCRUSTES_MAX_STEP", "rms_clip", "param_key",
+           "step_keys", "draw_update", "make_noise", "plan_row"]
 
 UPDATE_STYLES = ("QUAD", "skew")
 FACTOR_DTYPES = ("bfloat16", "float32")
@@ -126,6 +128,7 @@ class KronOptions:
         from . import _check as V
         from .fault import check_policy
 
+        V.host_numbers(self)   # NumPy 0-d values -> numbers (np.asarray(0.7) works as 0.7 does)
         object.__setattr__(self, "lr", V.check_lr(self.lr, "lr"))
         object.__setattr__(self, "weight_decay", V.check_hyper(self.weight_decay, "weight_decay"))
         if self.seed is not None:

@@ -27,7 +27,7 @@ from .newton_schulz import orthogonalize
 __all__ = [
     "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES",
     "DEFAULT_RMS", "momentum_update", "debias_factor", "lr_scale", "suitability", "matrix_shape", "to_matrix",
-    "from_matrix", "batch_groups", "orthogonalized_updates", "muon_step", "MuonOptions",
+    "from_matrix", "batch_groups", "orthogonalized_updates", "muon_step", "MuonOptions", "check_momentum",
 ]
 
 MOMENTUM_FORMS = ("ema", "classic")

@@ -708,9 +708,12 @@ def _kron_torch_file(tmp_path, **kw):
 
 
 def test_kron_factor_dtype_mismatch_is_an_error(tmp_path):
-    """The issue's case: Kron(dtype=float32, weight_decay=0) into xo.skew(1e-3) (bf16 factors, wd 0.1)."""
+    """The issue's case: Kron(dtype=float32, weight_decay=0) into a skew with bf16 factors and wd 0.1.
+
+    Since one set of Kron defaults (issue 18) ``xo.skew(1e-3)`` alone matches the file, so the
+    target names the differing options the issue measured its drift with."""
     path, params = _kron_torch_file(tmp_path, dtype=torch.float32, weight_decay=0)
-    tx = xo.skew(1e-3)
+    tx = xo.skew(1e-3, dtype="bfloat16", weight_decay=0.1)
     with pytest.raises(ckpt.CheckpointError, match="dtype: saved 'float32', target 'bfloat16'"):
         ckpt.load(path, like=tx.init(params), params=params, optimizer=tx)
     # without the transform the state itself shows the factors' dtype
@@ -726,7 +729,7 @@ def test_kron_factor_dtype_mismatch_is_an_error(tmp_path):
 
 def test_kron_other_hyperparameters_warn_naming_each(tmp_path):
     path, params = _kron_torch_file(tmp_path, dtype=torch.float32, weight_decay=0)
-    tx = xo.skew(1e-3, dtype="float32")
+    tx = xo.skew(1e-3, dtype="float32", weight_decay=0.1)
     with pytest.warns(UserWarning, match=r"weight_decay: saved 0(\.0)?, target 0\.1") as rec:
         st = ckpt.load(path, like=tx.init(params), params=params, optimizer=tx)
     msg = str(rec[0].message)

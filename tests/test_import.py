@@ -35,3 +35,20 @@ def test_version_and_help():
     assert out.stdout.strip() == f"xpopt {xpopt.__version__}"
     out = subprocess.run([sys.executable, "-m", "xpopt", "--help"], capture_output=True, text=True, check=True)
     assert "usage: xpopt" in out.stdout
+
+
+def test_all_lists_what_the_module_defines():
+    """``__all__`` names only what exists and every public function / class the module defines."""
+    import importlib
+    import inspect
+
+    import importlib.util
+
+    for name in ("xpopt.core.kron", "xpopt.core.muon", "xpopt.adapters._common", "xpopt.adapters._dist_torch"):
+        if name.endswith("_torch") and importlib.util.find_spec("torch") is None:
+            continue
+        mod = importlib.import_module(name)
+        assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], name
+        defined = [n for n, v in vars(mod).items() if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+                   and getattr(v, "__module__", None) == mod.__name__]
+        assert [n for n in defined if n not in mod.__all__] == [], f"{name}: defined but not in __all__"
