@@ -18,7 +18,7 @@ from .commands._env import HelpFormatter
 
 
 def _add_validate(sub) -> None:
-    from . import validate
+    from .commands import validate
 
     p = sub.add_parser(
         "validate",

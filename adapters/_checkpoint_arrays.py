@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import checkpoint as CK
+from .. import _checkpoint_format as CK
 from ..core import kron as K
 from ._kron_arrays import KronState
 from .arrays import MuonState, _flatten, _rebuild

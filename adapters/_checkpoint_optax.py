@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .. import checkpoint as CK
+from .. import _checkpoint_format as CK
 from ..core import kron as K
 from ._kron_optax import KronState
 from .optax import MuonAdamWState, MuonState

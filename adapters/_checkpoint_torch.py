@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import checkpoint as CK
+from .. import _checkpoint_format as CK
 
 _MUON_FIELDS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 _KRON_FIELDS = ("mu", "Ql", "Qr", "Ll", "Lr")

@@ -123,7 +123,7 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
 
     The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint`` records and
     compares with ``optimizer=opt``)."""
-    from .. import checkpoint as CK
+    from .. import _checkpoint_format as CK
 
     record = CK.record_options("kron", locals())
     try:

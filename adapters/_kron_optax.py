@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import checkpoint as CK
+from .. import _checkpoint_format as CK
 from ..core import blocking
 from ..core import kron as K
 from ..core import random as R

@@ -381,7 +381,7 @@ def muon(
     The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint``
     records and compares with ``optimizer=opt``).
     """
-    from .. import checkpoint as CK
+    from .. import _checkpoint_format as CK
 
     record = CK.record_options("muon", locals())
     nonfinite = C_fault.check_policy(nonfinite)

@@ -132,7 +132,7 @@ from ..backends import jax as _jax_backend
 from ..core._apply import apply_update
 from . import _common as C
 from . import _dist_jax as _dist
-from .. import checkpoint as CK
+from .. import _checkpoint_format as CK
 from ._fault_optax import NonfiniteState, described, with_nonfinite
 
 __all__ = [

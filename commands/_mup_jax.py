@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from . import _mup_models as MM
-from .mup_tools import KRON_INIT_SCALE, MUON_FALLBACK_RATIO, activation_stats
+from ._mup_models import KRON_INIT_SCALE, MUON_FALLBACK_RATIO, activation_stats
 
 #: Explicit roles: at the base width nothing grows, so role inference cannot tell
 #: the first layer (``input``) from a hidden one; with Muon that would route the

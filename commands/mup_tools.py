@@ -22,24 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _mup_models as MM
+from ._mup_models import COORD_LR, DEFAULT_LR, KRON_INIT_SCALE, MUON_FALLBACK_RATIO, activation_stats  # noqa: F401
 
 SLOPE_LIMIT = 0.2          # seed 001
 SPREAD_LIMIT = 2.0         # seed 001: best-LR spread in log2 units
-DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "muon": 0.02, "kron": 3e-3}
-# The coordinate check's base LR: large enough that 3 steps move activations by O(1)
-# (at DEFAULT_LR standard parametrisation's growth hides behind the init for a few steps).
-# Muon's is set so its AdamW fallback runs at Adam's 3e-2 (0.2 x MUON_FALLBACK_RATIO): at 0.05
-# the fallback's 7.5e-3 barely moves the readout in 3 steps and standard parametrisation's
-# growth stays under 0.25 (measured), hiding what muP corrects.
-COORD_LR = {"sgd": 0.5, "adam": 3e-2, "muon": 0.2, "kron": 3e-2}
-# Kron under muP: "auto" makes the first preconditioned gradient unit-RMS (Adam's regime from
-# step 1); with the identity start its first steps are SGD-like and the Adam column over-shrinks
-# them (core/mup.py, "Kron").
-KRON_INIT_SCALE = "auto"
-# Muon's AdamW fallback (embeddings, readout, vectors) runs at this fraction of the Muon LR
-# (the default LRs' ratio), so an LR sweep moves both together instead of pushing Adam to
-# Muon's 10x larger LRs.
-MUON_FALLBACK_RATIO = DEFAULT_LR["adam"] / DEFAULT_LR["muon"]
 
 
 @dataclass
@@ -149,13 +135,6 @@ def torch_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, b
         final = float(torch.mean((_torch_forward(model, x, h) - y) ** 2))
     losses.append(final)
     return losses, activation_stats(h0, h, lambda t: float(t.abs().mean()))
-
-
-def activation_stats(h0: dict, h: dict, mean_abs) -> dict:
-    """Per layer: mean |h| after training and mean |h - h0| (the change since init)."""
-    out = {name: mean_abs(h[name]) for name in MM.LAYERS}
-    out.update({f"d_{name}": mean_abs(h[name] - h0[name]) for name in MM.LAYERS})
-    return out
 
 
 # ------------------------------------------------------------------ entry points

@@ -19,7 +19,7 @@ import pytest
 from _nudge import nudge
 
 from xpopt import cli
-from xpopt import validate as V
+from xpopt.commands import validate as V
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_JAX = importlib.util.find_spec("jax") is not None and importlib.util.find_spec("optax") is not None
@@ -370,7 +370,7 @@ def test_python_m_xpopt_validate_runs(tmp_path):
 
 
 def test_importing_validate_imports_no_framework():
-    code = ("import sys, xpopt.validate, xpopt._corpus\n"
+    code = ("import sys, xpopt.commands.validate, xpopt._corpus\n"
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('numpy', 'torch', 'jax', 'optax', 'cupy', 'matplotlib', 'tqdm'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -330,7 +330,7 @@ def test_plan_counts_the_momentum_by_the_rule():
 
 def test_validate_prints_an_estimate_up_front(tmp_path, capsys):
     from xpopt import cli
-    from xpopt import validate as V
+    from xpopt.commands import validate as V
 
     rc = cli.main(["validate", "--optimizer", "kron", "--steps", "4", "--backends", "numpy", "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -376,7 +376,7 @@ def test_validate_runs_torch_on_one_thread_and_restores(tmp_path, capsys, monkey
     import torch
 
     from xpopt import cli
-    from xpopt import validate as V
+    from xpopt.commands import validate as V
 
     seen = []
     spec = V.OPTIMIZERS["muon"]

@@ -18,7 +18,7 @@ import pytest
 from _nudge import nudge
 
 from xpopt import cli
-from xpopt import validate as V
+from xpopt.commands import validate as V
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_JAX = importlib.util.find_spec("jax") is not None and importlib.util.find_spec("optax") is not None

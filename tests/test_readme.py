@@ -329,7 +329,7 @@ def test_readme_validate_tables():
     until the run is repeated and the README updated."""
     import dataclasses
 
-    from xpopt import validate as V
+    from xpopt.commands import validate as V
 
     records = _validate_records()
     assert "validate-kron.json" in [p.name for p in records], records

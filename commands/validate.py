@@ -154,7 +154,7 @@ def make_problem(steps: int, seed: int, config: ModelConfig = MODEL, text: str |
     import numpy as np
 
     if text is None:
-        from ._corpus import TEXT as text
+        from .._corpus import TEXT as text
     vocab = "".join(sorted(set(text)))
     index = {c: i for i, c in enumerate(vocab)}
     ids = np.array([index[c] for c in text], dtype=np.int64)
@@ -402,7 +402,7 @@ def _has(module: str) -> bool:
 
 
 def _cuda_available() -> bool:
-    from .backends.cupy import cuda_available
+    from ..backends.cupy import cuda_available
 
     return cuda_available()
 
@@ -819,7 +819,7 @@ def run(*, optimizer: str = "muon", steps: int = DEFAULT_STEPS, backends: str | 
     names, skipped = parse_backends(backends)
     if not _has("numpy") or not backend_status("numpy")[0]:
         raise UsageError(f"the float64 NumPy oracle is needed but unavailable: {backend_status('numpy')[1]}")
-    from .commands._env import check_out_dir, settings
+    from ._env import check_out_dir, settings
 
     why = check_out_dir(out)   # last: nothing is created for input that fails another check
     if why:
