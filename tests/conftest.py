@@ -26,13 +26,14 @@ def _has(mod: str) -> bool:
 
 from xpopt.backends.cupy import cuda_available  # noqa: E402  (one probe, shared with validate)
 
-from _nudge import NUDGES  # noqa: E402
+from _nudge import NUDGES, SLOW_NUDGES  # noqa: E402
 from _peers import forced_torch_threads, torch_thread_counts  # noqa: E402
 
 
 # ------------------------------------------------- start nudges, torch threads
 
-@pytest.fixture(params=NUDGES, ids=lambda s: f"nudge{s}")
+@pytest.fixture(params=[pytest.param(s, marks=pytest.mark.slow) if s in SLOW_NUDGES else s for s in NUDGES],
+                ids=lambda s: f"nudge{s}")
 def nudge_seed(request) -> int:
     """Seed for ``_nudge.nudge``: 0 = the unperturbed start, others move it by <= 4 float32 ulps."""
     return request.param
