@@ -91,10 +91,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ..backends import torch as _torch_backend
-from ..core._xp import namespace
-from ..core.adam import adam_update
-from ..core.muon import (
+from ...backends import torch as _torch_backend
+from ...core._xp import namespace
+from ...core.adam import adam_update
+from ...core.muon import (
     DEFAULT_RMS,
     batch_groups,
     debias_factor,
@@ -103,12 +103,12 @@ from ..core.muon import (
     orthogonalized_updates,
     suitability,
 )
-from . import _common as C
-from . import _dist_torch as _dist
-from ._fault import eager_gate
-from ._groups_torch import setstate_keeping_defaults
-from ._groups_torch import warn_unknown_keys as _warn_unknown_keys
-from ..core.fault import check_policy as check_nonfinite
+from .. import _common as C
+from . import distributed as _dist
+from .._fault import eager_gate
+from .groups import setstate_keeping_defaults
+from .groups import warn_unknown_keys as _warn_unknown_keys
+from ...core.fault import check_policy as check_nonfinite
 
 __all__ = ["Muon", "Route", "torch_optim_state_dict"]
 
@@ -875,15 +875,3 @@ def _user_stacklevel() -> int:
         level += 1
         f = f.f_back
     return level
-
-
-from ._kron_torch import Kron  # noqa: E402  (PSGD Kron lives in its own module)
-
-__all__ += ["Kron"]
-
-from ._mup_torch import (  # noqa: E402  (muP helpers live in their own module)
-    base_shapes, mup_init_, mup_param_groups, mup_plan, print_effective_hparams, save_base_shapes,
-)
-
-__all__ += ["base_shapes", "mup_init_", "mup_param_groups", "mup_plan", "print_effective_hparams",
-            "save_base_shapes"]

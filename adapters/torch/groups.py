@@ -34,7 +34,7 @@ def _user_stacklevel() -> int:
     import os
     import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))   # xpopt/adapters
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # xpopt/adapters
     f, level = sys._getframe(1), 1
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)

@@ -33,12 +33,12 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from ..core import blocking
-from ..core import kron as K
-from ..core.fault import check_policy as _check_nonfinite
-from . import _common as C
-from . import _dist_torch as _dist
-from ._groups_torch import setstate_keeping_defaults, warn_unknown_keys
+from ...core import blocking
+from ...core import kron as K
+from ...core.fault import check_policy as _check_nonfinite
+from .. import _common as C
+from . import distributed as _dist
+from .groups import setstate_keeping_defaults, warn_unknown_keys
 
 __all__ = ["Kron"]
 
@@ -272,13 +272,13 @@ class Kron(torch.optim.Optimizer):
         D, mu, nf = K.kron_step(p.grad, st.get("mu"), _factors(st), self._layouts[p], key=_host_key(st),
                                 step=st["step"], opts=opts, host_decision=True)
         _store(st, mu, nf)
-        from .torch import apply_update
+        from .muon import apply_update
 
         apply_update(p, D, group["lr"], group["weight_decay"], D.dtype)
 
     def _nonfinite_gate(self) -> bool:
         """The ``nonfinite=`` policy (``core.fault``), as ``Muon._nonfinite_gate``."""
-        from .torch import torch_nonfinite_gate
+        from .muon import torch_nonfinite_gate
 
         return torch_nonfinite_gate(self, self._name, "Kron")
 
@@ -356,7 +356,7 @@ class Kron(torch.optim.Optimizer):
 
 
 def _prng_key(seed: int):
-    from ..core import random as R
+    from ...core import random as R
 
     return R.PRNGKey(seed, like=np.zeros(0, np.uint32))
 

@@ -247,8 +247,8 @@ def _check_local_rows(params, labels, comm: _Comm, who: str) -> None:
 
 def muon_group(opt, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
     """``Muon._muon_group`` for DTensor params: momentum on shards, NS on owners."""
-    from . import torch as T
-    from ..core.muon import batch_groups
+    from . import muon as T
+    from ...core.muon import batch_groups
 
     comm = _Comm(params)
     labels = lambda i: repr(opt._routes[params[i]].name)  # noqa: E731
@@ -292,8 +292,8 @@ _FACTOR_KEYS = ("Ql", "Qr", "Ll", "Lr")
 
 def kron_group(opt, group: dict, opts, g_index: int) -> None:
     """``Kron.step`` for one group of DTensor params: momentum on shards, factors on owners."""
-    from ..core import kron as K
-    from ._kron_torch import _factors, _host_key, _store
+    from ...core import kron as K
+    from .kron import _factors, _host_key, _store
 
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
@@ -336,7 +336,7 @@ def kron_group(opt, group: dict, opts, g_index: int) -> None:
         _store(st, None, nf)
     # D is float32 (float64 for float64 params) on every rank: the dtype of m.
     local_d = scatter_from_owners(dirs, ms, shapes, own, comm)
-    from .torch import apply_update
+    from .muon import apply_update
 
     for p, D in zip(params, local_d):
         apply_update(p.to_local(), D, group["lr"], group["weight_decay"], D.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import _checkpoint_format as CK
+from ... import _checkpoint_format as CK
 
 _MUON_FIELDS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 _KRON_FIELDS = ("mu", "Ql", "Qr", "Ll", "Lr")
@@ -39,8 +39,8 @@ def _dtype_name(dt) -> str:
 
 
 def _kinds():
-    from ._kron_torch import Kron
-    from .torch import Muon
+    from .kron import Kron
+    from .muon import Muon
 
     return Muon, Kron
 
@@ -177,7 +177,7 @@ def import_torch(port: "CK.Portable", opt, *, params=None, names=None, match="au
 
 
 def _check_kron_fields(opt, p, st, tname, port, j) -> None:
-    from ._kron_torch import _options
+    from .kron import _options
 
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     opts = _options(group, "the target")
