@@ -13,7 +13,8 @@ The modules behind them:
 * ``checkpoint.py``   ``xpopt.checkpoint``'s torch side (export / import)
 """
 
-from .muon import Muon, Route, apply_update, torch_nonfinite_gate, torch_optim_state_dict  # noqa: F401  (helpers, public names before)
+from ._base import apply_update, torch_nonfinite_gate  # noqa: F401  (public names of the old torch.py)
+from .muon import Muon, Route, torch_optim_state_dict
 from .kron import Kron
 from .mup import base_shapes, mup_init_, mup_param_groups, mup_plan, print_effective_hparams, save_base_shapes
 
