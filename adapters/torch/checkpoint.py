@@ -54,12 +54,6 @@ def _names(opt, sd, names):
     return out
 
 
-def _flat(sd) -> tuple[list, list]:
-    """Every param id of a state dict, in group order, and the index of its group."""
-    return ([i for g in sd["param_groups"] for i in g["params"]],
-            [g for g, group in enumerate(sd["param_groups"]) for _ in group["params"]])
-
-
 def _hypers(sd) -> dict:
     groups = []
     for g in sd["param_groups"]:
@@ -74,7 +68,7 @@ def export_torch(source, *, params=None, names=None) -> "CK.Portable":
         raise TypeError(f"xpopt.checkpoint: {type(opt).__name__} is not an xpopt Muon or Kron; portable "
                         "checkpoints cover xpopt's optimizers")
     sd = opt.state_dict() if opt is not None else source
-    ids, groups = _flat(sd)
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
     states = [sd["state"].get(i) for i in ids]
     if opt is not None:
         kron = isinstance(opt, Kron)
@@ -83,6 +77,7 @@ def export_torch(source, *, params=None, names=None) -> "CK.Portable":
     live = [p for g in opt.param_groups for p in g["params"]] if opt is not None else [None] * len(ids)
     routes = opt.routes() if isinstance(opt, Muon) else None
     pnames = _names(opt, sd, names)
+    groups = [g for g, group in enumerate(sd["param_groups"]) for _ in group["params"]]
     port = CK.Portable(optimizer="kron" if kron else "muon", params=[], arrays={},
                        hyperparameters=_hypers(sd), source="torch")
     for i, (st, p, name, g) in enumerate(zip(states, live, pnames, groups)):
@@ -137,7 +132,8 @@ def import_torch(port: "CK.Portable", opt, *, params=None, names=None, match="au
     CK.check_optimizer(port, "kron" if kron else "muon")
     sd = opt.state_dict()
     live = [p for g in opt.param_groups for p in g["params"]]
-    ids, groups = _flat(sd)
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    groups = [g for g, group in enumerate(sd["param_groups"]) for _ in group["params"]]
     tnames = _names(opt, sd, None)
     idx = CK.pair(port, [(n, tuple(p.shape)) for n, p in zip(tnames, live)], names, match)
     CK.check_hyperparameters(port, _hypers(sd), list(zip(idx, groups)), stacklevel=5)
