@@ -43,7 +43,7 @@ __all__ = ["save", "load", "export_state", "import_state", "read", "write", "can
 
 def _kind(obj) -> str:
     mod = type(obj).__module__ or ""
-    if mod.startswith("torch") or "adapters.torch" in mod or mod.endswith("_kron_torch"):
+    if mod.startswith("torch") or "adapters.torch" in mod:
         return "torch"
     if "adapters.arrays" in mod or mod.endswith("_kron_arrays"):
         return "arrays"
@@ -63,7 +63,7 @@ def export_state(source, *, params=None, names=None, hyperparameters=None, optim
     """The :class:`Portable` state of ``source`` (see :func:`save` for what it may be)."""
     kind = _kind(source)
     if kind == "torch":
-        from .adapters._checkpoint_torch import export_torch as f
+        from .adapters.torch.checkpoint import export_torch as f
     elif kind == "arrays":
         from .adapters._checkpoint_arrays import export_arrays as f
     else:
@@ -80,7 +80,7 @@ def import_state(port: Portable, like, *, params=None, names=None, match="auto",
     """``like`` filled from ``port``: a torch optimizer in place (returned), else a new state."""
     kind = _kind(like)
     if kind == "torch":
-        from .adapters._checkpoint_torch import import_torch as f
+        from .adapters.torch.checkpoint import import_torch as f
     elif kind == "arrays":
         from .adapters._checkpoint_arrays import import_arrays as f
     else:

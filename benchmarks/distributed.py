@@ -10,7 +10,7 @@ after each step makes a rank's time the slowest rank's.
 Columns
   bytes/step/rank  what one rank puts on the wire in the optimizer's two all_to_all_single
                    calls (counted from the sizes it sends, self-sends excluded;
-                   ``adapters/_dist_torch.bytes_sent``); times W is the total.
+                   ``adapters/torch/distributed.bytes_sent``); times W is the total.
   param bytes      the full size of all parameters, for scale: the owner pattern sends
                    2 (W-1)/W of the matrices' (Muon) or all params' (Kron) bytes per step
                    in total, so about 2/W of it per rank.
@@ -78,7 +78,7 @@ def _worker(rank, world, port, kind, shp, repeats, out):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from xpopt.adapters import _dist_torch
+    from xpopt.adapters.torch import distributed as torch_dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
@@ -94,9 +94,9 @@ def _worker(rank, world, port, kind, shp, repeats, out):
         dist.barrier()
 
     step()  # state creation
-    _dist_torch.reset_bytes()
+    torch_dist.reset_bytes()
     step()
-    sent = _dist_torch.bytes_sent()
+    sent = torch_dist.bytes_sent()
     t = median_time(step, repeats=repeats, warmup=1)
     if rank == 0:
         import json

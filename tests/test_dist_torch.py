@@ -328,7 +328,7 @@ def test_bad_layouts_name_the_parameter_and_the_fix(world):
 
 
 def test_owner_assignment_is_balanced_and_deterministic():
-    from xpopt.adapters._dist_torch import _rows, owners
+    from xpopt.adapters.torch.distributed import _rows, owners
 
     shapes = [(1024, 1024), (1024, 4096), (4096, 1024), (1024, 1024), (64,), (7, 15)]
     own = owners(shapes, 4)

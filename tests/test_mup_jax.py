@@ -163,7 +163,7 @@ def _jax_name(torch_name: str) -> str:
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
 @pytest.mark.parametrize("width", [16, 64])
 def test_torch_and_jax_agree(width):
-    from xpopt.adapters._mup_torch import mup_plan as torch_plan
+    from xpopt.adapters.torch.mup import mup_plan as torch_plan
 
     tmodel, tbase = _torch_pair(width), _torch_pair(16)
     params, base = flax_params(width), shapes(16)

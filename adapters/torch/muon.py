@@ -32,7 +32,7 @@ Routing is decided once, when a parameter is added (construction or
 True -> fallback; otherwise ``core.muon.suitability(shape)`` decides.
 ``Muon.routes()`` lists every decision with its reason; ``verbose=True`` logs
 each one at INFO on the ``"xpopt"`` logger.  A group key Muon does not use (a
-typo such as ``"lrr"``) warns when the group is added (``_groups_torch.py``).
+typo such as ``"lrr"``) warns when the group is added (``groups.py``).
 
 Precision: bf16 / f16 parameters keep float32 state, their update is computed
 in float32 and rounded into the parameter once.  ``ns_dtype=None`` runs
@@ -91,10 +91,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from ..backends import torch as _torch_backend
-from ..core._xp import namespace
-from ..core.adam import adam_update
-from ..core.muon import (
+from ...backends import torch as _torch_backend
+from ...core._xp import namespace
+from ...core.adam import adam_update
+from ...core.muon import (
     DEFAULT_RMS,
     batch_groups,
     debias_factor,
@@ -103,18 +103,17 @@ from ..core.muon import (
     orthogonalized_updates,
     suitability,
 )
-from . import _common as C
-from . import _dist_torch as _dist
-from ._fault import eager_gate
-from ._groups_torch import setstate_keeping_defaults
-from ._groups_torch import warn_unknown_keys as _warn_unknown_keys
-from ..core.fault import check_policy as check_nonfinite
+from .. import _common as C
+from . import distributed as _dist
+from ._base import (added_group, apply_update, dtype_name, nonfinite_policy, run_closure, scalar,
+                    torch_nonfinite_gate, user_stacklevel)
+from .groups import setstate_keeping_defaults
+from .groups import warn_unknown_keys as _warn_unknown_keys
 
 __all__ = ["Muon", "Route", "torch_optim_state_dict"]
 
 _logger = logging.getLogger("xpopt")
 
-FALLBACKS = C.FALLBACKS
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Options used only when parameters are routed (construction / add_param_group).
 # ``fallback_filter`` is usually a lambda, which cannot be pickled, so it is left
@@ -130,9 +129,7 @@ _WARM_STEP = 10**6
 def _ns_dtype_label(ns_dtype, p: torch.Tensor) -> str:
     if ns_dtype == "auto":  # as Muon._muon_group resolves it
         ns_dtype = "bfloat16" if not p.is_complex() and _torch_backend.has_native_bf16(p) else None
-    if ns_dtype is None:
-        return str(_state_dtype(p)).replace("torch.", "")
-    return ns_dtype if isinstance(ns_dtype, str) else str(ns_dtype).replace("torch.", "")
+    return dtype_name(_state_dtype(p) if ns_dtype is None else ns_dtype)
 
 
 class Route(NamedTuple):
@@ -199,16 +196,6 @@ def _check_options(o: dict, where: str) -> None:
         probe[key] = v.reshape(())  # the shared check takes 0-d arrays
     C.group_options(probe, where, flags=("verbose",), optional_flags=("use_fallback", "use_muon"),
                     callables={"fallback_filter": "(name, param) -> bool"})
-
-
-def _scalar(x):
-    """A 1-element tensor hyperparameter as 0-d (broadcasts into any param); numbers unchanged."""
-    return x.reshape(()) if isinstance(x, torch.Tensor) and x.dim() else x
-
-
-def _is_on(x) -> bool:
-    """False only for a Python zero: a tensor counts as on (no sync to look at it)."""
-    return True if isinstance(x, torch.Tensor) else bool(x)
 
 
 def _momentum_scheduled(group: dict) -> bool:
@@ -323,10 +310,7 @@ class Muon(torch.optim.Optimizer):
         consistent_rms: Optional[float] = None,
         nonfinite: Optional[str] = None,
     ):
-        try:
-            self._nonfinite = check_nonfinite(nonfinite)
-        except ValueError as e:
-            raise ValueError(f"Muon: {e}") from None
+        self._nonfinite = nonfinite_policy(nonfinite, "Muon")
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
             weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
@@ -353,10 +337,7 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (torch semantics), validate its options and route its params."""
-        super().add_param_group(param_group)
-        g = len(self.param_groups) - 1
-        group = self.param_groups[g]
-        try:
+        with added_group(self, super().add_param_group, param_group) as (g, group):
             _check_options(group, f"param group {g}")
             _warn_unknown_keys(group, [*self.defaults, "use_fallback", "use_muon"], f"param group {g}", "Muon")
             names = group.get("param_names")
@@ -380,9 +361,6 @@ class Muon(torch.optim.Optimizer):
                 routes.append(self._decide(group, g, i, p, name, label))
             _dist.check_group(group["params"], lambda i: repr(names[i]) if names is not None
                               else f"group {g}, param {i}", "Muon")
-        except Exception:
-            self.param_groups.pop()
-            raise
         self._device, self._device_owner = device, owner
         if self._native_bf16 is None and group["params"]:
             self._native_bf16 = bool(_torch_backend.has_native_bf16(group["params"][0]))
@@ -436,7 +414,7 @@ class Muon(torch.optim.Optimizer):
                     f"Muon: ns_dtype=bfloat16 on {self._device.type}, which has no native bf16 matmul "
                     "(no AMX / AVX512-BF16): Newton-Schulz will run about 100x slower than in float32. "
                     "Use ns_dtype=None (float32 here) on this device; keep bfloat16 for GPUs.",
-                    UserWarning, stacklevel=_user_stacklevel())
+                    UserWarning, stacklevel=user_stacklevel())
                 return
 
     # ------------------------------------------------------------------- step
@@ -447,29 +425,16 @@ class Muon(torch.optim.Optimizer):
 
         Compiles as one graph: ``torch.compile(opt.step, fullgraph=True)``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if self._nonfinite is not None and not self._nonfinite_gate():
             return loss
         # Collect (and check) every group before touching any parameter, so an
         # error leaves the model and the step counts as they were.
         work = []
         for group in self.param_groups:
-            muon_params: list = []
-            muon_grads: list = []
-            muon_bufs: list = []
-            muon_steps: list = []
-            fb_params: list = []
-            fb_grads: list = []
-            fb_exp_avgs: list = []
-            fb_exp_avg_sqs: list = []
-            fb_steps: list = []
-            self._init_group(group, muon_params, muon_grads, muon_bufs, muon_steps,
-                             fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps)
-            work.append((group, muon_params, muon_grads, muon_bufs, muon_steps,
-                         fb_params, fb_grads, fb_exp_avgs, fb_exp_avg_sqs, fb_steps))
+            lists = ([], [], [], [], [], [], [], [], [])   # _init_group's nine, in its order
+            self._init_group(group, *lists)
+            work.append((group, *lists))
         for group, mp, mg, mb, ms, fp, fg, fm, fv, fs in work:
             if mp:
                 if _dist.sharded(mp):  # FSDP2 DTensors: NS of full matrices on owner ranks
@@ -541,11 +506,13 @@ class Muon(torch.optim.Optimizer):
         apply_update(p, direction, lr, wd, _state_dtype(p))
 
     def _muon_parts(self, group: dict, steps: list):
-        """``(momentum, directions)`` of a group's Muon step, its steps counted: ``momentum(buf, grad)``
+        """``(momentum, directions, apply)`` of a group's Muon step, its steps counted: ``momentum(buf, grad)``
         updates ``buf`` in place and returns the update to orthogonalise; ``directions(updates, steps)``
-        orthogonalises one batch (with its adaptive bias correction).  ``_muon_group`` and the
-        sharded path (``_dist_torch.muon_group``, which only adds the array movement) share them."""
+        orthogonalises one batch (with its adaptive bias correction); ``apply(p, d)`` updates ``p``
+        with the group's ``lr`` and ``weight_decay``.  ``_muon_group`` and the sharded path
+        (``distributed.muon_group``, which only adds the array movement) share them."""
         mu = _muon_momentum(group)
+        lr, wd = scalar(group["lr"]), group["weight_decay"]
         nesterov, form = group["nesterov"], group["momentum_form"]
         torch._foreach_add_(steps, 1.0)
         ns_dtype = group["ns_dtype"]
@@ -572,23 +539,25 @@ class Muon(torch.optim.Optimizer):
             # different times have different step counts)
             return [d * debias_factor(mu, t, nesterov=nesterov, form=form) for d, t in zip(ds, batch_steps)]
 
-        return momentum, directions
+        def apply(p, d):
+            self._apply(p, d, lr, wd)
+
+        return momentum, directions, apply
 
     def _muon_group(self, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
-        momentum, directions = self._muon_parts(group, steps)
-        lr, wd = _scalar(group["lr"]), group["weight_decay"]
+        momentum, directions, apply = self._muon_parts(group, steps)
         # Momentum, Newton-Schulz and the update run batch group by batch group
         # (one matrix unless batching pays), so each matrix is still in cache
         # for the next phase, as in torch.optim's per-parameter loop.
         for idx in batch_groups(bufs, conv_mode=group["conv_mode"], batch=group["batched"]):
             ds = directions([momentum(bufs[i], grads[i]) for i in idx], [steps[i] for i in idx])
             for i, d in zip(idx, ds):
-                self._apply(params[i], d, lr, wd)
+                apply(params[i], d)
 
     def _fallback_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
                         steps: list) -> None:
         beta1, beta2 = group["betas"]
-        lr = _scalar(group["lr"] if group["fallback_lr"] is None else group["fallback_lr"])
+        lr = scalar(group["lr"] if group["fallback_lr"] is None else group["fallback_lr"])
         wd = group["weight_decay"] if group["fallback_weight_decay"] is None else group["fallback_weight_decay"]
         eps, nesterov = group["fallback_eps"], group["fallback"] == "nadamw"
         torch._foreach_add_(steps, 1.0)
@@ -830,60 +799,3 @@ def torch_optim_state_dict(muon: dict, adamw: Optional[dict] = None) -> dict:
     if adamw is not None:
         take(adamw, "adamw", from_adamw)
     return {"state": state, "param_groups": groups}
-
-
-def apply_update(p: torch.Tensor, direction: torch.Tensor, lr, wd, dtype: torch.dtype) -> None:
-    """``W <- W * (1 - lr*wd) - lr * direction`` in ``dtype`` (Muon, Kron, and their sharded paths).
-
-    The in-place torch form of ``core._apply.apply_update``'s contract (the
-    functional adapters return that delta instead).  A bf16/f16 param is updated in float32 and rounded once.  ``lr`` / ``wd``
-    are numbers or 0-d tensors (no sync: a tensor stays a tensor).
-    """
-    target = p if p.dtype == dtype else p.to(dtype)
-    if _is_on(wd):
-        target.mul_(1.0 - lr * wd)
-    if isinstance(lr, torch.Tensor):
-        target.sub_(direction * lr)
-    else:
-        target.add_(direction, alpha=-lr)
-    if target is not p:
-        p.copy_(target)
-
-
-def torch_nonfinite_gate(opt, name_of, who: str) -> bool:
-    """The eager ``nonfinite=`` gate shared by Muon and Kron (see ``Muon._nonfinite_gate``)."""
-    ps = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    grads = _dist.local([p.grad for p in ps])      # DTensor grads: check this rank's shards ...
-    agree = None                                    # ... and decide together
-    if any(_dist.is_dtensor(p.grad) for p in ps):
-        agree = lambda ok: _dist.all_agree(ok, grads[0].device)   # noqa: E731
-    proceed, grads, counted = eager_gate(opt._nonfinite, grads, [name_of(p) for p in ps], who, agree)
-    if counted:
-        opt.state["nonfinite_steps"] = int(opt.state.get("nonfinite_steps", 0)) + 1
-        if proceed:  # "zero": the cleaned gradients, in place (as GradScaler.unscale_ writes .grad)
-            for g_old, g in zip(_dist.local([p.grad for p in ps]), grads):
-                g_old.copy_(g)
-    return proceed
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside xpopt and torch.optim."""
-    import sys
-
-    level, f = 1, sys._getframe(1)
-    while f is not None and (f.f_code.co_filename == __file__ or "torch/optim" in f.f_code.co_filename.replace("\\", "/")):
-        level += 1
-        f = f.f_back
-    return level
-
-
-from ._kron_torch import Kron  # noqa: E402  (PSGD Kron lives in its own module)
-
-__all__ += ["Kron"]
-
-from ._mup_torch import (  # noqa: E402  (muP helpers live in their own module)
-    base_shapes, mup_init_, mup_param_groups, mup_plan, print_effective_hparams, save_base_shapes,
-)
-
-__all__ += ["base_shapes", "mup_init_", "mup_param_groups", "mup_plan", "print_effective_hparams",
-            "save_base_shapes"]

@@ -13,6 +13,8 @@ import difflib
 import warnings
 from typing import Iterable
 
+from ._base import user_stacklevel
+
 #: Keys other code puts in param groups, which our optimizers may ignore without a warning.
 FOREIGN_GROUP_KEYS = frozenset({
     # torch.optim itself: the params, their names (``named_parameters()``), and the options
@@ -25,24 +27,6 @@ FOREIGN_GROUP_KEYS = frozenset({
     # labels: mup_param_groups' "name" / "role"; timm's layer-wise LR decay "lr_scale"
     "name", "role", "lr_scale",
 })
-
-
-def _user_stacklevel() -> int:
-    """``warn``'s stacklevel, called from :func:`warn_unknown_keys`, of the first frame outside
-    ``xpopt.adapters`` and torch (the user's call): the warning points there, and warns again
-    for another optimizer built elsewhere."""
-    import os
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))   # xpopt/adapters
-    f, level = sys._getframe(1), 1
-    while f is not None:
-        fn = os.path.abspath(f.f_code.co_filename)
-        if not (fn.startswith(here + os.sep) or f"{os.sep}torch{os.sep}optim{os.sep}" in fn
-                or f"{os.sep}torch{os.sep}_" in fn):
-            return level
-        f, level = f.f_back, level + 1
-    return 2
 
 
 def warn_unknown_keys(group: dict, known: Iterable[str], where: str, owner: str) -> None:
@@ -58,7 +42,7 @@ def warn_unknown_keys(group: dict, known: Iterable[str], where: str, owner: str)
     warnings.warn(
         f"{owner}: {where} has key(s) {', '.join(hints)} that {owner} does not use; they are kept in the "
         f"group but ignored. {owner}'s group keys: {', '.join(sorted(known - {'params'}))}",
-        UserWarning, stacklevel=_user_stacklevel())
+        UserWarning, stacklevel=user_stacklevel())
 
 
 def setstate_keeping_defaults(opt, state: dict, base_setstate) -> None:

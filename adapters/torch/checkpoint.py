@@ -11,10 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import _checkpoint_format as CK
+from ... import _checkpoint_format as CK
+from ...core import kron as K
+from ._base import dtype_name
+from .kron import Kron, _options
+from .muon import Muon
 
 _MUON_FIELDS = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
-_KRON_FIELDS = ("mu", "Ql", "Qr", "Ll", "Lr")
+_KRON_FIELDS = ("mu",) + K.Factors._fields
 
 
 def _put(port, i, name, t):
@@ -34,17 +38,6 @@ def _from_port(port, i, name, device, dtype=None) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
 
 
-def _dtype_name(dt) -> str:
-    return str(dt).replace("torch.", "")
-
-
-def _kinds():
-    from ._kron_torch import Kron
-    from .torch import Muon
-
-    return Muon, Kron
-
-
 def _names(opt, sd, names):
     n = sum(len(g["params"]) for g in sd["param_groups"])
     if names is not None:
@@ -52,7 +45,6 @@ def _names(opt, sd, names):
         if len(names) != n:
             raise CK.CheckpointError(f"names has {len(names)} entries, the optimizer {n} parameters")
         return names
-    Muon, _ = _kinds()
     if isinstance(opt, Muon):
         return [r.name for r in opt.routes()]
     out = []
@@ -71,7 +63,6 @@ def _hypers(sd) -> dict:
 
 def export_torch(source, *, params=None, names=None) -> "CK.Portable":
     del params  # torch optimizers hold their params
-    Muon, Kron = _kinds()
     opt = source if isinstance(source, torch.optim.Optimizer) else None
     if opt is not None and not isinstance(opt, (Muon, Kron)):
         raise TypeError(f"xpopt.checkpoint: {type(opt).__name__} is not an xpopt Muon or Kron; portable "
@@ -103,7 +94,7 @@ def export_torch(source, *, params=None, names=None) -> "CK.Portable":
             s = st.get("step")
             step = int(float(s)) if s is not None else 10 ** 6  # torch.optim.Muon: no count (warmed up)
         entry = {"name": name, "shape": list(shape) if shape is not None else None,
-                 "dtype": _dtype_name(p.dtype) if p is not None else None, "route": route, "step": step,
+                 "dtype": dtype_name(p.dtype) if p is not None else None, "route": route, "step": step,
                  "group": g}
         for k, v in st.items():
             if not torch.is_tensor(v) or k == "step":
@@ -135,7 +126,6 @@ def _skipped(sd) -> int:
 
 def import_torch(port: "CK.Portable", opt, *, params=None, names=None, match="auto", hyperparameters=None):
     del params, hyperparameters  # torch optimizers hold their params and their hyperparameters
-    Muon, Kron = _kinds()
     if not isinstance(opt, (Muon, Kron)):
         raise TypeError(f"xpopt.checkpoint.load: like={type(opt).__name__} is not an xpopt Muon or Kron")
     kron = isinstance(opt, Kron)
@@ -177,13 +167,11 @@ def import_torch(port: "CK.Portable", opt, *, params=None, names=None, match="au
 
 
 def _check_kron_fields(opt, p, st, tname, port, j) -> None:
-    from ._kron_torch import _options
-
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
     opts = _options(group, "the target")
     CK.check_state_dtype(port, j, ("Ql", "Qr"), opts.dtype, tname, "dtype")
     mdt = opts.momentum_dtype(torch.finfo(p.dtype).bits)   # the state-dtype rule; None: the param's dtype
-    CK.check_state_dtype(port, j, ("mu",), mdt or str(p.dtype).removeprefix("torch."), tname, "mu_dtype")
+    CK.check_state_dtype(port, j, ("mu",), mdt or dtype_name(p.dtype), tname, "mu_dtype")
     want = {"Qr", "Ll", "Lr"} | ({"mu"} if group["b1"] != 0 else set())
     lay = opt._layouts[p]
     if lay.left is not None:

@@ -33,12 +33,13 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from ..core import blocking
-from ..core import kron as K
-from ..core.fault import check_policy as _check_nonfinite
-from . import _common as C
-from . import _dist_torch as _dist
-from ._groups_torch import setstate_keeping_defaults, warn_unknown_keys
+from ...core import blocking
+from ...core import kron as K
+from ...core import random as R
+from .. import _common as C
+from . import distributed as _dist
+from ._base import added_group, apply_update, nonfinite_policy, run_closure, torch_nonfinite_gate
+from .groups import setstate_keeping_defaults, warn_unknown_keys
 
 __all__ = ["Kron"]
 
@@ -122,7 +123,7 @@ class Kron(torch.optim.Optimizer):
       dtype: storage of the factors (bf16 or float32; maths is float32).
       mu_dtype: storage of the momentum (bf16 or float32); None: float32 for bf16/f16 params, the
         param's dtype otherwise (the state-dtype rule, as ``Muon``).
-      A param-group key Kron does not use warns (``adapters/_groups_torch.py``).
+      A param-group key Kron does not use warns (``adapters/torch/groups.py``).
       normalize_grads, lr_style (``"adam"``: divide by 5, or None), noise_scale.
       scanned: the params of this group have a leading layer axis.
       seed: the Threefry seed of the noise and the update draws.
@@ -149,10 +150,7 @@ class Kron(torch.optim.Optimizer):
                         block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
                         lr_style=lr_style, noise_scale=noise_scale, scanned=scanned, verbose=verbose)
         _options(defaults, "Kron(...) arguments")
-        try:
-            self._nonfinite = _check_nonfinite(nonfinite)
-        except ValueError as e:
-            raise ValueError(f"Kron: {e}") from None
+        self._nonfinite = nonfinite_policy(nonfinite, "Kron")
         self._seed = seed
         self._layouts: dict = {}
         self._index: dict = {}
@@ -161,11 +159,8 @@ class Kron(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        g = len(self.param_groups) - 1
-        group = self.param_groups[g]
-        try:
-            self._opts[g] = (_snapshot(group), _options(group, f"param group {g}"))
+        with added_group(self, super().add_param_group, param_group) as (g, group):
+            opts = _options(group, f"param group {g}")
             warn_unknown_keys(group, self.defaults, f"param group {g}", "Kron")
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
@@ -182,10 +177,7 @@ class Kron(torch.optim.Optimizer):
                 if group["verbose"]:
                     _logger.info("xpopt Kron: %s shape=%s -> %s", self._name(p), tuple(p.shape), lay.describe())
             _dist.check_group(group["params"], lambda i: f"{self._index[group['params'][i]]} (group {g})", "Kron")
-        except Exception:
-            self.param_groups.pop()
-            self._opts.pop(g, None)
-            raise
+            self._opts[g] = (_snapshot(group), opts)
 
     def _group_options(self, g: int, group: dict) -> K.KronOptions:
         """Group ``g``'s options, validated when it was added or loaded; again only if changed since.
@@ -246,10 +238,7 @@ class Kron(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if self._nonfinite is not None and not self._nonfinite_gate():
             return loss
         # every group's options first: an invalid edit leaves all params as they were
@@ -269,17 +258,22 @@ class Kron(torch.optim.Optimizer):
 
     def _step_param(self, p, st, group, opts) -> None:
         st["step"] += 1
-        D, mu, nf = K.kron_step(p.grad, st.get("mu"), _factors(st), self._layouts[p], key=_host_key(st),
-                                step=st["step"], opts=opts, host_decision=True)
-        _store(st, mu, nf)
-        from .torch import apply_update
+        self._apply(p, self._direction(p, st, p.grad, st.get("mu"), opts), group)
 
+    def _direction(self, p, st, g, mu, opts):
+        """``core.kron``'s step for ``p`` from ``g`` (its gradient, or under FSDP2 the full momentum with
+        ``mu=None``): the new momentum and factors go into ``st``, the direction is returned."""
+        D, new_mu, nf = K.kron_step(g, mu, _factors(st), self._layouts[p], key=_host_key(st),
+                                    step=st["step"], opts=opts, host_decision=True)
+        _store(st, new_mu, nf)
+        return D
+
+    @staticmethod
+    def _apply(p, D, group) -> None:
         apply_update(p, D, group["lr"], group["weight_decay"], D.dtype)
 
     def _nonfinite_gate(self) -> bool:
         """The ``nonfinite=`` policy (``core.fault``), as ``Muon._nonfinite_gate``."""
-        from .torch import torch_nonfinite_gate
-
         return torch_nonfinite_gate(self, self._name, "Kron")
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -349,15 +343,13 @@ class Kron(torch.optim.Optimizer):
                 raise ValueError(f"Kron.load_state_dict: state {k!r} of parameter {name} has shape "
                                  f"{shape}, which does not fit its layout ({lay.describe()}); "
                                  "the state dict comes from a different model or block_size")
-        # FSDP2: factors live on the matrix's owner rank only (adapters/_dist_torch.py)
+        # FSDP2: factors live on the matrix's owner rank only (distributed.py)
         if "step" not in st or ("Qr" not in st and not _dist.is_dtensor(p)):
             raise ValueError(f"Kron.load_state_dict: state of parameter {name} lacks 'step' or 'Qr' "
                              f"(has {sorted(st)}); it is not a Kron state")
 
 
 def _prng_key(seed: int):
-    from ..core import random as R
-
     return R.PRNGKey(seed, like=np.zeros(0, np.uint32))
 
 
@@ -374,6 +366,6 @@ def _store(st: dict, mu, factors) -> None:
     """Copy a step's new momentum (None: unchanged) and factors into the state, in place."""
     if mu is not None:
         st["mu"].copy_(mu)
-    for k, v in zip(("Ql", "Qr", "Ll", "Lr"), factors):
+    for k, v in zip(K.Factors._fields, factors):
         if v is not None:
             st[k].copy_(v)

@@ -40,6 +40,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ...core import kron as K
+from ...core.muon import batch_groups
+
 __all__ = ["is_dtensor", "check_group", "sharded", "bytes_sent", "reset_bytes", "owners", "muon_group",
            "kron_group", "all_agree", "local", "gather_to_owners", "scatter_from_owners"]
 
@@ -247,13 +250,10 @@ def _check_local_rows(params, labels, comm: _Comm, who: str) -> None:
 
 def muon_group(opt, group: dict, params: list, grads: list, bufs: list, steps: list) -> None:
     """``Muon._muon_group`` for DTensor params: momentum on shards, NS on owners."""
-    from . import torch as T
-    from ..core.muon import batch_groups
-
     comm = _Comm(params)
     labels = lambda i: repr(opt._routes[params[i]].name)  # noqa: E731
     _check_local_rows(params, labels, comm, "Muon")
-    momentum, directions = opt._muon_parts(group, steps)
+    momentum, directions, apply = opt._muon_parts(group, steps)
     updates = [momentum(b.to_local(), g.to_local()) for b, g in zip(bufs, grads)]
     shapes = [tuple(p.shape) for p in params]
     own = owners(shapes, comm.world)
@@ -266,9 +266,8 @@ def muon_group(opt, group: dict, params: list, grads: list, bufs: list, steps: l
     # Directions travel in the update's dtype (the state dtype): a bf16
     # Newton-Schulz result widens exactly, and every rank knows that dtype.
     local_d = scatter_from_owners(dirs, updates, shapes, own, comm)
-    lr, wd = T._scalar(group["lr"]), group["weight_decay"]
     for p, d in zip(params, local_d):
-        opt._apply(p.to_local(), d, lr, wd)
+        apply(p.to_local(), d)
 
 
 def all_agree(ok: bool, device=None) -> bool:
@@ -287,14 +286,8 @@ def local(ts: list) -> list:
 
 # ------------------------------------------------------------------ Kron
 
-_FACTOR_KEYS = ("Ql", "Qr", "Ll", "Lr")
-
-
 def kron_group(opt, group: dict, opts, g_index: int) -> None:
     """``Kron.step`` for one group of DTensor params: momentum on shards, factors on owners."""
-    from ..core import kron as K
-    from ._kron_torch import _factors, _host_key, _store
-
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return
@@ -312,7 +305,7 @@ def kron_group(opt, group: dict, opts, g_index: int) -> None:
         else:
             st = opt._init_state(p, group, opts)
             if own[i] != comm.rank:
-                for k in _FACTOR_KEYS:  # factors live on the owner only (module docstring)
+                for k in K.Factors._fields:  # factors live on the owner only (module docstring)
                     st.pop(k, None)
         if own[i] == comm.rank and "Qr" not in st:
             raise RuntimeError(
@@ -330,13 +323,8 @@ def kron_group(opt, group: dict, opts, g_index: int) -> None:
     full = gather_to_owners(ms, shapes, own, comm)
     dirs = {}
     for i in sorted(full):  # the owner: m is the whole matrix's momentum, so no mu here
-        st = states[i]
-        dirs[i], _, nf = K.kron_step(full[i], None, _factors(st), opt._layouts[params[i]], key=_host_key(st),
-                                     step=st["step"], opts=opts, host_decision=True)
-        _store(st, None, nf)
+        dirs[i] = opt._direction(params[i], states[i], full[i], None, opts)
     # D is float32 (float64 for float64 params) on every rank: the dtype of m.
     local_d = scatter_from_owners(dirs, ms, shapes, own, comm)
-    from .torch import apply_update
-
     for p, D in zip(params, local_d):
-        apply_update(p.to_local(), D, group["lr"], group["weight_decay"], D.dtype)
+        opt._apply(p.to_local(), D, group)

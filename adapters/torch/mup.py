@@ -24,8 +24,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ..core import mup as M
-from . import _mup_common as C
+from ...core import mup as M
+from .. import _mup_common as C
 
 __all__ = ["mup_param_groups", "mup_init_", "print_effective_hparams", "save_base_shapes", "base_shapes",
            "mup_plan"]
