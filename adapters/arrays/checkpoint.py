@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _checkpoint_format as CK
-from ..core import kron as K
-from ._kron_arrays import KronState
-from .arrays import MuonState, _flatten, _rebuild
+from ... import _checkpoint_format as CK
+from ...core import kron as K
+from ._base import _flatten, _rebuild
+from ._kron import KronState
+from ._muon import MuonState
 
 
 def _host(x):

@@ -1,44 +1,7 @@
-"""Muon for NumPy and CuPy arrays, functional (optax-style, no framework needed).
+"""``xpopt.adapters.arrays.muon``: Muon + AdamW/NAdamW fallback for NumPy / CuPy.
 
-::
-
-    from xpopt.adapters import arrays
-
-    opt = arrays.muon(lr=0.02, weight_decay=0.01)
-    state = opt.init(params)                 # params: list, tuple or flat dict of arrays
-    for batch in data:
-        grads = compute_grads(params, batch)
-        updates, state = opt.update(grads, state, params)
-        params = arrays.apply_updates(params, updates)
-
-Update rule (the maths is ``xpopt.core``): matrix parameters get Muon,
-``W <- W - lr * lr_scale * orthogonalize(momentum(g)) - lr * wd * W``, the rest
-(vectors, unsuitable shapes, entries labelled ``"fallback"``) AdamW/NAdamW with
-``fallback_lr``.  ``update`` returns the *deltas* (optax convention); add them
-with :func:`apply_updates`.  Options, defaults and errors are those of
-``docs/adapters.md`` and of :func:`xpopt.adapters.optax.muon`, with torch's
-spellings (``lr``, ``fallback_lr``).
-
-Layout defaults to torch's ``(out, in, *spatial)`` (``dimension_numbers="torch"``);
-pass ``"flax"`` for ``(in, out)`` / ``(kh, kw, in, out)`` weights, a
-:class:`DimensionNumbers`, a container of them matching ``params`` (None =
-fallback), or a callable ``params -> such a container``.
-
-Routing: ``labels=None`` asks core ``suitability`` about each weight's
-torch-layout shape; else a container like ``params`` of ``"muon"`` /
-``"fallback"`` / None (automatic), or a callable returning one.  For dict
-params the labels dict may name only some keys (``labels={"emb": "fallback"}``):
-the others are automatic; a key that params lacks is a ValueError.
-
-State (:class:`MuonState`) holds plain arrays of the params' library (None where
-a field does not apply) and a Python int ``step``: picklable, ``np.savez``-able.
-float16 params keep float32 state and get float32 updates, which
-:func:`apply_updates` rounds into the param once.
-
-NaN policy: ``nonfinite=None`` (default), no check: a NaN/Inf gradient
-propagates into that parameter's state and update, as in torch.optim and
-optax; ``"skip"`` / ``"zero"`` / ``"raise"`` as ``xpopt.core.fault``
-(``state.nonfinite_steps`` counts).
+The options, routing, state and NaN policy are described in the package
+docstring (:mod:`xpopt.adapters.arrays`); the containers come from ``_base``.
 """
 
 from __future__ import annotations
@@ -47,18 +10,13 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import array_api_compat
 
-from ..backends import backend_name, get_backend
-from . import _common as C
-from ._common import DimensionNumbers
-from ..core import fault as C_fault
-from ..core._apply import apply_update
-from ._fault import eager_gate
+from ...backends import backend_name, get_backend
+from .. import _common as C
+from ...core import fault as C_fault
+from ...core._apply import apply_update
+from ._base import _cast, _check_arrays, _compute_dtype, _flatten, _matching, _rebuild, _zeros, nonfinite_update
 
-__all__ = ["muon", "apply_updates", "MuonState", "Muon", "DimensionNumbers", "FLAX", "TORCH"]
-
-FLAX = C.FLAX
-TORCH = C.TORCH
-_LIBS = ("numpy", "cupy")
+__all__ = ["muon", "MuonState", "Muon"]
 
 
 class MuonState(NamedTuple):
@@ -71,42 +29,7 @@ class MuonState(NamedTuple):
     nonfinite_steps: int = 0  # steps that saw a non-finite gradient (nonfinite= policy)
 
 
-# --------------------------------------------------------------------------- containers
-
-
-def _flatten(container, argname: str):
-    """``(keys, values, names, kind)`` for a list, tuple or flat dict."""
-    if isinstance(container, dict):
-        keys = list(container)
-        return keys, [container[k] for k in keys], [f"{argname}[{k!r}]" for k in keys], dict
-    if isinstance(container, (list, tuple)):
-        n = len(container)
-        return list(range(n)), list(container), [f"{argname}[{i}]" for i in range(n)], type(container)
-    raise TypeError(
-        f"{argname} must be a list, tuple or flat dict of arrays, got {type(container).__name__}"
-    )
-
-
-def _rebuild(kind, keys, values):
-    if kind is dict:
-        return dict(zip(keys, values))
-    return kind(values) if kind in (list, tuple) else list(values)
-
-
-def _matching(container, keys, kind, argname: str, ref: str = "params") -> list:
-    """Values of ``container`` in ``keys`` order; ValueError unless it matches ``ref``."""
-    if isinstance(container, dict) != (kind is dict) or not isinstance(container, (dict, list, tuple)):
-        raise ValueError(
-            f"{argname} must be a {'dict' if kind is dict else 'list/tuple'} matching {ref}, "
-            f"got {type(container).__name__}")
-    k2, vals, _, _ = _flatten(container, argname)
-    if (kind is dict and set(k2) != set(keys)) or len(k2) != len(keys):
-        raise ValueError(
-            f"{argname} does not match {ref}: expected {'keys ' + str(sorted(map(str, keys))) if kind is dict else str(len(keys)) + ' entries'}, "
-            f"got {'keys ' + str(sorted(map(str, k2))) if kind is dict else str(len(k2)) + ' entries'}")
-    if kind is dict:
-        return [container[k] for k in keys]
-    return vals
+# --------------------------------------------------------------------------- routing
 
 
 def _per_leaf(spec, params, keys, kind, argname: str, is_value) -> list:
@@ -133,31 +56,6 @@ def _labels_per_leaf(spec, params, keys, kind) -> list:
     return _per_leaf(spec, params, keys, kind, "labels", _is_label_value)
 
 
-def _check_arrays(values, names, argname: str) -> str:
-    """The library (numpy/cupy) shared by ``values``; TypeError on anything else or a mix."""
-    libs = []
-    for x, nm in zip(values, names):
-        try:
-            lib = backend_name(x)
-        except TypeError:
-            lib = None
-        if lib not in _LIBS:
-            what = type(x).__module__ + "." + type(x).__name__
-            hint = {"torch": " (use xpopt.adapters.torch)", "jax": " (use xpopt.adapters.optax)"}.get(lib or "", "")
-            raise TypeError(f"{nm} is a {what}; xpopt.adapters.arrays takes NumPy or CuPy arrays{hint}")
-        libs.append(lib)
-    if len(set(libs)) > 1:
-        i = next(j for j, lib in enumerate(libs) if lib != libs[0])
-        raise TypeError(
-            f"{argname} mixes array libraries ({names[0]}: {libs[0]}, {names[i]}: {libs[i]}); "
-            "move them all to one (numpy or cupy) first")
-    return libs[0] if libs else "numpy"
-
-
-def _compute_dtype(x):
-    xp = array_api_compat.array_namespace(x)
-    return xp.float32 if C.is_low_precision(x.dtype) else x.dtype
-
 
 def _real_dtype(x, dtype):
     """Adam's second moment is real: float32 for complex64, float64 for complex128."""
@@ -165,14 +63,6 @@ def _real_dtype(x, dtype):
     if xp.isdtype(dtype, "complex floating"):
         return xp.float32 if dtype == xp.complex64 else xp.float64
     return dtype
-
-
-def _cast(x, dtype):
-    return x if x.dtype == dtype else x.astype(dtype)
-
-
-def _zeros(x, dtype):
-    return array_api_compat.array_namespace(x).zeros_like(x, dtype=dtype)
 
 
 def _is_label_value(v) -> bool:
@@ -381,7 +271,7 @@ def muon(
     The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint``
     records and compares with ``optimizer=opt``).
     """
-    from .. import _checkpoint_format as CK
+    from ... import _checkpoint_format as CK
 
     record = CK.record_options("muon", locals())
     nonfinite = C_fault.check_policy(nonfinite)
@@ -417,35 +307,3 @@ def muon(
                dimension_numbers=dimension_numbers, nonfinite=nonfinite)
     opt.hyperparameters = record
     return opt
-
-
-def nonfinite_update(opt, update, grads, state, params, who):
-    """``update(grads, state, params)`` under ``opt.nonfinite`` (shared with arrays.kron)."""
-    carried = getattr(state, "nonfinite_steps", 0)
-    if opt.nonfinite is None:
-        upd, new = update(grads, state, params)
-        return upd, new._replace(nonfinite_steps=carried)
-    keys, gvals, gnames, kind = _flatten(grads, "grads")
-    proceed, gvals, counted = eager_gate(opt.nonfinite, gvals, gnames, who)
-    if not proceed:
-        return _rebuild(kind, keys, [_zeros(g, _compute_dtype(g)) for g in gvals]), \
-            state._replace(nonfinite_steps=carried + 1)
-    upd, new = update(_rebuild(kind, keys, gvals) if counted else grads, state, params)
-    return upd, new._replace(nonfinite_steps=carried + int(counted))
-
-
-def apply_updates(params, updates):
-    """``params + updates`` entry by entry, cast back to each param's dtype (one rounding)."""
-    keys, pvals, names, kind = _flatten(params, "params")
-    uvals = _matching(updates, keys, kind, "updates")
-    out = []
-    for p, u, nm in zip(pvals, uvals, names):
-        if tuple(p.shape) != tuple(u.shape):
-            raise ValueError(f"update for {nm} has shape {tuple(u.shape)}, param has {tuple(p.shape)}")
-        out.append(_cast(p + u, p.dtype))
-    return _rebuild(kind, keys, out)
-
-
-from ._kron_arrays import Kron, KronState, kron  # noqa: E402  (PSGD Kron lives in its own module)
-
-__all__ += ["Kron", "KronState", "kron"]
