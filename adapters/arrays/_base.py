@@ -10,6 +10,8 @@ imports the optimizer modules above it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import array_api_compat
 
 from ...backends import backend_name
@@ -76,6 +78,24 @@ def _check_arrays(values, names, argname: str) -> str:
     return libs[0] if libs else "numpy"
 
 
+def _flatten_arrays(container, argname: str):
+    """:func:`_flatten` and :func:`_check_arrays`: ``(keys, values, names, kind, lib)``."""
+    keys, values, names, kind = _flatten(container, argname)
+    return keys, values, names, kind, _check_arrays(values, names, argname)
+
+
+def _check_shapes(values, params, names, what: str) -> None:
+    """ValueError unless each of ``values`` (grads, updates) has its param's shape."""
+    for x, p, nm in zip(values, params, names):
+        if tuple(x.shape) != tuple(p.shape):
+            raise ValueError(f"{what} for {nm} has shape {tuple(x.shape)}, param has {tuple(p.shape)}")
+
+
+def _options(cls, arguments: dict):
+    """``cls`` (a core options dataclass) built from the factory's arguments of the same names."""
+    return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
+
+
 def _compute_dtype(x):
     xp = array_api_compat.array_namespace(x)
     return xp.float32 if C.is_low_precision(x.dtype) else x.dtype
@@ -109,10 +129,6 @@ def apply_updates(params, updates):
     """``params + updates`` entry by entry, cast back to each param's dtype (one rounding)."""
     keys, pvals, names, kind = _flatten(params, "params")
     uvals = _matching(updates, keys, kind, "updates")
-    out = []
-    for p, u, nm in zip(pvals, uvals, names):
-        if tuple(p.shape) != tuple(u.shape):
-            raise ValueError(f"update for {nm} has shape {tuple(u.shape)}, param has {tuple(p.shape)}")
-        out.append(_cast(p + u, p.dtype))
-    return _rebuild(kind, keys, out)
+    _check_shapes(uvals, pvals, names, "update")
+    return _rebuild(kind, keys, [_cast(p + u, p.dtype) for p, u in zip(pvals, uvals)])
 

@@ -25,7 +25,7 @@ from ...core._apply import apply_update
 from ...core import kron as K
 from ...core import random as R
 from ...core._xp import is_number, namespace
-from ._base import _check_arrays, _flatten, _matching, _rebuild, nonfinite_update
+from ._base import _flatten, _flatten_arrays, _matching, _options, _rebuild, nonfinite_update
 
 __all__ = ["KronState", "Kron", "kron"]
 
@@ -52,8 +52,7 @@ class Kron:
                                 scanned=s) for x, s in zip(values, flags)]
 
     def init(self, params) -> KronState:
-        keys, values, names, _ = _flatten(params, "params")
-        _check_arrays(values, names, "params")
+        keys, values, names, _, _ = _flatten_arrays(params, "params")
         use_mu = not (is_number(self.opts.b1) and self.opts.b1 == 0)
         mu, factors = [], []
         for x, lay in zip(values, self._layouts(values)):
@@ -118,14 +117,10 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
     compares with ``optimizer=opt``)."""
     from ... import _checkpoint_format as CK
 
-    record = CK.record_options("kron", locals())
+    args = locals()
+    record = CK.record_options("kron", args)
     try:
-        opts = K.KronOptions(b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
-                             preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-                             preconditioner_update_style=preconditioner_update_style, dtype=dtype,
-                             block_size=block_size, noise_scale=noise_scale, lr_style=lr_style,
-                             preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype,
-                             lr=lr, weight_decay=weight_decay, seed=seed, nonfinite=nonfinite)
+        opts = _options(K.KronOptions, args)  # every option is an argument of the same name
     except (TypeError, ValueError) as e:
         raise type(e)(f"kron: {e}") from None
     opt = Kron(opts.lr, opts.weight_decay, opts, scanned, opts.seed, opts.nonfinite)

@@ -14,7 +14,8 @@ from ...backends import backend_name, get_backend
 from .. import _common as C
 from ...core import fault as C_fault
 from ...core._apply import apply_update
-from ._base import _cast, _check_arrays, _compute_dtype, _flatten, _matching, _rebuild, _zeros, nonfinite_update
+from ._base import (_cast, _check_shapes, _compute_dtype, _flatten_arrays, _matching, _options, _rebuild, _zeros,
+                    nonfinite_update)
 
 __all__ = ["muon", "MuonState", "Muon"]
 
@@ -29,32 +30,34 @@ class MuonState(NamedTuple):
     nonfinite_steps: int = 0  # steps that saw a non-finite gradient (nonfinite= policy)
 
 
+_BUFFERS = ("mu", "exp_avg", "exp_avg_sq")  # MuonState's containers
+
+
+def _state(step: int, kind, keys, *buffers) -> MuonState:
+    """A MuonState of the entry lists ``buffers`` (mu, exp_avg, exp_avg_sq), rebuilt as ``kind``."""
+    return MuonState(step, *(_rebuild(kind, keys, b) for b in buffers))
+
+
 # --------------------------------------------------------------------------- routing
 
 
-def _per_leaf(spec, params, keys, kind, argname: str, is_value) -> list:
+def _per_leaf(spec, params, keys, kind, argname: str, is_value, some_keys: bool = False) -> list:
+    """``spec`` (one value, a container like ``params`` or a callable returning
+    either) per entry.  ``some_keys`` (``labels``): a dict for dict params may list
+    only some keys, the others get None (automatic), as if listed with None; a key
+    params lacks is an error (a typo would otherwise route nothing).  Lists/tuples
+    match params entry for entry."""
     if callable(spec) and not is_value(spec):
         spec = spec(params)
     if is_value(spec):
         return [spec] * len(keys)
-    return _matching(spec, keys, kind, argname)
-
-
-def _labels_per_leaf(spec, params, keys, kind) -> list:
-    """``labels`` per entry.  A dict for dict params may list only some keys: the
-    others are automatic (None), as if listed with None; a key params lacks is an
-    error (a typo would otherwise route nothing).  Lists/tuples match params
-    entry for entry."""
-    if callable(spec) and not _is_label_value(spec):
-        spec = spec(params)
-    if kind is dict and isinstance(spec, dict):
+    if some_keys and kind is dict and isinstance(spec, dict):
         unknown = [k for k in spec if k not in params]
         if unknown:
-            raise ValueError(f"labels has keys that params lacks: {sorted(map(str, unknown))}; "
+            raise ValueError(f"{argname} has keys that params lacks: {sorted(map(str, unknown))}; "
                              f"params keys are {sorted(map(str, keys))}")
         return [spec.get(k) for k in keys]
-    return _per_leaf(spec, params, keys, kind, "labels", _is_label_value)
-
+    return _matching(spec, keys, kind, argname)
 
 
 def _real_dtype(x, dtype):
@@ -104,11 +107,10 @@ class Muon:
 
     # routing ------------------------------------------------------------------
     def _plan(self, params, argname: str = "params"):
-        keys, values, names, kind = _flatten(params, argname)
-        lib = _check_arrays(values, names, argname)
+        keys, values, names, kind, lib = _flatten_arrays(params, argname)
         n = len(keys)
         labels = ([None] * n if self.labels is None else
-                  _labels_per_leaf(self.labels, params, keys, kind))
+                  _per_leaf(self.labels, params, keys, kind, "labels", _is_label_value, some_keys=True))
         dspec = "torch" if self.dimension_numbers is None else self.dimension_numbers
         dims = [C.resolve_dim_spec(d) for d in
                 _per_leaf(dspec, params, keys, kind, "dimension_numbers", _is_dims_value)]
@@ -151,7 +153,7 @@ class Muon:
                 mu.append(None)
                 m.append(_zeros(x, self._state_dtype(x)))
                 v.append(_zeros(x, _real_dtype(x, _compute_dtype(x))))
-        return MuonState(0, _rebuild(kind, keys, mu), _rebuild(kind, keys, m), _rebuild(kind, keys, v))
+        return _state(0, kind, keys, mu, m, v)
 
     def update(self, grads, state: MuonState, params=None):
         """``(updates, new_state)``; ``params`` is needed when weight decay is on.
@@ -166,26 +168,21 @@ class Muon:
     def _update(self, grads, state: MuonState, params=None):
         if not isinstance(state, MuonState):
             raise TypeError(f"state must be the MuonState returned by init(), got {type(state).__name__}")
-        gkeys, gvals, gnames, gkind = _flatten(grads, "grads")
-        _check_arrays(gvals, gnames, "grads")
+        _flatten_arrays(grads, "grads")  # a container of arrays of one library (TypeError otherwise)
         if params is not None:
             keys, pvals, names, kind, lib, plans = self._plan(params)
             gvals = _matching(grads, keys, kind, "grads")
             glib = backend_name(gvals[0]) if gvals else lib
             if glib != lib:
                 raise TypeError(f"grads are {glib} arrays but params are {lib} arrays")
-            for g, x, nm in zip(gvals, pvals, names):
-                if tuple(g.shape) != tuple(x.shape):
-                    raise ValueError(f"grad for {nm} has shape {tuple(g.shape)}, param has {tuple(x.shape)}")
+            _check_shapes(gvals, pvals, names, "grad")
         else:
             keys, _, names, kind, lib, plans = self._plan(grads, "grads")
             pvals = [None] * len(keys)
         wd, fwd = self.weight_decay, self.fallback_weight_decay
         if params is None and any(p.decay and (wd if p.layout is not None else fwd) for p in plans):
             raise ValueError("weight decay needs the current parameters: call update(grads, state, params)")
-        bufs = _matching(state.mu, keys, kind, "state.mu", "grads")
-        ms = _matching(state.exp_avg, keys, kind, "state.exp_avg", "grads")
-        vs = _matching(state.exp_avg_sq, keys, kind, "state.exp_avg_sq", "grads")
+        bufs, ms, vs = (_matching(getattr(state, f), keys, kind, f"state.{f}", "grads") for f in _BUFFERS)
         for nm, p, b, m in zip(names, plans, bufs, ms):
             if (b if p.layout is not None else m) is None:
                 raise ValueError(
@@ -193,8 +190,7 @@ class Muon:
                     "not at init: labels/dimension_numbers must route the same way on every call")
 
         step = int(state.step)
-        lr_t = self.lr(step) if callable(self.lr) else self.lr
-        flr_t = self.fallback_lr(step) if callable(self.fallback_lr) else self.fallback_lr
+        lr_t, flr_t = (r(step) if callable(r) else r for r in (self.lr, self.fallback_lr))
         out: list = [None] * len(keys)
         new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
 
@@ -221,9 +217,7 @@ class Muon:
             new_m[i], new_v[i] = _cast(m2, m.dtype), _cast(v2, v.dtype)
             out[i] = apply_update(pvals[i], direction, flr_t, fwd if p.decay else 0)
 
-        new_state = MuonState(step + 1, _rebuild(kind, keys, new_mu), _rebuild(kind, keys, new_m),
-                              _rebuild(kind, keys, new_v))
-        return _rebuild(kind, keys, out), new_state
+        return _rebuild(kind, keys, out), _state(step + 1, kind, keys, new_mu, new_m, new_v)
 
 
 def muon(
@@ -275,19 +269,7 @@ def muon(
 
     record = CK.record_options("muon", locals())
     nonfinite = C_fault.check_policy(nonfinite)
-    opts = C.MuonOptions(
-        lr=lr, fallback_lr=fallback_lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-        weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
-        safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode,
-        normalize_spatial=normalize_spatial, ns_dtype=ns_dtype, batched=batched, mu_dtype=mu_dtype,
-        fallback=fallback, betas=betas, fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
-        min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio, preconditioning=preconditioning,
-        adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
-    )
-    fb = opts.fallback_options
-    lr, flr = opts.lr, opts.fallback_lr_value
-    wd, fwd = opts.weight_decay, opts.fallback_weight_decay_value
-    min_dim, max_ratio = opts.min_dim_size, opts.max_aspect_ratio
+    opts = _options(C.MuonOptions, locals())  # every option is an argument of the same name
     if mu_dtype is not None:
         mu_dtype = opts.mu_dtype
         if isinstance(mu_dtype, str):
@@ -301,9 +283,10 @@ def muon(
         C.resolve_dim_spec(dimension_numbers)
     if isinstance(labels, str):
         C.check_label(labels, "every entry")
-    opt = Muon(lr=lr, fallback_lr=flr, weight_decay=wd, fallback_weight_decay=fwd,
-               weight_decay_mask=weight_decay_mask, opts=opts, fb=fb, mu_dtype=mu_dtype,
-               min_dim_size=min_dim, max_aspect_ratio=max_ratio, labels=labels,
-               dimension_numbers=dimension_numbers, nonfinite=nonfinite)
+    opt = Muon(lr=opts.lr, fallback_lr=opts.fallback_lr_value, weight_decay=opts.weight_decay,
+               fallback_weight_decay=opts.fallback_weight_decay_value, weight_decay_mask=weight_decay_mask,
+               opts=opts, fb=opts.fallback_options, mu_dtype=mu_dtype, min_dim_size=opts.min_dim_size,
+               max_aspect_ratio=opts.max_aspect_ratio, labels=labels, dimension_numbers=dimension_numbers,
+               nonfinite=nonfinite)
     opt.hyperparameters = record
     return opt
