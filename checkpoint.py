@@ -45,7 +45,7 @@ def _kind(obj) -> str:
     mod = type(obj).__module__ or ""
     if mod.startswith("torch") or "adapters.torch" in mod:
         return "torch"
-    if "adapters.arrays" in mod or mod.endswith("_kron_arrays"):
+    if "adapters.arrays" in mod:
         return "arrays"
     if isinstance(obj, dict) and "state" in obj and "param_groups" in obj:
         return "torch"  # a torch state_dict()
@@ -65,7 +65,7 @@ def export_state(source, *, params=None, names=None, hyperparameters=None, optim
     if kind == "torch":
         from .adapters.torch.checkpoint import export_torch as f
     elif kind == "arrays":
-        from .adapters._checkpoint_arrays import export_arrays as f
+        from .adapters.arrays.checkpoint import export_arrays as f
     else:
         from .adapters._checkpoint_optax import export_optax as f
     port = f(source, params=params, names=names)
@@ -82,7 +82,7 @@ def import_state(port: Portable, like, *, params=None, names=None, match="auto",
     if kind == "torch":
         from .adapters.torch.checkpoint import import_torch as f
     elif kind == "arrays":
-        from .adapters._checkpoint_arrays import import_arrays as f
+        from .adapters.arrays.checkpoint import import_arrays as f
     else:
         from .adapters._checkpoint_optax import import_optax as f
     if match not in MATCH:

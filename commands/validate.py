@@ -284,7 +284,7 @@ MUON_HP = {
 }
 
 
-def _muon_arrays(mod, hp, schedule):
+def _muon_ndarrays(mod, hp, schedule):
     hp["lr"] = schedule        # callable step -> lr; fallback_lr defaults to it
     return mod.muon(labels=dict(LABELS), dimension_numbers="torch", **hp)
 
@@ -327,7 +327,7 @@ KRON_HP = {
 }
 
 
-def _kron_arrays(mod, hp, schedule):
+def _kron_ndarrays(mod, hp, schedule):
     hp.pop("lr")
     return _ScheduledKron(mod.kron(lr=1.0, **hp), schedule)
 
@@ -372,8 +372,8 @@ def _kron_optax(mod, hp, schedule):
 
 
 OPTIMIZERS = {
-    "muon": OptimizerSpec("muon", MUON_HP, _muon_arrays, _muon_torch, _muon_optax),
-    "kron": OptimizerSpec("kron", KRON_HP, _kron_arrays, _kron_torch, _kron_optax, jax_flax_layout=False),
+    "muon": OptimizerSpec("muon", MUON_HP, _muon_ndarrays, _muon_torch, _muon_optax),
+    "kron": OptimizerSpec("kron", KRON_HP, _kron_ndarrays, _kron_torch, _kron_optax, jax_flax_layout=False),
 }
 
 

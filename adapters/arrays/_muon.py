@@ -1,44 +1,7 @@
-"""Muon for NumPy and CuPy arrays, functional (optax-style, no framework needed).
+"""``xpopt.adapters.arrays.muon``: Muon + AdamW/NAdamW fallback for NumPy / CuPy.
 
-::
-
-    from xpopt.adapters import arrays
-
-    opt = arrays.muon(lr=0.02, weight_decay=0.01)
-    state = opt.init(params)                 # params: list, tuple or flat dict of arrays
-    for batch in data:
-        grads = compute_grads(params, batch)
-        updates, state = opt.update(grads, state, params)
-        params = arrays.apply_updates(params, updates)
-
-Update rule (the maths is ``xpopt.core``): matrix parameters get Muon,
-``W <- W - lr * lr_scale * orthogonalize(momentum(g)) - lr * wd * W``, the rest
-(vectors, unsuitable shapes, entries labelled ``"fallback"``) AdamW/NAdamW with
-``fallback_lr``.  ``update`` returns the *deltas* (optax convention); add them
-with :func:`apply_updates`.  Options, defaults and errors are those of
-``docs/adapters.md`` and of :func:`xpopt.adapters.optax.muon`, with torch's
-spellings (``lr``, ``fallback_lr``).
-
-Layout defaults to torch's ``(out, in, *spatial)`` (``dimension_numbers="torch"``);
-pass ``"flax"`` for ``(in, out)`` / ``(kh, kw, in, out)`` weights, a
-:class:`DimensionNumbers`, a container of them matching ``params`` (None =
-fallback), or a callable ``params -> such a container``.
-
-Routing: ``labels=None`` asks core ``suitability`` about each weight's
-torch-layout shape; else a container like ``params`` of ``"muon"`` /
-``"fallback"`` / None (automatic), or a callable returning one.  For dict
-params the labels dict may name only some keys (``labels={"emb": "fallback"}``):
-the others are automatic; a key that params lacks is a ValueError.
-
-State (:class:`MuonState`) holds plain arrays of the params' library (None where
-a field does not apply) and a Python int ``step``: picklable, ``np.savez``-able.
-float16 params keep float32 state and get float32 updates, which
-:func:`apply_updates` rounds into the param once.
-
-NaN policy: ``nonfinite=None`` (default), no check: a NaN/Inf gradient
-propagates into that parameter's state and update, as in torch.optim and
-optax; ``"skip"`` / ``"zero"`` / ``"raise"`` as ``xpopt.core.fault``
-(``state.nonfinite_steps`` counts).
+The options, routing, state and NaN policy are described in the package
+docstring (:mod:`xpopt.adapters.arrays`); the containers come from ``_base``.
 """
 
 from __future__ import annotations
@@ -47,18 +10,14 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import array_api_compat
 
-from ..backends import backend_name, get_backend
-from . import _common as C
-from ._common import DimensionNumbers
-from ..core import fault as C_fault
-from ..core._apply import apply_update
-from ._fault import eager_gate
+from ...backends import backend_name, get_backend
+from .. import _common as C
+from ...core import fault as C_fault
+from ...core._apply import apply_update
+from ._base import (_cast, _check_shapes, _compute_dtype, _flatten_arrays, _matching, _options, _rebuild, _zeros,
+                    nonfinite_update)
 
-__all__ = ["muon", "apply_updates", "MuonState", "Muon", "DimensionNumbers", "FLAX", "TORCH"]
-
-FLAX = C.FLAX
-TORCH = C.TORCH
-_LIBS = ("numpy", "cupy")
+__all__ = ["muon", "MuonState", "Muon"]
 
 
 class MuonState(NamedTuple):
@@ -71,92 +30,34 @@ class MuonState(NamedTuple):
     nonfinite_steps: int = 0  # steps that saw a non-finite gradient (nonfinite= policy)
 
 
-# --------------------------------------------------------------------------- containers
+_BUFFERS = ("mu", "exp_avg", "exp_avg_sq")  # MuonState's containers
 
 
-def _flatten(container, argname: str):
-    """``(keys, values, names, kind)`` for a list, tuple or flat dict."""
-    if isinstance(container, dict):
-        keys = list(container)
-        return keys, [container[k] for k in keys], [f"{argname}[{k!r}]" for k in keys], dict
-    if isinstance(container, (list, tuple)):
-        n = len(container)
-        return list(range(n)), list(container), [f"{argname}[{i}]" for i in range(n)], type(container)
-    raise TypeError(
-        f"{argname} must be a list, tuple or flat dict of arrays, got {type(container).__name__}"
-    )
+def _state(step: int, kind, keys, *buffers) -> MuonState:
+    """A MuonState of the entry lists ``buffers`` (mu, exp_avg, exp_avg_sq), rebuilt as ``kind``."""
+    return MuonState(step, *(_rebuild(kind, keys, b) for b in buffers))
 
 
-def _rebuild(kind, keys, values):
-    if kind is dict:
-        return dict(zip(keys, values))
-    return kind(values) if kind in (list, tuple) else list(values)
+# --------------------------------------------------------------------------- routing
 
 
-def _matching(container, keys, kind, argname: str, ref: str = "params") -> list:
-    """Values of ``container`` in ``keys`` order; ValueError unless it matches ``ref``."""
-    if isinstance(container, dict) != (kind is dict) or not isinstance(container, (dict, list, tuple)):
-        raise ValueError(
-            f"{argname} must be a {'dict' if kind is dict else 'list/tuple'} matching {ref}, "
-            f"got {type(container).__name__}")
-    k2, vals, _, _ = _flatten(container, argname)
-    if (kind is dict and set(k2) != set(keys)) or len(k2) != len(keys):
-        raise ValueError(
-            f"{argname} does not match {ref}: expected {'keys ' + str(sorted(map(str, keys))) if kind is dict else str(len(keys)) + ' entries'}, "
-            f"got {'keys ' + str(sorted(map(str, k2))) if kind is dict else str(len(k2)) + ' entries'}")
-    if kind is dict:
-        return [container[k] for k in keys]
-    return vals
-
-
-def _per_leaf(spec, params, keys, kind, argname: str, is_value) -> list:
+def _per_leaf(spec, params, keys, kind, argname: str, is_value, some_keys: bool = False) -> list:
+    """``spec`` (one value, a container like ``params`` or a callable returning
+    either) per entry.  ``some_keys`` (``labels``): a dict for dict params may list
+    only some keys, the others get None (automatic), as if listed with None; a key
+    params lacks is an error (a typo would otherwise route nothing).  Lists/tuples
+    match params entry for entry."""
     if callable(spec) and not is_value(spec):
         spec = spec(params)
     if is_value(spec):
         return [spec] * len(keys)
-    return _matching(spec, keys, kind, argname)
-
-
-def _labels_per_leaf(spec, params, keys, kind) -> list:
-    """``labels`` per entry.  A dict for dict params may list only some keys: the
-    others are automatic (None), as if listed with None; a key params lacks is an
-    error (a typo would otherwise route nothing).  Lists/tuples match params
-    entry for entry."""
-    if callable(spec) and not _is_label_value(spec):
-        spec = spec(params)
-    if kind is dict and isinstance(spec, dict):
+    if some_keys and kind is dict and isinstance(spec, dict):
         unknown = [k for k in spec if k not in params]
         if unknown:
-            raise ValueError(f"labels has keys that params lacks: {sorted(map(str, unknown))}; "
+            raise ValueError(f"{argname} has keys that params lacks: {sorted(map(str, unknown))}; "
                              f"params keys are {sorted(map(str, keys))}")
         return [spec.get(k) for k in keys]
-    return _per_leaf(spec, params, keys, kind, "labels", _is_label_value)
-
-
-def _check_arrays(values, names, argname: str) -> str:
-    """The library (numpy/cupy) shared by ``values``; TypeError on anything else or a mix."""
-    libs = []
-    for x, nm in zip(values, names):
-        try:
-            lib = backend_name(x)
-        except TypeError:
-            lib = None
-        if lib not in _LIBS:
-            what = type(x).__module__ + "." + type(x).__name__
-            hint = {"torch": " (use xpopt.adapters.torch)", "jax": " (use xpopt.adapters.optax)"}.get(lib or "", "")
-            raise TypeError(f"{nm} is a {what}; xpopt.adapters.arrays takes NumPy or CuPy arrays{hint}")
-        libs.append(lib)
-    if len(set(libs)) > 1:
-        i = next(j for j, lib in enumerate(libs) if lib != libs[0])
-        raise TypeError(
-            f"{argname} mixes array libraries ({names[0]}: {libs[0]}, {names[i]}: {libs[i]}); "
-            "move them all to one (numpy or cupy) first")
-    return libs[0] if libs else "numpy"
-
-
-def _compute_dtype(x):
-    xp = array_api_compat.array_namespace(x)
-    return xp.float32 if C.is_low_precision(x.dtype) else x.dtype
+    return _matching(spec, keys, kind, argname)
 
 
 def _real_dtype(x, dtype):
@@ -165,14 +66,6 @@ def _real_dtype(x, dtype):
     if xp.isdtype(dtype, "complex floating"):
         return xp.float32 if dtype == xp.complex64 else xp.float64
     return dtype
-
-
-def _cast(x, dtype):
-    return x if x.dtype == dtype else x.astype(dtype)
-
-
-def _zeros(x, dtype):
-    return array_api_compat.array_namespace(x).zeros_like(x, dtype=dtype)
 
 
 def _is_label_value(v) -> bool:
@@ -214,11 +107,10 @@ class Muon:
 
     # routing ------------------------------------------------------------------
     def _plan(self, params, argname: str = "params"):
-        keys, values, names, kind = _flatten(params, argname)
-        lib = _check_arrays(values, names, argname)
+        keys, values, names, kind, lib = _flatten_arrays(params, argname)
         n = len(keys)
         labels = ([None] * n if self.labels is None else
-                  _labels_per_leaf(self.labels, params, keys, kind))
+                  _per_leaf(self.labels, params, keys, kind, "labels", _is_label_value, some_keys=True))
         dspec = "torch" if self.dimension_numbers is None else self.dimension_numbers
         dims = [C.resolve_dim_spec(d) for d in
                 _per_leaf(dspec, params, keys, kind, "dimension_numbers", _is_dims_value)]
@@ -261,7 +153,7 @@ class Muon:
                 mu.append(None)
                 m.append(_zeros(x, self._state_dtype(x)))
                 v.append(_zeros(x, _real_dtype(x, _compute_dtype(x))))
-        return MuonState(0, _rebuild(kind, keys, mu), _rebuild(kind, keys, m), _rebuild(kind, keys, v))
+        return _state(0, kind, keys, mu, m, v)
 
     def update(self, grads, state: MuonState, params=None):
         """``(updates, new_state)``; ``params`` is needed when weight decay is on.
@@ -276,26 +168,21 @@ class Muon:
     def _update(self, grads, state: MuonState, params=None):
         if not isinstance(state, MuonState):
             raise TypeError(f"state must be the MuonState returned by init(), got {type(state).__name__}")
-        gkeys, gvals, gnames, gkind = _flatten(grads, "grads")
-        _check_arrays(gvals, gnames, "grads")
+        _flatten_arrays(grads, "grads")  # a container of arrays of one library (TypeError otherwise)
         if params is not None:
             keys, pvals, names, kind, lib, plans = self._plan(params)
             gvals = _matching(grads, keys, kind, "grads")
             glib = backend_name(gvals[0]) if gvals else lib
             if glib != lib:
                 raise TypeError(f"grads are {glib} arrays but params are {lib} arrays")
-            for g, x, nm in zip(gvals, pvals, names):
-                if tuple(g.shape) != tuple(x.shape):
-                    raise ValueError(f"grad for {nm} has shape {tuple(g.shape)}, param has {tuple(x.shape)}")
+            _check_shapes(gvals, pvals, names, "grad")
         else:
             keys, _, names, kind, lib, plans = self._plan(grads, "grads")
             pvals = [None] * len(keys)
         wd, fwd = self.weight_decay, self.fallback_weight_decay
         if params is None and any(p.decay and (wd if p.layout is not None else fwd) for p in plans):
             raise ValueError("weight decay needs the current parameters: call update(grads, state, params)")
-        bufs = _matching(state.mu, keys, kind, "state.mu", "grads")
-        ms = _matching(state.exp_avg, keys, kind, "state.exp_avg", "grads")
-        vs = _matching(state.exp_avg_sq, keys, kind, "state.exp_avg_sq", "grads")
+        bufs, ms, vs = (_matching(getattr(state, f), keys, kind, f"state.{f}", "grads") for f in _BUFFERS)
         for nm, p, b, m in zip(names, plans, bufs, ms):
             if (b if p.layout is not None else m) is None:
                 raise ValueError(
@@ -303,8 +190,7 @@ class Muon:
                     "not at init: labels/dimension_numbers must route the same way on every call")
 
         step = int(state.step)
-        lr_t = self.lr(step) if callable(self.lr) else self.lr
-        flr_t = self.fallback_lr(step) if callable(self.fallback_lr) else self.fallback_lr
+        lr_t, flr_t = (r(step) if callable(r) else r for r in (self.lr, self.fallback_lr))
         out: list = [None] * len(keys)
         new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
 
@@ -331,9 +217,7 @@ class Muon:
             new_m[i], new_v[i] = _cast(m2, m.dtype), _cast(v2, v.dtype)
             out[i] = apply_update(pvals[i], direction, flr_t, fwd if p.decay else 0)
 
-        new_state = MuonState(step + 1, _rebuild(kind, keys, new_mu), _rebuild(kind, keys, new_m),
-                              _rebuild(kind, keys, new_v))
-        return _rebuild(kind, keys, out), new_state
+        return _rebuild(kind, keys, out), _state(step + 1, kind, keys, new_mu, new_m, new_v)
 
 
 def muon(
@@ -381,23 +265,11 @@ def muon(
     The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint``
     records and compares with ``optimizer=opt``).
     """
-    from .. import _checkpoint_format as CK
+    from ... import _checkpoint_format as CK
 
     record = CK.record_options("muon", locals())
     nonfinite = C_fault.check_policy(nonfinite)
-    opts = C.MuonOptions(
-        lr=lr, fallback_lr=fallback_lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-        weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
-        safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode,
-        normalize_spatial=normalize_spatial, ns_dtype=ns_dtype, batched=batched, mu_dtype=mu_dtype,
-        fallback=fallback, betas=betas, fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
-        min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio, preconditioning=preconditioning,
-        adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
-    )
-    fb = opts.fallback_options
-    lr, flr = opts.lr, opts.fallback_lr_value
-    wd, fwd = opts.weight_decay, opts.fallback_weight_decay_value
-    min_dim, max_ratio = opts.min_dim_size, opts.max_aspect_ratio
+    opts = _options(C.MuonOptions, locals())  # every option is an argument of the same name
     if mu_dtype is not None:
         mu_dtype = opts.mu_dtype
         if isinstance(mu_dtype, str):
@@ -411,41 +283,10 @@ def muon(
         C.resolve_dim_spec(dimension_numbers)
     if isinstance(labels, str):
         C.check_label(labels, "every entry")
-    opt = Muon(lr=lr, fallback_lr=flr, weight_decay=wd, fallback_weight_decay=fwd,
-               weight_decay_mask=weight_decay_mask, opts=opts, fb=fb, mu_dtype=mu_dtype,
-               min_dim_size=min_dim, max_aspect_ratio=max_ratio, labels=labels,
-               dimension_numbers=dimension_numbers, nonfinite=nonfinite)
+    opt = Muon(lr=opts.lr, fallback_lr=opts.fallback_lr_value, weight_decay=opts.weight_decay,
+               fallback_weight_decay=opts.fallback_weight_decay_value, weight_decay_mask=weight_decay_mask,
+               opts=opts, fb=opts.fallback_options, mu_dtype=mu_dtype, min_dim_size=opts.min_dim_size,
+               max_aspect_ratio=opts.max_aspect_ratio, labels=labels, dimension_numbers=dimension_numbers,
+               nonfinite=nonfinite)
     opt.hyperparameters = record
     return opt
-
-
-def nonfinite_update(opt, update, grads, state, params, who):
-    """``update(grads, state, params)`` under ``opt.nonfinite`` (shared with arrays.kron)."""
-    carried = getattr(state, "nonfinite_steps", 0)
-    if opt.nonfinite is None:
-        upd, new = update(grads, state, params)
-        return upd, new._replace(nonfinite_steps=carried)
-    keys, gvals, gnames, kind = _flatten(grads, "grads")
-    proceed, gvals, counted = eager_gate(opt.nonfinite, gvals, gnames, who)
-    if not proceed:
-        return _rebuild(kind, keys, [_zeros(g, _compute_dtype(g)) for g in gvals]), \
-            state._replace(nonfinite_steps=carried + 1)
-    upd, new = update(_rebuild(kind, keys, gvals) if counted else grads, state, params)
-    return upd, new._replace(nonfinite_steps=carried + int(counted))
-
-
-def apply_updates(params, updates):
-    """``params + updates`` entry by entry, cast back to each param's dtype (one rounding)."""
-    keys, pvals, names, kind = _flatten(params, "params")
-    uvals = _matching(updates, keys, kind, "updates")
-    out = []
-    for p, u, nm in zip(pvals, uvals, names):
-        if tuple(p.shape) != tuple(u.shape):
-            raise ValueError(f"update for {nm} has shape {tuple(u.shape)}, param has {tuple(p.shape)}")
-        out.append(_cast(p + u, p.dtype))
-    return _rebuild(kind, keys, out)
-
-
-from ._kron_arrays import Kron, KronState, kron  # noqa: E402  (PSGD Kron lives in its own module)
-
-__all__ += ["Kron", "KronState", "kron"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..backends import resolve_dtype
-from ..core import blocking
-from ..core._apply import apply_update
-from ..core import kron as K
-from ..core import random as R
-from ..core._xp import is_number, namespace
+from ...backends import resolve_dtype
+from ...core import blocking
+from ...core._apply import apply_update
+from ...core import kron as K
+from ...core import random as R
+from ...core._xp import is_number, namespace
+from ._base import _flatten, _flatten_arrays, _matching, _options, _rebuild, nonfinite_update
 
 __all__ = ["KronState", "Kron", "kron"]
 
@@ -51,10 +52,7 @@ class Kron:
                                 scanned=s) for x, s in zip(values, flags)]
 
     def init(self, params) -> KronState:
-        from .arrays import _check_arrays, _flatten
-
-        keys, values, names, _ = _flatten(params, "params")
-        _check_arrays(values, names, "params")
+        keys, values, names, _, _ = _flatten_arrays(params, "params")
         use_mu = not (is_number(self.opts.b1) and self.opts.b1 == 0)
         mu, factors = [], []
         for x, lay in zip(values, self._layouts(values)):
@@ -71,13 +69,9 @@ class Kron:
 
     def update(self, grads, state: KronState, params=None):
         """``(updates, new_state)``; the ``nonfinite=`` policy as ``arrays.muon``."""
-        from .arrays import nonfinite_update
-
         return nonfinite_update(self, self._update, grads, state, params, "arrays.kron")
 
     def _update(self, grads, state: KronState, params=None):
-        from .arrays import _flatten, _matching, _rebuild
-
         keys, gs, _, kind = _flatten(grads, "grads")
         t = state.step + 1
         lays = self._layouts(gs)
@@ -95,8 +89,6 @@ class Kron:
     def plan(self, params) -> K.Plan:
         """Per parameter (dict key or list index): layout, state bytes and FLOPs; prints as a
         table with totals (:class:`xpopt.core.kron.Plan`)."""
-        from .arrays import _flatten
-
         keys, values, _, _ = _flatten(params, "params")
         return K.Plan(K.plan_row(lay, self.opts, name=str(k), param_bytes=xp_itemsize(x))
                       for k, x, lay in zip(keys, values, self._layouts(values)))
@@ -123,16 +115,12 @@ def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, precondi
 
     The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint`` records and
     compares with ``optimizer=opt``)."""
-    from .. import _checkpoint_format as CK
+    from ... import _checkpoint_format as CK
 
-    record = CK.record_options("kron", locals())
+    args = locals()
+    record = CK.record_options("kron", args)
     try:
-        opts = K.KronOptions(b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
-                             preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-                             preconditioner_update_style=preconditioner_update_style, dtype=dtype,
-                             block_size=block_size, noise_scale=noise_scale, lr_style=lr_style,
-                             preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype,
-                             lr=lr, weight_decay=weight_decay, seed=seed, nonfinite=nonfinite)
+        opts = _options(K.KronOptions, args)  # every option is an argument of the same name
     except (TypeError, ValueError) as e:
         raise type(e)(f"kron: {e}") from None
     opt = Kron(opts.lr, opts.weight_decay, opts, scanned, opts.seed, opts.nonfinite)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _checkpoint_format as CK
-from ..core import kron as K
-from ._kron_arrays import KronState
-from .arrays import MuonState, _flatten, _rebuild
+from ... import _checkpoint_format as CK
+from ...core import kron as K
+from ._base import _flatten, _rebuild
+from ._kron import KronState
+from ._muon import _BUFFERS, MuonState
 
 
 def _host(x):
@@ -29,14 +30,24 @@ def _like_array(a, like):
     return np.array(a, dtype=like.dtype, copy=True)
 
 
+def _like_key(a, like):
+    """A Kron key ``a`` as an array like ``like`` (a key that is no array stays as it is)."""
+    return _like_array(a, like) if hasattr(like, "dtype") else a
+
+
+def _buffers(state, argname: str):
+    """``(keys, kind, mu, exp_avg, exp_avg_sq)`` of a MuonState: its containers as entry lists."""
+    keys, mu, _, kind = _flatten(state.mu, f"{argname}.mu")
+    return (keys, kind, mu, *(_flatten(getattr(state, f), f"{argname}.{f}")[1] for f in _BUFFERS[1:]))
+
+
 def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
     if isinstance(state, KronState):
         n = len(state.factors)
         port = CK.Portable(optimizer="kron", params=[], arrays={}, source="arrays", step=int(state.step))
         root = _host(state.key).astype(np.uint32)
         port.kron_root_key = [int(root[0]), int(root[1])]
-        pkeys = _flatten(params, "params")[0] if params is not None else list(range(n))
-        pvals = _flatten(params, "params")[1] if params is not None else [None] * n
+        pkeys, pvals = _flatten(params, "params")[:2] if params is not None else (list(range(n)), [None] * n)
         pkeys_ = state.param_keys
         for i, f in enumerate(state.factors):
             mu = state.mu[i] if state.mu else None
@@ -57,9 +68,7 @@ def export_arrays(state, *, params=None, names=None) -> "CK.Portable":
         return port
     if not isinstance(state, MuonState):
         raise TypeError(f"xpopt.checkpoint: {type(state).__name__} is not an arrays MuonState / KronState")
-    keys, mu, _, _ = _flatten(state.mu, "state.mu")
-    ms = _flatten(state.exp_avg, "state.exp_avg")[1]
-    vs = _flatten(state.exp_avg_sq, "state.exp_avg_sq")[1]
+    keys, _, mu, ms, vs = _buffers(state, "state")
     pvals = _flatten(params, "params")[1] if params is not None else [None] * len(keys)
     port = CK.Portable(optimizer="muon", params=[], arrays={}, source="arrays", step=int(state.step))
     for i, (k, b, m, v) in enumerate(zip(keys, mu, ms, vs)):
@@ -80,26 +89,33 @@ def _arr(port, j, name, like, tname):
     return _like_array(port.get_checked(j, name, like.shape, tname), like)
 
 
+def _saved(port, tnames, shapes, names, match, hyperparameters) -> list:
+    """``(k, tname, j)`` for each target entry ``k`` that the checkpoint's entry ``j`` has state for
+    (entries pair by name or position; the saved options are compared with ``hyperparameters``)."""
+    idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
+    # stacklevel: check_hyperparameters, here, import_arrays, import_state, load -> the caller of load
+    CK.check_hyperparameters(port, hyperparameters, [(j, 0) for j in idx], stacklevel=6)
+    return [(k, tname, j) for k, (tname, j) in enumerate(zip(tnames, idx)) if port.params[j].get("step") is not None]
+
+
 def import_arrays(port: "CK.Portable", like, *, params=None, names=None, match="auto", hyperparameters=None):
     if isinstance(like, KronState):
         CK.check_optimizer(port, "kron")
         n = len(like.factors)
-        tnames = [str(k) for k in _flatten(params, "params")[0]] if params is not None else [str(i) for i in range(n)]
+        pkeys, pvals = _flatten(params, "params")[:2] if params is not None else (range(n), None)
+        tnames = [str(k) for k in pkeys]
         if len(tnames) != n:
             raise CK.CheckpointError(f"params has {len(tnames)} entries, the Kron state {n}")
-        shapes = [tuple(m.shape) if m is not None else None for m in like.mu] if like.mu else [None] * n
-        if params is not None:
-            shapes = [tuple(x.shape) for x in _flatten(params, "params")[1]]
-        idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
-        CK.check_hyperparameters(port, hyperparameters, [(j, 0) for j in idx], stacklevel=5)
+        if pvals is not None:
+            shapes = [tuple(x.shape) for x in pvals]
+        else:
+            shapes = [tuple(m.shape) if m is not None else None for m in like.mu] if like.mu else [None] * n
+        saved = _saved(port, tnames, shapes, names, match, hyperparameters)
         mus, fs = list(like.mu), list(like.factors)
         keys = list(like.param_keys) if like.param_keys is not None else [K.param_key(like.key, i) for i in range(n)]
-        for k, (tname, j) in enumerate(zip(tnames, idx)):
-            if port.params[j].get("step") is None:
-                continue
+        for k, tname, j in saved:
             # The saved parameter's own key comes with its state: its draws continue wherever it now sits.
-            keys[k] = _like_array(CK.kron_key(port, j, tname), like.key) if hasattr(like.key, "dtype") \
-                else CK.kron_key(port, j, tname)
+            keys[k] = _like_key(CK.kron_key(port, j, tname), like.key)
             f = like.factors[k]
             CK.check_state_dtype(port, j, ("Ql", "Qr"), _dtype_str(f.Qr), tname, "dtype")
             fs[k] = K.Factors(*(None if getattr(f, q) is None else _arr(port, j, q, getattr(f, q), tname)
@@ -110,22 +126,16 @@ def import_arrays(port: "CK.Portable", like, *, params=None, names=None, match="
         step = CK.uniform_step(port, "an arrays Kron state")
         # The root key only seeds parameters that start fresh; keep the saved one as a record.
         root = like.key if port.kron_root_key is None else np.asarray(port.kron_root_key, dtype=np.uint32)
-        key = _like_array(root, like.key) if hasattr(like.key, "dtype") else root
-        return KronState(step, key, mus, fs, int(port.nonfinite_steps), param_keys=keys)
+        return KronState(step, _like_key(root, like.key), mus, fs, int(port.nonfinite_steps), param_keys=keys)
     if not isinstance(like, MuonState):
         raise TypeError(f"xpopt.checkpoint.load: like={type(like).__name__} is not an arrays MuonState / KronState")
     CK.check_optimizer(port, "muon")
-    keys, mu, _, kind = _flatten(like.mu, "like.mu")
-    ms = _flatten(like.exp_avg, "like.exp_avg")[1]
-    vs = _flatten(like.exp_avg_sq, "like.exp_avg_sq")[1]
+    keys, kind, mu, ms, vs = _buffers(like, "like")
     tnames = [str(k) for k in keys]
     shapes = [tuple((b if b is not None else m).shape) for b, m in zip(mu, ms)]
-    idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
-    CK.check_hyperparameters(port, hyperparameters, [(j, 0) for j in idx], stacklevel=5)
+    saved = _saved(port, tnames, shapes, names, match, hyperparameters)
     new_mu, new_m, new_v = list(mu), list(ms), list(vs)
-    for k, (tname, j) in enumerate(zip(tnames, idx)):
-        if port.params[j].get("step") is None:
-            continue
+    for k, tname, j in saved:
         if mu[k] is not None:
             CK.check_route(port, j, tname, "muon")
             new_mu[k] = _arr(port, j, "momentum", mu[k], tname)
