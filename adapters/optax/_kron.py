@@ -24,37 +24,30 @@ whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_s
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import _checkpoint_format as CK
-from ..core import blocking
-from ..core import kron as K
-from ..core import random as R
-from ..core._xp import is_number
-from . import _common as C
-from . import _dist_jax as _dist
-from ._fault_optax import described, with_nonfinite
+from ... import _checkpoint_format as CK
+from ...core import blocking
+from ...core import kron as K
+from ...core import random as R
+from ...core._xp import is_number
+from .. import _common as C
+from . import sharding as _dist
+from .fault import described, with_nonfinite
+from .states import KronState
 
-__all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
+__all__ = ["scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
            "KRON_STATIC_ARGS"]
 
 #: Arguments that shape the state or the computation: ``static_args`` for inject_hyperparams.
 KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditioner_update_style", "dtype",
                     "mu_dtype", "scanned_layers", "block_size", "preconditioner_update_probability", "seed",
                     "weight_decay_mask", "nonfinite")
-
-
-class KronState(NamedTuple):
-    count: Any      # int32 steps taken
-    key: Any        # uint32[2], PRNGKey(seed)
-    mu: Any         # params-like tree (None leaves when b1 == 0)
-    factors: Any    # tuple of core.kron.Factors, one per leaf
-    param_keys: Any  # params-like tree: each leaf's own key, uint32[2] (fold_in(key, i) at init)
 
 
 def _dtype_name(v, argname):

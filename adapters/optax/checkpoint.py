@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .. import _checkpoint_format as CK
-from ..core import kron as K
-from ._kron_optax import KronState
-from .optax import MuonAdamWState, MuonState
+from ... import _checkpoint_format as CK
+from ...core import kron as K
+from .states import KronState, MuonAdamWState, MuonState
 
 _OURS = (MuonAdamWState, MuonState, KronState)
 _MASKED = optax.MaskedNode
