@@ -182,6 +182,34 @@ def _fallback_at(fb, scheds, count):
                                           fb.beta2 if s2 is None else s2(count)))
 
 
+def _muon_directions(opts, grads, bufs, layouts, names, count_inc, *, cast: bool):
+    """Momentum and orthogonalised direction of every leaf with a layout (None: not Muon's).
+
+    Returns ``(dirs, new_bufs, done)``: ``dirs`` has, per Muon leaf, its direction in the leaf's
+    own layout and sharding (in the leaf's compute dtype if ``cast``) or zeros for an empty
+    matrix, and None elsewhere; ``new_bufs`` is ``bufs`` with the Muon leaves' momentum
+    stepped; ``done`` the indices of the directions that came from ``orthogonalize``.
+    """
+    dirs, new_bufs, done, mats = [None] * len(grads), list(bufs), [], []
+    for i, (g, b, lay) in enumerate(zip(grads, bufs, layouts)):
+        if lay is None:
+            continue
+        cdt = _compute_dtype(g.dtype)
+        nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
+        new_bufs[i] = nb.astype(b.dtype)
+        if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm): its update is empty
+            dirs[i] = jnp.zeros(g.shape, cdt)
+            continue
+        done.append(i)
+        _dist.check_not_manual(g, names[i], "Muon")
+        mats.append(_dist.gather(lay.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
+    for i, d in zip(done, opts.orthogonalize(mats, step=count_inc)):  # core resolves ns_dtype='auto' per matrix
+        d = layouts[i].from_torch(d)
+        # The leaf's compute dtype, even if a hyperparameter array is wider.
+        dirs[i] = _dist.restore(d.astype(_compute_dtype(grads[i].dtype)) if cast else d, grads[i])
+    return dirs, new_bufs, done
+
+
 # --------------------------------------------------------------------------- scale_by_muon
 
 
@@ -248,22 +276,8 @@ def scale_by_muon(
         if len(lays) != len(leaves):
             raise ValueError("params and updates have different tree structures")
         bufs = _flatten_up_to(treedef, state.mu, "state.mu")
-        new_bufs, idx, mats, out = [], [], [], []
-        for i, (g, b, lay) in enumerate(zip(leaves, bufs, lays)):
-            cdt = _compute_dtype(g.dtype)
-            nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
-            new_bufs.append(nb.astype(b.dtype))
-            # An empty matrix has nothing to orthogonalise (and no norm): its update is empty.
-            out.append(jnp.zeros(g.shape, cdt) if g.size == 0 else None)
-            if g.size:
-                idx.append(i)
-                _dist.check_not_manual(g, names[i], "Muon")
-                mats.append(_dist.gather(lay.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
         count_inc = optax.safe_increment(state.count)
-        dirs = opts.orthogonalize(mats, step=count_inc)  # core resolves ns_dtype='auto' per matrix
-        for i, d in zip(idx, dirs):
-            # The leaf's compute dtype, even if a hyperparameter array is wider.
-            out[i] = _dist.restore(lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype)), leaves[i])
+        out, new_bufs, _ = _muon_directions(opts, leaves, bufs, lays, names, count_inc, cast=True)
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
     return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite), record)
@@ -460,28 +474,15 @@ def muon(
         lr_t = _lr_value(lr, count)
         flr_t = _lr_value(flr, count)
         fb_t = _fallback_at(fb, beta_scheds, count)
-        out: list = [None] * len(grads)
-        new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
+        new_m, new_v = list(ms), list(vs)
 
         # Muon leaves: momentum (elementwise, own layout), then one core call.
         # Deltas keep the leaf's compute dtype even if a hyperparameter array is wider.
-        idx, mats = [], []
-        for i, (g, p, b) in enumerate(zip(grads, plans, bufs)):
-            if p.layout is None:
-                continue
-            cdt = _compute_dtype(g.dtype)
-            nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
-            new_mu[i] = nb.astype(b.dtype)
-            if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm)
-                out[i] = jnp.zeros(g.shape, cdt)
-                continue
-            idx.append(i)
-            _dist.check_not_manual(g, names[i], "Muon")
-            mats.append(_dist.gather(p.layout.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
-        for i, d in zip(idx, opts.orthogonalize(mats, step=count_inc)):
+        out, new_mu, done = _muon_directions(opts, grads, bufs, [p.layout for p in plans], names, count_inc,
+                                             cast=False)
+        for i in done:
             cdt = _compute_dtype(grads[i].dtype)
-            d = _dist.restore(plans[i].layout.from_torch(d), grads[i])
-            out[i] = apply_update(p_leaves[i], d, lr_t, wd if plans[i].decay else 0).astype(cdt)
+            out[i] = apply_update(p_leaves[i], out[i], lr_t, wd if plans[i].decay else 0).astype(cdt)
 
         # Fallback leaves: core AdamW/NAdamW direction, 1-based step.
         for i, (g, p, m, v) in enumerate(zip(grads, plans, ms, vs)):
