@@ -67,7 +67,7 @@ def export_state(source, *, params=None, names=None, hyperparameters=None, optim
     elif kind == "arrays":
         from .adapters.arrays.checkpoint import export_arrays as f
     else:
-        from .adapters._checkpoint_optax import export_optax as f
+        from .adapters.optax.checkpoint import export_optax as f
     port = f(source, params=params, names=names)
     if optimizer is not None:
         port.hyperparameters = _options_of(optimizer, kind)
@@ -84,7 +84,7 @@ def import_state(port: Portable, like, *, params=None, names=None, match="auto",
     elif kind == "arrays":
         from .adapters.arrays.checkpoint import import_arrays as f
     else:
-        from .adapters._checkpoint_optax import import_optax as f
+        from .adapters.optax.checkpoint import import_optax as f
     if match not in MATCH:
         raise ValueError(f"match={match!r} is not one of {MATCH}")
     target = _options_of(optimizer, kind) if optimizer is not None else None

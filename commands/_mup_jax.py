@@ -3,7 +3,7 @@
 Plain ``jnp`` pytrees in flax layout (``{"input": {"kernel": (d_in, w),
 "bias": (w,)}, ...}``), torch-Linear-like init (uniform ``+-1/sqrt(fan_in)``
 for weights and biases, from ``jax.random`` with the seed), the rule applied
-by ``adapters._mup_optax`` (``mup_init``, ``output_multipliers``,
+by ``adapters.optax.mup`` (``mup_init``, ``output_multipliers``,
 ``mup_lr_multipliers`` / ``scale_by_mup``, ``mup_labels`` for Muon's routing),
 optimizers from optax and ``xpopt.adapters.optax``, a jitted train step.
 """
@@ -62,7 +62,7 @@ def forward(params, x, out_mult: float = 1.0, record: bool = False):
 def make_optimizer(optimizer: str, lr: float, params, base, rule: str, roles=ROLES):
     """The optax transform of ``optimizer`` (``torch_run``'s choices) with the rule's LR multipliers."""
     from ..adapters import optax as xo
-    from ..adapters._mup_optax import mup_labels, mup_lr_multipliers, scale_by_mup
+    from ..adapters.optax.mup import mup_labels, mup_lr_multipliers, scale_by_mup
 
     mults = mup_lr_multipliers(params, base, rule=rule, optimizer=optimizer, roles=roles,
                                muon_adjust_lr_fn="match_rms_adamw")
@@ -85,7 +85,7 @@ def make_optimizer(optimizer: str, lr: float, params, base, rule: str, roles=ROL
 
 def jax_run(width: int, *, optimizer: str, rule: str, lr: float, steps: int, base_width: int, seed: int = 0):
     """Train one width; returns ``(per-step losses, last activation stats)`` like ``torch_run``."""
-    from ..adapters._mup_optax import mup_init, output_multipliers
+    from ..adapters.optax.mup import mup_init, output_multipliers
 
     base = base_params(base_width)
     params = mup_init(init_params(width, seed), base, rule=rule, roles=ROLES)

@@ -1,4 +1,4 @@
-"""muP / spectral scaling for JAX pytrees and optax (adapters/_mup_optax.py, commands/_mup_jax.py).
+"""muP / spectral scaling for JAX pytrees and optax (adapters/optax/mup.py, commands/_mup_jax.py).
 
 (a) every rule is standard parametrisation at the base width; (b) the torch and
 JAX helpers give the same role and multipliers for the same shapes; (c)
@@ -19,7 +19,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
-from xpopt.adapters import _mup_optax as MO  # noqa: E402
+from xpopt.adapters.optax import mup as MO  # noqa: E402
 from xpopt.adapters import optax as xo  # noqa: E402
 from xpopt.core import mup as M  # noqa: E402
 

@@ -76,8 +76,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..core import mup as M
-from . import _mup_common as C
+from ...core import mup as M
+from .. import _mup_common as C
 
 __all__ = ["mup_plan", "mup_lr_multipliers", "mup_labels", "mup_init", "output_multipliers", "scale_by_mup",
            "print_effective_hparams", "base_shapes", "save_base_shapes", "leaf_names"]

@@ -24,37 +24,30 @@ whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_s
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import _checkpoint_format as CK
-from ..core import blocking
-from ..core import kron as K
-from ..core import random as R
-from ..core._xp import is_number
-from . import _common as C
-from . import _dist_jax as _dist
-from ._fault_optax import described, with_nonfinite
+from ... import _checkpoint_format as CK
+from ...core import blocking
+from ...core import kron as K
+from ...core import random as R
+from ...core._xp import is_number
+from .. import _common as C
+from . import sharding as _dist
+from .fault import described, with_nonfinite
+from .states import KronState, named_leaves
 
-__all__ = ["KronState", "scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
+__all__ = ["scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
            "KRON_STATIC_ARGS"]
 
 #: Arguments that shape the state or the computation: ``static_args`` for inject_hyperparams.
 KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditioner_update_style", "dtype",
                     "mu_dtype", "scanned_layers", "block_size", "preconditioner_update_probability", "seed",
                     "weight_decay_mask", "nonfinite")
-
-
-class KronState(NamedTuple):
-    count: Any      # int32 steps taken
-    key: Any        # uint32[2], PRNGKey(seed)
-    mu: Any         # params-like tree (None leaves when b1 == 0)
-    factors: Any    # tuple of core.kron.Factors, one per leaf
-    param_keys: Any  # params-like tree: each leaf's own key, uint32[2] (fold_in(key, i) at init)
 
 
 def _dtype_name(v, argname):
@@ -85,16 +78,14 @@ def _momentum_dtype(opts, x):
     return x.dtype if mdt is None else jnp.dtype(mdt)
 
 
-def _layouts(leaves, scanned, opts):
+def _layouts(tree, leaves, treedef, scanned_layers, opts):
+    """Each leaf's ``core.blocking`` layout (``scanned_layers``: None, or a pytree of bools or a callable)."""
+    if scanned_layers is None:
+        scanned = [False] * len(leaves)
+    else:
+        scanned = treedef.flatten_up_to(scanned_layers(tree) if callable(scanned_layers) else scanned_layers)
     return [blocking.layout(x.shape, max_size_dense=opts.max_size_dense, block_size=opts.block_size,
                             scanned=bool(s)) for x, s in zip(leaves, scanned)]
-
-
-def _scanned_flags(scanned_layers, params, treedef, n):
-    if scanned_layers is None:
-        return [False] * n
-    flags = scanned_layers(params) if callable(scanned_layers) else scanned_layers
-    return treedef.flatten_up_to(flags)
 
 
 def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_grads: bool = False,
@@ -118,7 +109,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
-        lays = _layouts(leaves, _scanned_flags(scanned_layers, params, treedef, len(leaves)), opts)
+        lays = _layouts(params, leaves, treedef, scanned_layers, opts)
         like = jnp.zeros((0,), jnp.float32)
         factors = tuple(K.init_factors(like, lay, dtype=fdt, init_scale=opts.preconditioner_init_scale)
                         for lay in lays)
@@ -134,17 +125,16 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         return KronState(jnp.zeros([], jnp.int32), key, mu, factors, keys)
 
     def update_fn(updates, state, params=None):
-        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        leaves = [x for _, x in path_leaves]
+        leaves, treedef, names = named_leaves(updates)
         if not leaves:
             return updates, state
-        lays = _layouts(leaves, _scanned_flags(scanned_layers, updates, treedef, len(leaves)), opts)
+        lays = _layouts(updates, leaves, treedef, scanned_layers, opts)
         count = optax.safe_increment(state.count)
         mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
         keys = treedef.flatten_up_to(state.param_keys)
         out, new_mu, new_f = [], [], []
         for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
-            _dist.check_not_manual(g, f"params{jax.tree_util.keystr(path_leaves[i][0])}", "Kron")
+            _dist.check_not_manual(g, names[i], "Kron")
             cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
             like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: the noise beside the key
             # Momentum stays on the shards; only its bias-corrected result is gathered, once per
@@ -212,13 +202,11 @@ def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optio
 
     A list of dicts that prints as a table with totals (``print(xo.kron_plan(params))``,
     :class:`xpopt.core.kron.Plan`); ``params`` may be ``jax.eval_shape`` output."""
-    opts = _options(lr_style="adam", b1=b1, normalize_grads=False, max_size_dense=max_size_dense,
-                    preconditioner_lr=0.7, preconditioner_init_scale=1.0,
-                    preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
-                    noise_scale=0.0, preconditioner_update_probability=1.0, mu_dtype=mu_dtype)
+    opts = _options(b1=b1, max_size_dense=max_size_dense, preconditioner_update_style=preconditioner_update_style,
+                    dtype=dtype, block_size=block_size, mu_dtype=mu_dtype)  # the rest: KronOptions' defaults
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [x for _, x in paths]
-    lays = _layouts(leaves, _scanned_flags(scanned_layers, params, treedef, len(leaves)), opts)
+    lays = _layouts(params, leaves, treedef, scanned_layers, opts)
     return K.Plan(K.plan_row(lay, opts, name=jax.tree_util.keystr(path) or "params",
                              param_bytes=jnp.dtype(x.dtype).itemsize)
                   for (path, x), lay in zip(paths, lays))

@@ -18,29 +18,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .. import _checkpoint_format as CK
-from ..core import kron as K
-from ._kron_optax import KronState
-from .optax import MuonAdamWState, MuonState
+from ... import _checkpoint_format as CK
+from ...core import kron as K
+from .states import KronState, MuonAdamWState, MuonState
 
 _OURS = (MuonAdamWState, MuonState, KronState)
 _MASKED = optax.MaskedNode
 
 
-def _find(tree, found: list):
-    if isinstance(tree, _OURS):
-        found.append(tree)
-    elif isinstance(tree, (tuple, list)):
-        for c in tree:
-            _find(c, found)
-    elif isinstance(tree, dict):
-        for c in tree.values():
-            _find(c, found)
-    return found
+def _nodes(tree, dicts: bool = False):
+    """Every node of a state tree, parents first: through tuples (NamedTuples too) and lists, and
+    through dicts' values if ``dicts``."""
+    yield tree
+    if isinstance(tree, (tuple, list)) or (dicts and isinstance(tree, dict)):
+        for c in (tree.values() if isinstance(tree, dict) else tree):
+            yield from _nodes(c, dicts)
+
+
+def _has_field(t, name: str) -> bool:
+    return isinstance(t, tuple) and hasattr(t, "_fields") and name in t._fields
 
 
 def _one(tree, what):
-    found = _find(tree, [])
+    found = [t for t in _nodes(tree, dicts=True) if isinstance(t, _OURS)]
     if len(found) != 1:
         raise TypeError(
             f"xpopt.checkpoint: {what} holds {len(found)} xpopt optimizer states (MuonAdamWState, MuonState, "
@@ -75,18 +75,9 @@ def _injected(tree, optimizer: str):
     """The hyperparameters an ``optax.inject_hyperparams`` state in ``tree`` holds, as a header record
     (None without one)."""
     found = {}
-
-    def walk(t):
-        if isinstance(t, tuple) and hasattr(t, "_fields"):
-            if "hyperparams" in t._fields and isinstance(t.hyperparams, dict):
-                found.update(t.hyperparams)
-            for c in t:
-                walk(c)
-        elif isinstance(t, (tuple, list)):
-            for c in t:
-                walk(c)
-
-    walk(tree)
+    for t in _nodes(tree):
+        if _has_field(t, "hyperparams") and isinstance(t.hyperparams, dict):
+            found.update(t.hyperparams)
     rec = CK.record_options(optimizer, found)
     return rec if rec["param_groups"][0] else None
 
@@ -103,14 +94,29 @@ def export_optax(state, *, params=None, names=None) -> "CK.Portable":
     return port
 
 
+def _muon_leaves(node):
+    """``(names, treedef, mu, exp_avg, exp_avg_sq)`` of a Muon state's leaves (MaskedNode where a
+    field does not apply; every fallback field is one for a ``MuonState``)."""
+    tnames, mu, treedef = _paths(node.mu, _is_masked)
+    if isinstance(node, MuonAdamWState):
+        return tnames, treedef, mu, _paths(node.exp_avg, _is_masked)[1], _paths(node.exp_avg_sq, _is_masked)[1]
+    return tnames, treedef, mu, [_MASKED()] * len(mu), [_MASKED()] * len(mu)
+
+
+def _kron_leaves(node, params):
+    """Per leaf of a KronState: ``(names, keys, keys' treedef, mu, mu's treedef, whether there is
+    momentum, params' names, dtypes and shapes)``, the last three None without ``params``."""
+    n = len(node.factors)
+    knames, keys, kdef = _paths(node.param_keys)
+    _, mus, mdef = _paths(node.mu)
+    pnames, pdtypes = _param_info(params, n)
+    pshapes = [tuple(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
+    return knames, keys, kdef, mus, mdef, len(mus) == n and n > 0, pnames, pdtypes, pshapes
+
+
 def _export_muon(node, step, params, names):
     port = CK.Portable(optimizer="muon", params=[], arrays={}, source="optax", step=step)
-    tnames, mu, _ = _paths(node.mu, _is_masked)
-    if isinstance(node, MuonAdamWState):
-        _, ms, _ = _paths(node.exp_avg, _is_masked)
-        _, vs, _ = _paths(node.exp_avg_sq, _is_masked)
-    else:
-        ms = vs = [_MASKED()] * len(mu)
+    tnames, _, mu, ms, vs = _muon_leaves(node)
     pnames, pdtypes = _param_info(params, len(mu))
     tnames = names or pnames or tnames
     for i, (b, m, v) in enumerate(zip(mu, ms, vs)):
@@ -128,32 +134,17 @@ def _export_muon(node, step, params, names):
 
 
 def _nonfinite(state) -> int:
-    found = []
-
-    def walk(t):
-        if hasattr(t, "_fields") and "nonfinite_steps" in t._fields:
-            found.append(int(t.nonfinite_steps))
-        if isinstance(t, (tuple, list)):
-            for c in t:
-                walk(c)
-
-    walk(state)
-    return sum(found)
+    return sum(int(t.nonfinite_steps) for t in _nodes(state) if _has_field(t, "nonfinite_steps"))
 
 
 def _export_kron(node, step, params, names):
     port = CK.Portable(optimizer="kron", params=[], arrays={}, source="optax", step=step)
-    n = len(node.factors)
-    knames, keys, _ = _paths(node.param_keys)
-    mnames, mus, _ = _paths(node.mu)
-    use_mu = len(mus) == n and n > 0
-    pnames, pdtypes = _param_info(params, n)
-    pshapes = [list(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
+    knames, keys, _, mus, _, use_mu, pnames, pdtypes, pshapes = _kron_leaves(node, params)
     tnames = names or pnames or knames
     root = _np(node.key).astype(np.uint32)
     port.kron_root_key = [int(root[0]), int(root[1])]
     for i, f in enumerate(node.factors):
-        shape = pshapes[i] if pshapes else (list(mus[i].shape) if use_mu else None)
+        shape = list(pshapes[i]) if pshapes else (list(mus[i].shape) if use_mu else None)
         port.params.append({"name": tnames[i], "shape": shape, "dtype": pdtypes[i] if pdtypes else None,
                             "route": "kron", "step": step})
         port.put(i, "key", _np(keys[i]).astype(np.uint32))
@@ -172,10 +163,7 @@ def _arr(port, j, name, like_leaf, tname):
 
 def _import_muon(port, node, params, names, match, target):
     CK.check_optimizer(port, "muon")
-    tnames, mu, treedef = _paths(node.mu, _is_masked)
-    adamw = isinstance(node, MuonAdamWState)
-    ms = _paths(node.exp_avg, _is_masked)[1] if adamw else [_MASKED()] * len(mu)
-    vs = _paths(node.exp_avg_sq, _is_masked)[1] if adamw else [_MASKED()] * len(mu)
+    tnames, treedef, mu, ms, vs = _muon_leaves(node)
     pnames, _ = _param_info(params, len(mu))
     tnames = pnames or tnames
     shapes = [tuple((b if not _is_masked(b) else m).shape) for b, m in zip(mu, ms)]
@@ -194,7 +182,7 @@ def _import_muon(port, node, params, names, match, target):
             new_v[k] = _arr(port, j, "exp_avg_sq", vs[k], tname)
     step = CK.uniform_step(port, "an optax Muon state")
     count = jnp.asarray(step, dtype=node.count.dtype)
-    if adamw:
+    if isinstance(node, MuonAdamWState):
         return MuonAdamWState(count=count, mu=treedef.unflatten(new_mu), exp_avg=treedef.unflatten(new_m),
                               exp_avg_sq=treedef.unflatten(new_v)), step
     return MuonState(count=count, mu=treedef.unflatten(new_mu)), step
@@ -202,14 +190,9 @@ def _import_muon(port, node, params, names, match, target):
 
 def _import_kron(port, node, params, names, match, target):
     CK.check_optimizer(port, "kron")
-    n = len(node.factors)
-    knames, keys, kdef = _paths(node.param_keys)
-    mnames, mus, mdef = _paths(node.mu)
-    use_mu = len(mus) == n and n > 0
-    pnames, _ = _param_info(params, n)
-    pshapes = [tuple(x.shape) for x in jax.tree.leaves(params)] if params is not None else None
+    knames, keys, kdef, mus, mdef, use_mu, pnames, _, pshapes = _kron_leaves(node, params)
     tnames = pnames or knames
-    shapes = pshapes or ([tuple(m.shape) for m in mus] if use_mu else [None] * n)
+    shapes = pshapes or ([tuple(m.shape) for m in mus] if use_mu else [None] * len(node.factors))
     idx = CK.pair(port, list(zip(tnames, shapes)), names, match)
     CK.check_hyperparameters(port, target, [(j, 0) for j in idx], stacklevel=6)
     new_mu, new_f, new_keys = list(mus), list(node.factors), list(keys)
@@ -268,7 +251,7 @@ def import_optax(port: "CK.Portable", like, *, params=None, names=None, match="a
 
 
 def _set_nonfinite(tree, value):
-    if hasattr(tree, "_fields") and "nonfinite_steps" in tree._fields:
+    if _has_field(tree, "nonfinite_steps"):
         tree = tree._replace(nonfinite_steps=jnp.asarray(value, dtype=jnp.asarray(tree.nonfinite_steps).dtype))
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(*[_set_nonfinite(c, value) for c in tree])

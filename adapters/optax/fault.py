@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..core import fault as F
+from ...core import fault as F
 
 
 class NonfiniteState(NamedTuple):

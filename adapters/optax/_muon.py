@@ -1,143 +1,32 @@
-"""Muon for JAX as optax transforms: ``from xpopt.adapters import optax as xo``.
+"""Muon as optax transforms: :func:`muon` (Muon + AdamW/NAdamW fallback) and :func:`scale_by_muon`.
 
-Update rule (the maths is ``xpopt.core``; this module only moves pytrees and
-layouts).  For a Muon leaf ``W`` with gradient ``g``, step ``t = 1, 2, ...``::
-
-    buf = mu * buf + (1 - mu) * g                  # momentum_form="ema" (default)
-    u   = g + mu * (buf - g)  if nesterov else buf # "classic": buf = mu*buf + g
-    O   = lr_scale(out, in) * orthogonalize(matrix(u))   # Newton-Schulz, core
-    W  <- W - lr * O - lr * weight_decay * W       # decoupled, like optax.adamw
-
-and for every other leaf (vectors, unsuitable shapes, leaves labelled
-``"fallback"``) AdamW, or NAdamW with ``fallback="nadamw"``, with
-``fallback_learning_rate``, ``betas``, ``fallback_eps`` and
-``fallback_weight_decay``.  ``lr_scale`` follows ``adjust_lr_fn``
-(``"match_rms_adamw"``: ``0.2 * sqrt(max(out, in))``, so one learning rate
-serves both halves).
-
-Two transforms:
-
-* :func:`muon` -- the whole optimiser (Muon + fallback, weight decay,
-  learning rates or schedules); its updates are the deltas to add with
-  ``optax.apply_updates``.
-* :func:`scale_by_muon` -- only ``lr_scale * orthogonalize(momentum)`` (a
-  positive direction) for a tree of matrices; chain it with
-  ``optax.scale_by_learning_rate`` (and anything else) yourself.
-
-Layout.  flax stores a Dense kernel as ``(in, out)`` and a Conv kernel as
-``(kh, kw, in, out)``; core works in torch's ``(out, in, kh, kw)``.
-``dimension_numbers`` says which axes are fan-in and fan-out, in optax's
-``MuonDimensionNumbers(reduction_axis=..., output_axis=...)`` style (other
-axes are conv taps, handled by ``conv_mode``): ``None``/``"flax"`` (default:
-last axis = out, second-to-last = in, leading axes spatial), ``"torch"``,
-one ``MuonDimensionNumbers``, a pytree of them matching the params (``None``
-leaf = not a matrix: fallback) or a callable ``params -> such a pytree``.
-Each leaf is moved into core's layout and back, so fan-in/fan-out, the LR
-scale and conv handling agree with the torch adapter.  A 3-D kernel such as
-flax's ``DenseGeneral`` ``(in, heads, head_dim)`` needs explicit dimension
-numbers (``reduction_axis=0, output_axis=(1, 2)``).
-
-Routing.  ``labels=None`` sends a leaf to Muon iff core ``suitability`` accepts
-its torch-layout shape (at least two non-unit dims, no unit out/in dim,
-sides >= ``min_dim_size``, aspect ratio <= ``max_aspect_ratio``).  Otherwise
-``labels`` is a pytree (or prefix) of ``"muon"`` / ``"fallback"`` / ``None``
-(automatic) or a callable ``params -> such a pytree``.  A dict in it may name
-only some keys of the params dict at the same place (``labels={"embed":
-"fallback"}``): the others are automatic; a key the params lack is a ValueError.
-Embeddings and output heads are usually labelled ``"fallback"``.
-
-Precision.  bf16/f16 leaves keep float32 state (``mu_dtype=None``) and get
-float32 updates, which ``optax.apply_updates`` adds and rounds into the param
-once.  ``ns_dtype=None`` runs Newton-Schulz in float32 for them and in the leaf
-dtype otherwise; ``ns_dtype="bfloat16"`` is the GPU/TPU speed choice and warns
-once on a CPU, where bf16 matmuls are emulated (~100x slower).
-
-NaN policy.  ``nonfinite=None`` (default): no check, a NaN/Inf in a gradient
-propagates into that leaf's state and update, as in optax itself.
-``nonfinite="skip"`` / ``"zero"`` / ``"raise"``: the policy of
-``xpopt.core.fault`` (skip the whole step leaving state untouched, zero the
-entries, or raise; traced under jit ``"raise"`` acts as ``"skip"``); the state
-is then a :class:`NonfiniteState` ``(inner, nonfinite_steps)``.
-
-Example (flax nnx; embeddings and the head go to AdamW)::
-
-    import jax, optax
-    from flax import nnx
-    from xpopt.adapters import optax as xo
-
-    class MLP(nnx.Module):
-        def __init__(self, rngs):
-            self.embed = nnx.Embed(256, 64, rngs=rngs)
-            self.hidden = nnx.Linear(64, 64, rngs=rngs)     # kernel (in, out): Muon
-            self.head = nnx.Linear(64, 256, rngs=rngs)
-        def __call__(self, tokens):
-            return self.head(jax.nn.gelu(self.hidden(self.embed(tokens))))
-
-    def labels(params):   # a pytree of "muon" / "fallback" / None (automatic)
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "fallback" if path[0].key in ("embed", "head") else None, params)
-
-    model = MLP(nnx.Rngs(0))
-    tx = xo.muon(optax.cosine_decay_schedule(0.02, 1000), weight_decay=0.01, labels=labels)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, tokens, targets):
-        def loss_fn(model):
-            logits = model(tokens)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-With plain pytrees (linen, equinox, hand-written): ``state = tx.init(params)``;
-``updates, state = tx.update(grads, state, params)``;
-``params = optax.apply_updates(params, updates)``, all inside ``jax.jit``.
-
-Hyperparameters at run time.  ``optax.inject_hyperparams(xo.muon)(learning_rate=0.02)``
-works as for any optax optimizer: every number it is given (learning rates,
-``momentum``, weight decays, ``eps``, ``safety_factor``, ``fallback_eps``,
-``consistent_rms``) becomes a 0-d array in ``state.hyperparams``, which may be
-changed between steps or given as a schedule (``momentum=schedule``).  Concrete
-arrays are range-checked like numbers; traced ones (inside ``jax.jit``) are not.
-``betas`` is a tuple, which ``inject_hyperparams`` passes through untouched:
-schedule beta1/beta2 by giving a schedule as the tuple element,
-``betas=(optax.linear_schedule(0.85, 0.95, 1000), 0.95)`` (called with the
-step count, like ``learning_rate``), with or without ``inject_hyperparams``.
-Options that shape the computation (``ns_steps``, ``min_dim_size``,
-``max_aspect_ratio``) must stay Python numbers: their defaults (None) pass
-through; if you set them, list them in ``static_args``.  So must callables
-that are not schedules (``labels``, ``weight_decay_mask`` and
-``dimension_numbers`` functions, dtype classes such as ``jnp.bfloat16``; a
-dtype *name* such as ``"bfloat16"`` is fine): ``static_args=xo.STATIC_ARGS``
-(``xo.SCALE_BY_MUON_STATIC_ARGS`` for :func:`scale_by_muon`) lists every such
-option.  ``inject_hyperparams`` stores the numbers in the params' widest dtype
-(bfloat16 params: momentum 0.95 becomes 0.9492; float16: ``fallback_eps`` 1e-8
-becomes 0, and an all-zero gradient entry then gives NaN); for low-precision
-params pass ``hyperparam_dtype=jnp.float32``, as for any optax optimizer.
+The update rule, layouts, routing, precision and ``inject_hyperparams`` use are
+described in the package docstring (``help(xpopt.adapters.optax)``); the maths
+is ``xpopt.core``, this module only moves pytrees and layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from ..backends import jax as _jax_backend
-from ..core._apply import apply_update
-from . import _common as C
-from . import _dist_jax as _dist
-from .. import _checkpoint_format as CK
-from ._fault_optax import NonfiniteState, described, with_nonfinite
+from ...backends import jax as _jax_backend
+from ...core._apply import apply_update
+from ... import _checkpoint_format as CK
+from .. import _common as C
+from . import sharding as _dist
+from .fault import described, with_nonfinite
+from .states import MuonAdamWState, MuonState, named_leaves
 
 __all__ = [
-    "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
-    "FLAX", "TORCH", "STATIC_ARGS", "SCALE_BY_MUON_STATIC_ARGS", "INJECTABLE", "NonfiniteState",
+    "muon", "scale_by_muon", "MuonDimensionNumbers",
+    "FLAX", "TORCH", "STATIC_ARGS", "SCALE_BY_MUON_STATIC_ARGS", "INJECTABLE",
 ]
 
 #: ``MuonDimensionNumbers`` of flax's layout (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
@@ -148,33 +37,11 @@ TORCH = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
 ScalarOrSchedule = optax.ScalarOrSchedule
 
 
-class MuonState(NamedTuple):
-    """State of :func:`scale_by_muon`."""
-
-    count: jax.Array    # int32 scalar: steps taken
-    mu: optax.Updates   # momentum buffer per leaf (mu_dtype)
-
-
-class MuonAdamWState(NamedTuple):
-    """State of :func:`muon`; ``optax.MaskedNode()`` where a field does not apply."""
-
-    count: jax.Array         # int32 scalar: steps taken (schedules see it before the increment)
-    mu: optax.Updates        # Muon momentum buffers (Muon leaves)
-    exp_avg: optax.Updates   # fallback first moments (fallback leaves)
-    exp_avg_sq: optax.Updates  # fallback second moments (fallback leaves)
-
-
 # --------------------------------------------------------------------------- pytrees
 
 
 def _is_spec_leaf(x) -> bool:
     return x is None or isinstance(x, (str, bool)) or C.is_dim_numbers(x)
-
-
-def _flatten(tree):
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [f"params{jax.tree_util.keystr(p)}" if p else "params" for p, _ in path_leaves]
-    return [leaf for _, leaf in path_leaves], treedef, names
 
 
 def _per_leaf(spec, tree, treedef, argname: str) -> list:
@@ -315,6 +182,34 @@ def _fallback_at(fb, scheds, count):
                                           fb.beta2 if s2 is None else s2(count)))
 
 
+def _muon_directions(opts, grads, bufs, layouts, names, count_inc, *, cast: bool):
+    """Momentum and orthogonalised direction of every leaf with a layout (None: not Muon's).
+
+    Returns ``(dirs, new_bufs, done)``: ``dirs`` has, per Muon leaf, its direction in the leaf's
+    own layout and sharding (in the leaf's compute dtype if ``cast``) or zeros for an empty
+    matrix, and None elsewhere; ``new_bufs`` is ``bufs`` with the Muon leaves' momentum
+    stepped; ``done`` the indices of the directions that came from ``orthogonalize``.
+    """
+    dirs, new_bufs, done, mats = [None] * len(grads), list(bufs), [], []
+    for i, (g, b, lay) in enumerate(zip(grads, bufs, layouts)):
+        if lay is None:
+            continue
+        cdt = _compute_dtype(g.dtype)
+        nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
+        new_bufs[i] = nb.astype(b.dtype)
+        if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm): its update is empty
+            dirs[i] = jnp.zeros(g.shape, cdt)
+            continue
+        done.append(i)
+        _dist.check_not_manual(g, names[i], "Muon")
+        mats.append(_dist.gather(lay.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
+    for i, d in zip(done, opts.orthogonalize(mats, step=count_inc)):  # core resolves ns_dtype='auto' per matrix
+        d = layouts[i].from_torch(d)
+        # The leaf's compute dtype, even if a hyperparameter array is wider.
+        dirs[i] = _dist.restore(d.astype(_compute_dtype(grads[i].dtype)) if cast else d, grads[i])
+    return dirs, new_bufs, done
+
+
 # --------------------------------------------------------------------------- scale_by_muon
 
 
@@ -362,12 +257,12 @@ def scale_by_muon(
     warned: list = []
 
     def layouts(tree):
-        leaves, treedef, names = _flatten(tree)
+        leaves, treedef, names = named_leaves(tree)
         dims = _dims_per_leaf(dimension_numbers, tree, treedef, len(leaves))
         return [C.muon_leaf_plan(x, n, d) for x, n, d in zip(leaves, names, dims)]
 
     def init_fn(params):
-        leaves, treedef, _ = _flatten(params)
+        leaves, treedef, _ = named_leaves(params)
         layouts(params)  # validate early
         if leaves:
             C.warn_bf16_once(opts, _native_bf16(leaves[0]), warned)
@@ -376,27 +271,13 @@ def scale_by_muon(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # optax convention: accept and ignore what other transforms need
-        leaves, treedef, names = _flatten(updates)
+        leaves, treedef, names = named_leaves(updates)
         lays = layouts(params if params is not None else updates)
         if len(lays) != len(leaves):
             raise ValueError("params and updates have different tree structures")
         bufs = _flatten_up_to(treedef, state.mu, "state.mu")
-        new_bufs, idx, mats, out = [], [], [], []
-        for i, (g, b, lay) in enumerate(zip(leaves, bufs, lays)):
-            cdt = _compute_dtype(g.dtype)
-            nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
-            new_bufs.append(nb.astype(b.dtype))
-            # An empty matrix has nothing to orthogonalise (and no norm): its update is empty.
-            out.append(jnp.zeros(g.shape, cdt) if g.size == 0 else None)
-            if g.size:
-                idx.append(i)
-                _dist.check_not_manual(g, names[i], "Muon")
-                mats.append(_dist.gather(lay.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
         count_inc = optax.safe_increment(state.count)
-        dirs = opts.orthogonalize(mats, step=count_inc)  # core resolves ns_dtype='auto' per matrix
-        for i, d in zip(idx, dirs):
-            # The leaf's compute dtype, even if a hyperparameter array is wider.
-            out[i] = _dist.restore(lays[i].from_torch(d).astype(_compute_dtype(leaves[i].dtype)), leaves[i])
+        out, new_bufs, _ = _muon_directions(opts, leaves, bufs, lays, names, count_inc, cast=True)
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
     return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite), record)
@@ -527,7 +408,7 @@ def muon(
     warned: list = []
 
     def plan(tree):
-        leaves, treedef, names = _flatten(tree)
+        leaves, treedef, names = named_leaves(tree)
         n = len(leaves)
         labs = [None] * n if labels is None else _per_leaf(
             lambda t: _fill_labels(labels(t) if callable(labels) else labels, t), tree, treedef, "labels")
@@ -544,7 +425,7 @@ def muon(
         ]
 
     def init_fn(params):
-        leaves, treedef, _ = _flatten(params)
+        leaves, treedef, _ = named_leaves(params)
         plans = plan(params)
         muon_leaves = [x for x, p in zip(leaves, plans) if p.layout is not None]
         if muon_leaves:
@@ -565,7 +446,7 @@ def muon(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # optax convention: accept and ignore what other transforms need
-        grads, treedef, names = _flatten(updates)
+        grads, treedef, names = named_leaves(updates)
         if params is not None:
             p_leaves = _flatten_up_to(treedef, params, "params")
             plans = plan(params)
@@ -593,28 +474,15 @@ def muon(
         lr_t = _lr_value(lr, count)
         flr_t = _lr_value(flr, count)
         fb_t = _fallback_at(fb, beta_scheds, count)
-        out: list = [None] * len(grads)
-        new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
+        new_m, new_v = list(ms), list(vs)
 
         # Muon leaves: momentum (elementwise, own layout), then one core call.
         # Deltas keep the leaf's compute dtype even if a hyperparameter array is wider.
-        idx, mats = [], []
-        for i, (g, p, b) in enumerate(zip(grads, plans, bufs)):
-            if p.layout is None:
-                continue
-            cdt = _compute_dtype(g.dtype)
-            nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
-            new_mu[i] = nb.astype(b.dtype)
-            if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm)
-                out[i] = jnp.zeros(g.shape, cdt)
-                continue
-            idx.append(i)
-            _dist.check_not_manual(g, names[i], "Muon")
-            mats.append(_dist.gather(p.layout.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
-        for i, d in zip(idx, opts.orthogonalize(mats, step=count_inc)):
+        out, new_mu, done = _muon_directions(opts, grads, bufs, [p.layout for p in plans], names, count_inc,
+                                             cast=False)
+        for i in done:
             cdt = _compute_dtype(grads[i].dtype)
-            d = _dist.restore(plans[i].layout.from_torch(d), grads[i])
-            out[i] = apply_update(p_leaves[i], d, lr_t, wd if plans[i].decay else 0).astype(cdt)
+            out[i] = apply_update(p_leaves[i], out[i], lr_t, wd if plans[i].decay else 0).astype(cdt)
 
         # Fallback leaves: core AdamW/NAdamW direction, 1-based step.
         for i, (g, p, m, v) in enumerate(zip(grads, plans, ms, vs)):
@@ -648,22 +516,3 @@ STATIC_ARGS = tuple(n for n in inspect.signature(muon).parameters if n not in IN
 #: The same for :func:`scale_by_muon` (``static_args`` must name its own arguments).
 SCALE_BY_MUON_STATIC_ARGS = tuple(n for n in inspect.signature(scale_by_muon).parameters if n not in INJECTABLE)
 
-
-from ._kron_optax import (  # noqa: E402  (PSGD Kron lives in its own module)
-    KRON_STATIC_ARGS, KronState, kron_plan, quad, scale_by_kron, scale_by_quad, scale_by_skew, skew,
-)
-
-__all__ += ["KRON_STATIC_ARGS", "KronState", "kron_plan", "quad", "scale_by_kron", "scale_by_quad",
-            "scale_by_skew", "skew"]
-
-from ._mup_optax import (  # noqa: E402  (muP / spectral scaling)
-    base_shapes, leaf_names, mup_init, mup_labels, mup_lr_multipliers, mup_plan, output_multipliers,
-    print_effective_hparams, save_base_shapes, scale_by_mup,
-)
-
-__all__ += ["base_shapes", "leaf_names", "mup_init", "mup_labels", "mup_lr_multipliers", "mup_plan",
-            "output_multipliers", "print_effective_hparams", "save_base_shapes", "scale_by_mup"]
-
-from ._dist_jax import partition_specs  # noqa: E402  (sharded state: PartitionSpecs of a state)
-
-__all__ += ["partition_specs"]

@@ -27,7 +27,9 @@ from __future__ import annotations
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-__all__ = ["gather", "restore", "check_not_manual", "param_spec", "validate_specs", "partition_specs",
+from .states import named_leaves
+
+__all__ = ["gather", "restore", "check_not_manual", "param_spec", "validate_specs", "leaf_specs",
            "replicate_on_mesh"]
 
 
@@ -201,10 +203,10 @@ def validate_specs(specs, shapes, names, mesh=None) -> None:
                                  f"not divisible by the {k} devices of {entry!r}")
 
 
-def _names_and_specs(params, param_specs, mesh):
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [f"params{jax.tree_util.keystr(p)}" if p else "params" for p, _ in path_leaves]
-    leaves = [x for _, x in path_leaves]
+def leaf_specs(params, param_specs=None, mesh=None):
+    """``(treedef, specs)``: one validated PartitionSpec per leaf of ``params`` (``param_specs``, else
+    read from the params' shardings), checked against ``mesh`` (else the params' own mesh, if any)."""
+    leaves, treedef, names = named_leaves(params)
     if param_specs is None:
         specs = [param_spec(x) for x in leaves]
     else:
@@ -216,59 +218,3 @@ def _names_and_specs(params, param_specs, mesh):
         mesh = next((m for m in (_concrete_mesh(x) for x in leaves) if m is not None), None)
     validate_specs(specs, [x.shape for x in leaves], names, mesh)
     return treedef, specs
-
-
-def partition_specs(params, param_specs=None, *, tx=None, mesh=None, **kron_options):
-    """PartitionSpecs of an xpopt optax state, a pytree shaped like ``tx.init(params)``.
-
-    Kron's (and Muon's) momentum and the fallback's moments are sharded like their
-    params; Kron's factors and Lipschitz estimates, the step count and the keys are
-    replicated (factors are at most ``block_size`` squared per block: small next to
-    the params, and every device needs them whole to precondition its gathered
-    matrix).  Leaves of other transforms in a chain (optax's own counts) are
-    replicated, ``None`` / ``MaskedNode`` stay as they are.
-
-    Args:
-      params: the params pytree (arrays or ``jax.ShapeDtypeStruct``).
-      param_specs: one ``PartitionSpec`` per param leaf; None = read from the
-        params' shardings (replicated where they have none).
-      tx: the transform whose state is described (``xo.quad(...)``, ``xo.muon(...)``,
-        any chain of them); None = ``scale_by_kron(**kron_options)``, like the
-        seed's ``get_opt_state_partition_specs(params, **quad_kwargs)``.
-      mesh: a ``Mesh``/``AbstractMesh`` to check the specs against (axis names
-        exist, dims divide); None = the params' own mesh, if any.
-
-    Raises ``ValueError`` naming the parameter whose spec names a mesh axis that
-    does not exist, has more entries than the param has axes, or does not divide.
-    """
-    import optax
-
-    from ._kron_optax import KronState, scale_by_kron
-    from .optax import MuonAdamWState, MuonState
-
-    if tx is None:
-        tx = scale_by_kron(**kron_options)
-    elif kron_options:
-        raise TypeError(f"give either tx or Kron options, not both (got {sorted(kron_options)})")
-    treedef, specs = _names_and_specs(params, param_specs, mesh)
-    state = jax.eval_shape(tx.init, params)
-
-    def like_params(sub):
-        # None (b1 == 0) and MaskedNode (the other half of muon's routing) stay.
-        parts = treedef.flatten_up_to(sub)
-        return treedef.unflatten([x if x is None or isinstance(x, optax.MaskedNode) else s
-                                  for x, s in zip(parts, specs)])
-
-    def convert(node):
-        if isinstance(node, KronState):
-            factors = tuple(type(f)(*(None if q is None else P() for q in f)) for f in node.factors)
-            return KronState(P(), P(), like_params(node.mu), factors, jax.tree.map(lambda _: P(), node.param_keys))
-        if isinstance(node, MuonState):
-            return MuonState(P(), like_params(node.mu))
-        if isinstance(node, MuonAdamWState):
-            return MuonAdamWState(P(), like_params(node.mu), like_params(node.exp_avg),
-                                  like_params(node.exp_avg_sq))
-        return P()
-
-    return jax.tree.map(convert, state,
-                        is_leaf=lambda x: isinstance(x, (KronState, MuonState, MuonAdamWState)))
