@@ -49,6 +49,7 @@ of a decay term of ~6e-3 (4e-10).
 
 from __future__ import annotations
 
+import inspect
 import contextlib
 import warnings
 
@@ -327,7 +328,7 @@ def test_structural_options_must_be_static(name, value):
     u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     assert_trees_close(u, u_ref, SAME_MATH_ATOL, name)
     # Defaults (None) pass through inject_hyperparams untouched.
-    assert xo.muon.__kwdefaults__[name] is None
+    assert inspect.signature(xo.muon).parameters[name].default is None
 
 
 def test_structural_option_errors_for_non_integers():

@@ -24,7 +24,6 @@ whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ from ...core import kron as K
 from ...core import random as R
 from ...core._xp import is_number
 from .. import _common as C
+from .. import _signatures as S
 from . import sharding as _dist
 from .fault import described, with_nonfinite
 from .states import KronState, named_leaves
@@ -62,13 +62,16 @@ def _dtype_name(v, argname):
     return name
 
 
-def _options(**kw) -> K.KronOptions:
-    kw["dtype"] = _dtype_name(kw["dtype"], "dtype")
-    kw["mu_dtype"] = _dtype_name(kw["mu_dtype"], "mu_dtype")
-    for name, default in (("max_size_dense", 16384), ("block_size", 256)):
-        v = C.static_number(kw[name], name, integer=True)
-        kw[name] = default if v is None else v
-    return K.KronOptions(**kw)
+def _options(name: str, args: dict, **overrides) -> K.KronOptions:
+    """``KronOptions`` from adapter ``name``'s arguments: dtypes by name, static None = the default."""
+    args = dict(args)
+    for k in ("dtype", "mu_dtype"):
+        if k in args:
+            args[k] = _dtype_name(args[k], k)
+    for k in ("max_size_dense", "block_size"):
+        if k in args:
+            args[k] = C.static_number(args[k], k, integer=True)
+    return S.options(name, args, **overrides)
 
 
 def _momentum_dtype(opts, x):
@@ -88,18 +91,12 @@ def _layouts(tree, leaves, treedef, scanned_layers, opts):
                             scanned=bool(s)) for x, s in zip(leaves, scanned)]
 
 
-def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_grads: bool = False,
-                  max_size_dense: Optional[int] = None, preconditioner_lr: float = 0.7,
-                  preconditioner_init_scale: float = 1.0, preconditioner_update_style: str = "skew",
-                  dtype: Any = "float32", scanned_layers: Any = None, block_size: Optional[int] = None,
-                  noise_scale: float = 1e-9, preconditioner_update_probability: Union[float, str, Callable] = 1.0,
-                  mu_dtype: Any = None, seed: Optional[int] = None, nonfinite=None) -> optax.GradientTransformation:
+@S.takes("optax.scale_by_kron")
+def scale_by_kron(**args) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
-    record = CK.record_options("kron", locals())
-    opts = _options(lr_style=lr_style, b1=b1, normalize_grads=normalize_grads, max_size_dense=max_size_dense,
-                    preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-                    preconditioner_update_style=preconditioner_update_style, dtype=dtype, block_size=block_size,
-                    noise_scale=noise_scale, preconditioner_update_probability=preconditioner_update_probability, mu_dtype=mu_dtype)
+    record = CK.record_options("kron", args)
+    seed, scanned_layers, b1 = args.pop("seed"), args["scanned_layers"], args["b1"]
+    opts = _options("optax.scale_by_kron", args)
     # seed is read by init only; under inject_hyperparams it arrives as an array
     # (traced inside a jitted update, where it is not needed).
     seed = None if C.is_array_scalar(seed) and C.is_traced(seed) else \
@@ -147,7 +144,7 @@ def scale_by_kron(lr_style: Optional[str] = "adam", b1: float = 0.95, normalize_
         mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
         return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f), state.param_keys)
 
-    return described(with_nonfinite(optax.GradientTransformation(init_fn, update_fn), nonfinite), record)
+    return described(with_nonfinite(optax.GradientTransformation(init_fn, update_fn), opts.nonfinite), record)
 
 
 def scale_by_quad(**kw) -> optax.GradientTransformation:
@@ -175,35 +172,25 @@ def _full(style, args: dict):
     return described(with_nonfinite(optax.chain(*tx), nonfinite), record)
 
 
-def quad(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.0,
-         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "float32",
-         scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
-         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None,
-         nonfinite=None) -> optax.GradientTransformation:
+@S.takes("optax.quad")
+def quad(**args) -> optax.GradientTransformation:
     """PSGD Kron with QUAD preconditioner updates, weight decay and LR (the seed's ``quad``)."""
-    return _full("QUAD", locals())
+    return _full("QUAD", args)
 
 
-def skew(learning_rate: Any = 1e-3, lr_style: Optional[str] = "adam", b1: float = 0.95, weight_decay: float = 0.0,
-         weight_decay_mask: Any = None, normalize_grads: bool = False, max_size_dense: Optional[int] = None,
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, dtype: Any = "float32",
-         scanned_layers: Any = None, block_size: Optional[int] = None, noise_scale: float = 1e-9,
-         preconditioner_update_probability: Any = 1.0, mu_dtype: Any = None, seed: Optional[int] = None,
-         nonfinite=None) -> optax.GradientTransformation:
+@S.takes("optax.skew")
+def skew(**args) -> optax.GradientTransformation:
     """PSGD Kron with skew (Q0.5EQ1.5 + Procrustes) updates, weight decay and LR (the seed's ``skew``)."""
-    return _full("skew", locals())
+    return _full("skew", args)
 
 
-def kron_plan(params, *, max_size_dense: Optional[int] = None, block_size: Optional[int] = None, dtype: Any = "float32",
-              mu_dtype: Any = None, b1: float = 0.95, preconditioner_update_style: str = "skew",
-              scanned_layers: Any = None) -> list[dict]:
+@S.takes("optax.kron_plan")
+def kron_plan(params, scanned_layers, **args) -> list[dict]:
     """Per leaf (by pytree path): layout, state bytes and FLOPs, before allocating anything.
 
     A list of dicts that prints as a table with totals (``print(xo.kron_plan(params))``,
     :class:`xpopt.core.kron.Plan`); ``params`` may be ``jax.eval_shape`` output."""
-    opts = _options(b1=b1, max_size_dense=max_size_dense, preconditioner_update_style=preconditioner_update_style,
-                    dtype=dtype, block_size=block_size, mu_dtype=mu_dtype)  # the rest: KronOptions' defaults
+    opts = _options("optax.kron_plan", args)  # the options it does not take: KronOptions' defaults
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [x for _, x in paths]
     lays = _layouts(params, leaves, treedef, scanned_layers, opts)

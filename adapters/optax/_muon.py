@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from ...backends import jax as _jax_backend
 from ...core._apply import apply_update
 from ... import _checkpoint_format as CK
 from .. import _common as C
+from .. import _signatures as S
 from . import sharding as _dist
 from .fault import described, with_nonfinite
 from .states import MuonAdamWState, MuonState, named_leaves
@@ -213,26 +213,8 @@ def _muon_directions(opts, grads, bufs, layouts, names, count_inc, *, cast: bool
 # --------------------------------------------------------------------------- scale_by_muon
 
 
-def scale_by_muon(
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    momentum_form: str = "ema",
-    ns_coefficients="quintic",
-    ns_steps: Optional[int] = None,
-    eps: float = 1e-7,
-    safety_factor: float = 1.0,
-    adjust_lr_fn: str = "match_rms_adamw",
-    conv_mode: str = "flatten",
-    normalize_spatial: bool = True,
-    ns_dtype=None,
-    batched="auto",
-    mu_dtype=None,
-    dimension_numbers=None,
-    preconditioning: str = "frobenius",
-    adaptive: bool = False,
-    consistent_rms=None,
-    nonfinite=None,
-) -> optax.GradientTransformation:
+@S.takes("optax.scale_by_muon")
+def scale_by_muon(dimension_numbers, **args) -> optax.GradientTransformation:
     """Muon's direction ``lr_scale * orthogonalize(momentum_update(g))`` for every leaf.
 
     Every leaf is treated as a Muon matrix (a vector is an error: use
@@ -243,16 +225,10 @@ def scale_by_muon(
     ``safety_factor`` and ``consistent_rms`` may be 0-d (traced) arrays, so
     ``optax.inject_hyperparams(xo.scale_by_muon)()`` works.  State: :class:`MuonState`.
     """
-    record = CK.record_options("muon", locals())
-    momentum, eps, safety_factor, consistent_rms = map(_real_part, (momentum, eps, safety_factor, consistent_rms))
-    mu_dt = _check_mu_dtype(mu_dtype)
-    opts = C.MuonOptions(
-        momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps, safety_factor=safety_factor,
-        adjust_lr_fn=adjust_lr_fn, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        ns_dtype=_not_injected(ns_dtype, "ns_dtype"), batched=batched, mu_dtype=mu_dtype,
-        preconditioning=preconditioning, adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
-    )
+    record = CK.record_options("muon", args)
+    args = {k: _real_part(v) for k, v in args.items()}
+    mu_dt = _check_mu_dtype(args["mu_dtype"])
+    opts = S.options("optax.scale_by_muon", args, ns_dtype=_not_injected(args["ns_dtype"], "ns_dtype"))
     _check_dims_arg(dimension_numbers)
     warned: list = []
 
@@ -280,44 +256,15 @@ def scale_by_muon(
         out, new_bufs, _ = _muon_directions(opts, leaves, bufs, lays, names, count_inc, cast=True)
         return treedef.unflatten(out), MuonState(count=count_inc, mu=treedef.unflatten(new_bufs))
 
-    return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite), record)
+    return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), opts.nonfinite),
+                     record)
 
 
 # --------------------------------------------------------------------------- muon
 
 
-def muon(
-    learning_rate: ScalarOrSchedule,
-    *,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    momentum_form: str = "ema",
-    weight_decay: float = 0.0,
-    weight_decay_mask=None,
-    ns_coefficients="quintic",
-    ns_steps: Optional[int] = None,
-    eps: float = 1e-7,
-    safety_factor: float = 1.0,
-    adjust_lr_fn: str = "match_rms_adamw",
-    conv_mode: str = "flatten",
-    normalize_spatial: bool = True,
-    ns_dtype=None,
-    batched="auto",
-    mu_dtype=None,
-    fallback: str = "adamw",
-    fallback_learning_rate: Optional[ScalarOrSchedule] = None,
-    betas=(0.9, 0.95),
-    fallback_eps: float = 1e-8,
-    fallback_weight_decay: Optional[float] = None,
-    min_dim_size: Optional[int] = None,
-    max_aspect_ratio: Optional[float] = None,
-    labels=None,
-    dimension_numbers=None,
-    preconditioning: str = "frobenius",
-    adaptive: bool = False,
-    consistent_rms=None,
-    nonfinite=None,
-) -> optax.GradientTransformation:
+@S.takes("optax.muon")
+def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.GradientTransformation:
     """Muon for matrix leaves, AdamW/NAdamW for the rest, as one optax transform.
 
     Args:
@@ -376,28 +323,15 @@ def muon(
     Returns an ``optax.GradientTransformationExtraArgs`` with state
     :class:`MuonAdamWState`; ``update`` needs ``params`` when weight decay is on.
     """
-    record = CK.record_options("muon", locals())
-    (learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
-     safety_factor, fallback_eps, consistent_rms, max_aspect_ratio) = map(_real_part, (
-        learning_rate, fallback_learning_rate, momentum, weight_decay, fallback_weight_decay, eps,
-        safety_factor, fallback_eps, consistent_rms, max_aspect_ratio))
-    mu_dt = _check_mu_dtype(mu_dtype)
-    betas, beta_scheds = _split_beta_schedules(betas)
+    record = CK.record_options("muon", args)
+    args = {k: _real_part(v) for k, v in args.items()}
+    mu_dt = _check_mu_dtype(args["mu_dtype"])
+    betas, beta_scheds = _split_beta_schedules(args["betas"])
     # optax's names first (learning_rate, fallback_learning_rate), then the one definition.
-    C.check_lr(learning_rate, "learning_rate")
-    if fallback_learning_rate is not None:
-        C.check_lr(fallback_learning_rate, "fallback_learning_rate")
-    opts = C.MuonOptions(
-        lr=learning_rate, fallback_lr=fallback_learning_rate, momentum=momentum, nesterov=nesterov,
-        momentum_form=momentum_form, weight_decay=weight_decay, ns_coefficients=ns_coefficients,
-        ns_steps=ns_steps, eps=eps, safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn,
-        conv_mode=conv_mode, normalize_spatial=normalize_spatial, ns_dtype=_not_injected(ns_dtype, "ns_dtype"),
-        batched=batched, mu_dtype=mu_dtype, fallback=fallback, betas=betas, fallback_eps=fallback_eps,
-        fallback_weight_decay=fallback_weight_decay,
-        min_dim_size=4 if min_dim_size is None else min_dim_size,
-        max_aspect_ratio=128.0 if max_aspect_ratio is None else max_aspect_ratio,
-        preconditioning=preconditioning, adaptive=adaptive, consistent_rms=consistent_rms, nonfinite=nonfinite,
-    )
+    C.check_lr(args["learning_rate"], "learning_rate")
+    if args["fallback_learning_rate"] is not None:
+        C.check_lr(args["fallback_learning_rate"], "fallback_learning_rate")
+    opts = S.options("optax.muon", args, betas=betas, ns_dtype=_not_injected(args["ns_dtype"], "ns_dtype"))
     fb = opts.fallback_options
     lr, flr = opts.lr, opts.fallback_lr_value
     wd, fwd = opts.weight_decay, opts.fallback_weight_decay_value
@@ -497,7 +431,8 @@ def muon(
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
         return treedef.unflatten(out), new_state
 
-    return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite), record)
+    return described(with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), opts.nonfinite),
+                     record)
 
 
 #: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.
