@@ -25,7 +25,7 @@ import inspect
 from ..core.kron import KronOptions
 from ..core.muon import MuonOptions
 
-__all__ = ["SIGNATURES", "REQUIRED", "signature", "takes", "options"]
+__all__ = ["SIGNATURES", "REQUIRED", "definition", "signature", "takes", "options"]
 
 REQUIRED = "<required>"
 _OPTAX_LR = {"lr": "learning_rate", "fallback_lr": "fallback_learning_rate"}
@@ -55,7 +55,7 @@ SIGNATURES = {
         omitted={k: _SCALE_BY for k in ("lr", "weight_decay", "fallback", "fallback_lr", "betas", "fallback_eps",
                                          "fallback_weight_decay", "min_dim_size", "max_aspect_ratio")},
         extra={"dimension_numbers": None}),
-    "arrays.muon": dict(positional=("lr",), extra=_MUON_PYTREES),
+    "arrays.muon": dict(positional=("lr",), extra={**_MUON_PYTREES, "dimension_numbers": "torch"}),
     "torch.Kron": dict(positional=("params", "lr"), extra={"params": REQUIRED, "scanned": False, "verbose": False}),
     "optax.quad": _kron_optax("QUAD"),
     "optax.skew": _kron_optax("skew"),

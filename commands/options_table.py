@@ -3,7 +3,7 @@
 ``python -m xpopt.commands.options_table`` prints them as markdown: one table
 per optimizer (``core.muon.MuonOptions``, ``core.kron.KronOptions``), a row
 per option with its one default, and a column per adapter saying where that
-adapter differs (``adapters._common.SIGNATURES``: a framework's own name for
+adapter differs (``adapters._signatures.SIGNATURES``: a framework's own name for
 the option, another default, or the option not taken).  README.md and
 docs/adapters.md hold this output between ``<!-- options-table -->`` markers;
 ``tests/test_definitions.py`` regenerates it and checks both files, so the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..adapters._common import REQUIRED, SIGNATURES
+from ..adapters._signatures import REQUIRED, SIGNATURES
 from ..core.kron import KronOptions
 from ..core.muon import MuonOptions
 
@@ -85,7 +85,8 @@ def render() -> str:
                 cells.append(got.pop() if len(got) == 1 else "; ".join(
                     f"{k.split('.')[1]}: {_cell(SIGNATURES[k], f.name, f.default)}" for k in keys))
             out.append(f"| `{f.name}` | {_value(f.default)} | " + " | ".join(cells) + " |")
-        extras = [f"{h}: " + ", ".join(f"`{e}`" for e in SIGNATURES[keys[0]].get("extra", ()))
+        extras = [f"{h}: " + ", ".join(f"`{e}`" if d in (None, False, REQUIRED) else f"`{e}={d!r}`"
+                                       for e, d in SIGNATURES[keys[0]].get("extra", {}).items())
                   for h, keys in columns if SIGNATURES[keys[0]].get("extra")]
         out += ["", "Each adapter's own arguments (containers, layout, routing): " + "; ".join(extras) + ".", ""]
     out.append("`=`: the option by this name with this default.  Not taken:")

@@ -91,7 +91,7 @@ class KronOptions:
 
     Every adapter (``xpopt.adapters.torch.Kron``, optax ``quad`` / ``skew`` /
     ``scale_by_kron``, ``arrays.kron``) takes these names with these defaults;
-    the few framework differences are listed in ``adapters._common.SIGNATURES``
+    the few framework differences are listed in ``adapters._signatures.SIGNATURES``
     and checked by ``tests/test_definitions.py``.
 
     Two defaults were decided here for every framework at once:

@@ -333,7 +333,7 @@ class MuonOptions:
 
     Every adapter (``xpopt.adapters.torch.Muon``, ``optax.muon`` /
     ``scale_by_muon``, ``arrays.muon``) takes these names with these defaults;
-    the few framework differences are listed in ``adapters._common.SIGNATURES``
+    the few framework differences are listed in ``adapters._signatures.SIGNATURES``
     and checked by ``tests/test_definitions.py``.  Values are validated and
     normalised on construction (``ns_coefficients`` -> a tuple of ``(a, b, c)``
     triples and ``ns_steps`` its length; dtypes -> names); errors name the
@@ -458,6 +458,20 @@ class MuonOptions:
         from ._check import dtype_name
 
         return self.ns_dtype is not None and dtype_name(self.ns_dtype) == "bfloat16"
+
+    def warn_emulated_bf16(self, native: bool, flag: list) -> None:
+        """One ``UserWarning`` per optimizer (``flag``: its own empty list) when bf16
+        Newton-Schulz would be emulated (``native``: the device multiplies bf16 natively)."""
+        if self.ns_is_bf16 and not native and not flag:
+            import warnings
+
+            flag.append(True)
+            warnings.warn(
+                "ns_dtype=bfloat16 on a device without native bf16 matmuls (CPU without AMX/"
+                "AVX512-BF16): Newton-Schulz will be emulated, ~100x slower than float32; "
+                "use ns_dtype=None (float32) here and keep bfloat16 for GPUs/TPUs",
+                UserWarning, stacklevel=3,
+            )
 
     def suitable(self, shape) -> tuple[bool, str]:
         """:func:`suitability` with this definition's thresholds."""

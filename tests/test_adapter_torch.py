@@ -619,7 +619,7 @@ def _p(*shape, **kw):
     return torch.nn.Parameter(torch.zeros(*shape, **kw))
 
 
-# The messages are the shared validators' (adapters/_common.py, as the optax
+# The messages are the shared validators' (core.muon.MuonOptions, as the optax
 # and arrays adapters give them): "Muon: <option> must be ..., got <value> (<group>)".
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(lr=-0.1), ValueError, r"lr must be >= 0.*got -0\.1"),

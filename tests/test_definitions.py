@@ -2,7 +2,7 @@
 
 For each adapter of Muon and Kron, the signature's option names and defaults
 equal ``MuonOptions`` / ``KronOptions`` field by field, except where
-``adapters._common.SIGNATURES`` lists a framework convention (optax's
+``adapters._signatures.SIGNATURES`` lists a framework convention (optax's
 ``learning_rate``, None for static options under ``inject_hyperparams``,
 layout arguments).  A default changed in one adapter only, or an option added
 to core but not to an adapter, fails here.
@@ -23,7 +23,8 @@ import numpy as np
 
 import pytest
 
-from xpopt.adapters import _common as C
+from xpopt.adapters import _signatures as C
+from xpopt.core._check import dtype_name
 from xpopt.core.kron import KronOptions
 from xpopt.core.muon import MuonOptions
 
@@ -46,7 +47,7 @@ def _norm(v):
     if v is inspect.Parameter.empty:
         return C.REQUIRED
     if not isinstance(v, (str, int, float, bool, tuple, type(None))):
-        return C.dtype_name(v)
+        return dtype_name(v)
     return v
 
 
@@ -54,24 +55,24 @@ def _norm(v):
 def test_adapter_signature_equals_the_definition(name):
     definition = MuonOptions if "muon" in name.lower() else KronOptions
     spec = C.SIGNATURES[name]
-    renamed, omitted = spec.get("renamed", {}), spec.get("omitted", {})
+    renamed, omitted, only = spec.get("renamed", {}), spec.get("omitted", {}), spec.get("only")
     want = {}
     for f in dataclasses.fields(definition):
-        if f.name in omitted:
+        if f.name in omitted or (only is not None and f.name not in only):
             continue
         default = spec.get("defaults", {}).get(f.name, f.default)
         want[renamed.get(f.name, f.name)] = _norm(default)
     got = {k: _norm(p.default) for k, p in inspect.signature(_adapter(name)).parameters.items()
            if k != "self" and k not in spec.get("extra", ())}
     assert got == want, f"{name}: differs from {definition.__name__} (fix the adapter, or list the " \
-                        f"framework convention in adapters._common.SIGNATURES)"
+                        f"framework convention in adapters._signatures.SIGNATURES)"
 
 
 def test_every_adapter_is_listed():
     pytest.importorskip("optax")
     pytest.importorskip("torch")
     from xpopt.adapters import arrays, optax as xo, torch as xt
-    listed = set(C.SIGNATURES)
+    listed = set(C.SIGNATURES) - {"optax.kron_plan"}
     public = {"torch.Muon", "torch.Kron", "arrays.muon", "arrays.kron", "optax.muon", "optax.scale_by_muon",
               "optax.quad", "optax.skew", "optax.scale_by_kron"}
     assert public <= listed
@@ -84,6 +85,23 @@ def test_omitted_options_say_why():
     for name, spec in C.SIGNATURES.items():
         for opt, why in spec.get("omitted", {}).items():
             assert isinstance(why, str) and why, f"{name}: omitted {opt} without a reason"
+
+
+def test_a_generated_signature_binds_as_a_def_would():
+    """Signatures are generated (``_signatures.takes``): unknown names, extra positional
+    arguments and a missing required one are TypeErrors naming the adapter; the
+    defaults reach the definition."""
+    from xpopt.adapters import arrays
+    with pytest.raises(TypeError, match=r"arrays\.muon: .*unexpected keyword argument 'beta'"):
+        arrays.muon(0.02, beta=0.9)
+    with pytest.raises(TypeError, match=r"arrays\.muon: .*positional"):
+        arrays.muon(0.02, 0.9)
+    opt = arrays.muon(0.03, nesterov=False)
+    assert (opt.options.lr, opt.options.nesterov, opt.options.momentum) == (0.03, False, MuonOptions.momentum)
+    pytest.importorskip("optax")
+    from xpopt.adapters import optax as xo
+    with pytest.raises(TypeError, match=r"optax\.muon: .*learning_rate"):
+        xo.muon()
 
 
 # =========================================================================== the defaults, run
@@ -381,5 +399,5 @@ def test_options_table_has_every_option_and_adapter():
     for definition in (MuonOptions, KronOptions):
         for f in dataclasses.fields(definition):
             assert f"| `{f.name}` |" in table, f.name
-    assert {k for _, _, cols in T.TABLES for _, keys in cols for k in keys} == set(C.SIGNATURES)
+    assert {k for _, _, cols in T.TABLES for _, keys in cols for k in keys} == set(C.SIGNATURES) - {"optax.kron_plan"}
     assert "| `lr` | `0.02` | = | `learning_rate`, required |" in table

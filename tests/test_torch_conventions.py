@@ -12,8 +12,8 @@ What torch users (and torch's own ``test/test_optim.py`` configurations for
    ``torch.optim.Muon`` checkpoint), validated, and taking over from
    ``torch.optim.Muon``;
 5. the AdamW fallback survives gradients whose square overflows float32;
-6. options are validated once, by the shared validators in
-   ``adapters/_common.py``, at construction / ``add_param_group`` / load.
+6. options are validated once, by the one definition
+   (``core.muon.MuonOptions``), at construction / ``add_param_group`` / load.
 
 Gradients and initial values are float32-representable and fixed per step
 (not fed back through a loss) unless a test says otherwise, so two runs that
@@ -34,7 +34,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 
 from _peers import F32_TRAJ_TOL, load_torch_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
 
-import xpopt.adapters._common as C  # noqa: E402
+import xpopt.adapters.torch.muon as torch_muon  # noqa: E402
 from xpopt.adapters.torch import Muon  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_module_threads")
@@ -652,13 +652,13 @@ def test_fallback_survives_overflowing_squares_like_adamw(big, betas):
 def test_options_are_validated_by_the_shared_validators(monkeypatch):
     """Construction, add_param_group and load_state_dict validate through core's MuonOptions; step() does not."""
     calls = []
-    real = C.MuonOptions
+    real = torch_muon.MuonOptions
 
     def spy(**kw):
         calls.append(kw)
         return real(**kw)
 
-    monkeypatch.setattr(C, "MuonOptions", spy)
+    monkeypatch.setattr(torch_muon, "MuonOptions", spy)
     params = make_params()
     opt = Muon(params[:4])
     n_construct = len(calls)

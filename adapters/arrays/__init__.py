@@ -49,7 +49,7 @@ The modules behind this facade:
 * ``checkpoint.py``  ``xpopt.checkpoint``'s arrays side (export / import)
 """
 
-from .._common import FLAX, TORCH, DimensionNumbers
+from ...core.layout import FLAX, TORCH, DimensionNumbers
 from ._base import apply_updates, nonfinite_update  # noqa: F401  (nonfinite_update: public in the old arrays.py)
 from ._kron import Kron, KronState, kron
 from ._muon import Muon, MuonState, muon

@@ -10,12 +10,11 @@ imports the optimizer modules above it.
 
 from __future__ import annotations
 
-import dataclasses
 
 import array_api_compat
 
 from ...backends import backend_name
-from .. import _common as C
+from ...core._check import is_low_precision
 from .._fault import eager_gate
 
 _LIBS = ("numpy", "cupy")
@@ -91,14 +90,9 @@ def _check_shapes(values, params, names, what: str) -> None:
             raise ValueError(f"{what} for {nm} has shape {tuple(x.shape)}, param has {tuple(p.shape)}")
 
 
-def _options(cls, arguments: dict):
-    """``cls`` (a core options dataclass) built from the factory's arguments of the same names."""
-    return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
-
-
 def _compute_dtype(x):
     xp = array_api_compat.array_namespace(x)
-    return xp.float32 if C.is_low_precision(x.dtype) else x.dtype
+    return xp.float32 if is_low_precision(x.dtype) else x.dtype
 
 
 def _cast(x, dtype):

@@ -25,7 +25,8 @@ from ...core._apply import apply_update
 from ...core import kron as K
 from ...core import random as R
 from ...core._xp import is_number, namespace
-from ._base import _flatten, _flatten_arrays, _matching, _options, _rebuild, nonfinite_update
+from .. import _signatures as S
+from ._base import _flatten, _flatten_arrays, _matching, _rebuild, nonfinite_update
 
 __all__ = ["KronState", "Kron", "kron"]
 
@@ -106,21 +107,17 @@ def _np_like():
     return np.zeros((0,), np.uint32)
 
 
-def kron(lr: float = 1e-3, b1: float = 0.95, weight_decay: float = 0.0, preconditioner_update_style: str = "skew",
-         preconditioner_lr: float = 0.7, preconditioner_init_scale: float = 1.0, preconditioner_update_probability: Any = 1.0,
-         max_size_dense: int = 16384, block_size: int = 256, dtype: str = "float32", mu_dtype: Any = None,
-         normalize_grads: bool = False, lr_style: Any = "adam", noise_scale: float = 1e-9, scanned: Any = False,
-         seed: int = 0, nonfinite=None) -> Kron:
+@S.takes("arrays.kron")
+def kron(scanned, **args) -> Kron:
     """PSGD Kron for NumPy / CuPy (see the module docstring; options as ``xpopt.adapters.torch.Kron``).
 
     The returned optimizer's ``hyperparameters`` are the options (what ``xpopt.checkpoint`` records and
     compares with ``optimizer=opt``)."""
     from ... import _checkpoint_format as CK
 
-    args = locals()
     record = CK.record_options("kron", args)
     try:
-        opts = _options(K.KronOptions, args)  # every option is an argument of the same name
+        opts = S.options("arrays.kron", args)
     except (TypeError, ValueError) as e:
         raise type(e)(f"kron: {e}") from None
     opt = Kron(opts.lr, opts.weight_decay, opts, scanned, opts.seed, opts.nonfinite)

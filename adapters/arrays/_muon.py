@@ -6,15 +6,17 @@ docstring (:mod:`xpopt.adapters.arrays`); the containers come from ``_base``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import array_api_compat
 
 from ...backends import backend_name, get_backend
-from .. import _common as C
-from ...core import fault as C_fault
+from ...core.layout import is_dim_numbers, resolve_dim_spec
+from ...core.routing import check_decay_flag, check_label, plan_leaf
+from ...core.muon import MuonOptions
+from .. import _signatures as S
 from ...core._apply import apply_update
-from ._base import (_cast, _check_shapes, _compute_dtype, _flatten_arrays, _matching, _options, _rebuild, _zeros,
+from ._base import (_cast, _check_shapes, _compute_dtype, _flatten_arrays, _matching, _rebuild, _zeros,
                     nonfinite_update)
 
 __all__ = ["muon", "MuonState", "Muon"]
@@ -73,7 +75,7 @@ def _is_label_value(v) -> bool:
 
 
 def _is_dims_value(v) -> bool:
-    return isinstance(v, str) or C.is_dim_numbers(v)
+    return isinstance(v, str) or is_dim_numbers(v)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -82,28 +84,16 @@ def _is_dims_value(v) -> bool:
 class Muon:
     """Returned by :func:`muon`: ``init(params)`` and ``update(grads, state, params)``."""
 
-    def __init__(self, *, lr, fallback_lr, weight_decay, fallback_weight_decay, weight_decay_mask,
-                 opts: C.MuonOptions, fb: C.AdamOptions, mu_dtype, min_dim_size, max_aspect_ratio,
-                 labels, dimension_numbers, nonfinite=None):
-        self.nonfinite = nonfinite
-        self.lr = lr
-        self.fallback_lr = fallback_lr
-        self.weight_decay = weight_decay
-        self.fallback_weight_decay = fallback_weight_decay
-        self.weight_decay_mask = weight_decay_mask
-        self.options = opts
-        self.fallback = fb
-        self.mu_dtype = mu_dtype
-        self.min_dim_size = min_dim_size
-        self.max_aspect_ratio = max_aspect_ratio
-        self.labels = labels
+    def __init__(self, opts: MuonOptions, *, mu_dtype, weight_decay_mask, labels, dimension_numbers):
+        self.options, self.fallback, self.nonfinite = opts, opts.fallback_options, opts.nonfinite
+        self.mu_dtype, self.weight_decay_mask, self.labels = mu_dtype, weight_decay_mask, labels
         self.dimension_numbers = dimension_numbers
         self._warned: list = []
 
     def __repr__(self) -> str:
         o = self.options
-        return (f"arrays.Muon(lr={self.lr!r}, momentum={o.momentum}, nesterov={o.nesterov}, "
-                f"weight_decay={self.weight_decay}, fallback={self.fallback.fallback!r})")
+        return (f"arrays.Muon(lr={o.lr!r}, momentum={o.momentum}, nesterov={o.nesterov}, "
+                f"weight_decay={o.weight_decay}, fallback={self.fallback.fallback!r})")
 
     # routing ------------------------------------------------------------------
     def _plan(self, params, argname: str = "params"):
@@ -112,17 +102,17 @@ class Muon:
         labels = ([None] * n if self.labels is None else
                   _per_leaf(self.labels, params, keys, kind, "labels", _is_label_value, some_keys=True))
         dspec = "torch" if self.dimension_numbers is None else self.dimension_numbers
-        dims = [C.resolve_dim_spec(d) for d in
+        dims = [resolve_dim_spec(d) for d in
                 _per_leaf(dspec, params, keys, kind, "dimension_numbers", _is_dims_value)]
         if self.weight_decay_mask is None:
             decay = [True] * n
         else:
             flags = _per_leaf(self.weight_decay_mask, params, keys, kind, "weight_decay_mask",
                               lambda v: isinstance(v, bool))
-            decay = [C.check_decay_flag(f, nm) for f, nm in zip(flags, names)]
+            decay = [check_decay_flag(f, nm) for f, nm in zip(flags, names)]
         plans = [
-            C.plan_leaf(x, nm, label=lab, dims=d, decay=dc, min_dim_size=self.min_dim_size,
-                        max_aspect_ratio=self.max_aspect_ratio)
+            plan_leaf(x, nm, label=lab, dims=d, decay=dc, min_dim_size=self.options.min_dim_size,
+                        max_aspect_ratio=self.options.max_aspect_ratio)
             for x, nm, lab, d, dc in zip(values, names, labels, dims, decay)
         ]
         return keys, values, names, kind, lib, plans
@@ -142,7 +132,7 @@ class Muon:
         muon_vals = [x for x, p in zip(values, plans) if p.layout is not None]
         if muon_vals:
             x0 = muon_vals[0]
-            C.warn_bf16_once(self.options, get_backend(x0).has_native_bf16(x0), self._warned)
+            self.options.warn_emulated_bf16(get_backend(x0).has_native_bf16(x0), self._warned)
         mu, m, v = [], [], []
         for x, p in zip(values, plans):
             if p.layout is not None:
@@ -179,7 +169,7 @@ class Muon:
         else:
             keys, _, names, kind, lib, plans = self._plan(grads, "grads")
             pvals = [None] * len(keys)
-        wd, fwd = self.weight_decay, self.fallback_weight_decay
+        wd, fwd = self.options.weight_decay, self.options.fallback_weight_decay_value
         if params is None and any(p.decay and (wd if p.layout is not None else fwd) for p in plans):
             raise ValueError("weight decay needs the current parameters: call update(grads, state, params)")
         bufs, ms, vs = (_matching(getattr(state, f), keys, kind, f"state.{f}", "grads") for f in _BUFFERS)
@@ -190,7 +180,7 @@ class Muon:
                     "not at init: labels/dimension_numbers must route the same way on every call")
 
         step = int(state.step)
-        lr_t, flr_t = (r(step) if callable(r) else r for r in (self.lr, self.fallback_lr))
+        lr_t, flr_t = (r(step) if callable(r) else r for r in (self.options.lr, self.options.fallback_lr_value))
         out: list = [None] * len(keys)
         new_mu, new_m, new_v = list(bufs), list(ms), list(vs)
 
@@ -220,38 +210,8 @@ class Muon:
         return _rebuild(kind, keys, out), _state(step + 1, kind, keys, new_mu, new_m, new_v)
 
 
-def muon(
-    lr: Union[float, Callable[[int], float]] = 0.02,
-    *,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    momentum_form: str = "ema",
-    weight_decay: float = 0.0,
-    weight_decay_mask=None,
-    ns_coefficients="quintic",
-    ns_steps: Optional[int] = None,
-    eps: float = 1e-7,
-    safety_factor: float = 1.0,
-    adjust_lr_fn: str = "match_rms_adamw",
-    conv_mode: str = "flatten",
-    normalize_spatial: bool = True,
-    ns_dtype=None,
-    batched="auto",
-    mu_dtype=None,
-    fallback: str = "adamw",
-    fallback_lr: Optional[Union[float, Callable[[int], float]]] = None,
-    betas=(0.9, 0.95),
-    fallback_eps: float = 1e-8,
-    fallback_weight_decay: Optional[float] = None,
-    min_dim_size: int = 4,
-    max_aspect_ratio: float = 128.0,
-    labels=None,
-    dimension_numbers="torch",
-    preconditioning: str = "frobenius",
-    adaptive: bool = False,
-    consistent_rms: Optional[float] = None,
-    nonfinite: Optional[str] = None,
-) -> Muon:
+@S.takes("arrays.muon")
+def muon(weight_decay_mask, labels, dimension_numbers, **args) -> Muon:
     """Muon (matrices) + AdamW/NAdamW (the rest) for NumPy/CuPy params.
 
     ``lr`` and ``fallback_lr`` (None = ``lr``) are floats >= 0 or callables
@@ -267,26 +227,21 @@ def muon(
     """
     from ... import _checkpoint_format as CK
 
-    record = CK.record_options("muon", locals())
-    nonfinite = C_fault.check_policy(nonfinite)
-    opts = _options(C.MuonOptions, locals())  # every option is an argument of the same name
-    if mu_dtype is not None:
-        mu_dtype = opts.mu_dtype
-        if isinstance(mu_dtype, str):
-            import numpy as np  # a dtype name -> a numpy dtype, which cupy accepts too
+    record = CK.record_options("muon", args)
+    opts = S.options("arrays.muon", args)
+    mu_dtype = opts.mu_dtype
+    if isinstance(mu_dtype, str):
+        import numpy as np  # a dtype name -> a numpy dtype, which cupy accepts too
 
-            try:
-                mu_dtype = np.dtype(mu_dtype)
-            except TypeError:
-                raise TypeError(f"mu_dtype={mu_dtype!r} is not available for numpy/cupy state") from None
-    if isinstance(dimension_numbers, str) or C.is_dim_numbers(dimension_numbers):
-        C.resolve_dim_spec(dimension_numbers)
+        try:
+            mu_dtype = np.dtype(mu_dtype)
+        except TypeError:
+            raise TypeError(f"mu_dtype={mu_dtype!r} is not available for numpy/cupy state") from None
+    if isinstance(dimension_numbers, str) or is_dim_numbers(dimension_numbers):
+        resolve_dim_spec(dimension_numbers)
     if isinstance(labels, str):
-        C.check_label(labels, "every entry")
-    opt = Muon(lr=opts.lr, fallback_lr=opts.fallback_lr_value, weight_decay=opts.weight_decay,
-               fallback_weight_decay=opts.fallback_weight_decay_value, weight_decay_mask=weight_decay_mask,
-               opts=opts, fb=opts.fallback_options, mu_dtype=mu_dtype, min_dim_size=opts.min_dim_size,
-               max_aspect_ratio=opts.max_aspect_ratio, labels=labels, dimension_numbers=dimension_numbers,
-               nonfinite=nonfinite)
+        check_label(labels, "every entry")
+    opt = Muon(opts, mu_dtype=mu_dtype, weight_decay_mask=weight_decay_mask, labels=labels,
+               dimension_numbers=dimension_numbers)
     opt.hyperparameters = record
     return opt

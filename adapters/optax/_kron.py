@@ -35,7 +35,7 @@ from ...core import blocking
 from ...core import kron as K
 from ...core import random as R
 from ...core._xp import is_number
-from .. import _common as C
+from ...core._check import check_hyper, check_lr, is_array_scalar, is_traced, static_number
 from .. import _signatures as S
 from . import sharding as _dist
 from .fault import described, with_nonfinite
@@ -53,7 +53,7 @@ KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditi
 def _dtype_name(v, argname):
     if v is None and argname == "mu_dtype":
         return None
-    if C.is_array_scalar(v):
+    if is_array_scalar(v):
         raise TypeError(f"{argname} is an array: optax.inject_hyperparams calls dtype classes as schedules; "
                         f"give it by name ({argname}='bfloat16') or list it in static_args (xo.KRON_STATIC_ARGS)")
     name = v if isinstance(v, str) else getattr(jnp.dtype(v), "name", str(v))
@@ -70,7 +70,7 @@ def _options(name: str, args: dict, **overrides) -> K.KronOptions:
             args[k] = _dtype_name(args[k], k)
     for k in ("max_size_dense", "block_size"):
         if k in args:
-            args[k] = C.static_number(args[k], k, integer=True)
+            args[k] = static_number(args[k], k, integer=True)
     return S.options(name, args, **overrides)
 
 
@@ -99,7 +99,7 @@ def scale_by_kron(**args) -> optax.GradientTransformation:
     opts = _options("optax.scale_by_kron", args)
     # seed is read by init only; under inject_hyperparams it arrives as an array
     # (traced inside a jitted update, where it is not needed).
-    seed = None if C.is_array_scalar(seed) and C.is_traced(seed) else \
+    seed = None if is_array_scalar(seed) and is_traced(seed) else \
         K.KronOptions(seed=0 if seed is None else seed).seed
     fdt = jnp.dtype(opts.dtype)
     use_mu = not (is_number(b1) and b1 == 0)
@@ -166,9 +166,9 @@ def _full(style, args: dict):
     nonfinite = args.pop("nonfinite")  # around the whole chain: a skipped step decays nothing either
     tx = [scale_by_kron(preconditioner_update_style=style, **args)]
     if not (is_number(weight_decay) and weight_decay == 0):
-        C.check_hyper(weight_decay, "weight_decay")
+        check_hyper(weight_decay, "weight_decay")
         tx.append(optax.add_decayed_weights(weight_decay, mask))
-    tx.append(optax.scale_by_learning_rate(C.check_lr(learning_rate, "learning_rate")))
+    tx.append(optax.scale_by_learning_rate(check_lr(learning_rate, "learning_rate")))
     return described(with_nonfinite(optax.chain(*tx), nonfinite), record)
 
 

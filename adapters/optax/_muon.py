@@ -18,7 +18,9 @@ from optax.contrib import MuonDimensionNumbers
 from ...backends import jax as _jax_backend
 from ...core._apply import apply_update
 from ... import _checkpoint_format as CK
-from .. import _common as C
+from ...core._check import check_lr, is_array_scalar, is_low_precision, is_on
+from ...core.layout import is_dim_numbers, resolve_dim_spec
+from ...core.routing import check_decay_flag, check_label, muon_leaf_plan, plan_leaf
 from .. import _signatures as S
 from . import sharding as _dist
 from .fault import described, with_nonfinite
@@ -41,7 +43,7 @@ ScalarOrSchedule = optax.ScalarOrSchedule
 
 
 def _is_spec_leaf(x) -> bool:
-    return x is None or isinstance(x, (str, bool)) or C.is_dim_numbers(x)
+    return x is None or isinstance(x, (str, bool)) or is_dim_numbers(x)
 
 
 def _per_leaf(spec, tree, treedef, argname: str) -> list:
@@ -81,7 +83,7 @@ def _flatten_up_to(treedef, tree, argname: str) -> list:
 
 
 def _compute_dtype(dtype):
-    return jnp.dtype(jnp.float32) if C.is_low_precision(dtype) else jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if is_low_precision(dtype) else jnp.dtype(dtype)
 
 
 def _real_dtype(dtype):
@@ -101,7 +103,7 @@ def _state_dtype(x, mu_dt):
 
 def _not_injected(value, argname: str):
     """A dtype option that arrived as an array: inject_hyperparams called a dtype class."""
-    if C.is_array_scalar(value):
+    if is_array_scalar(value):
         raise TypeError(
             f"{argname} is an array ({value!r}): optax.inject_hyperparams treats every callable, "
             f"dtype classes such as jnp.bfloat16 included, as a schedule and passes its value; give "
@@ -142,18 +144,18 @@ def _native_bf16(x) -> bool:
 
 def _dims_per_leaf(dimension_numbers, tree, treedef, n):
     """(list of DimensionNumbers-or-None, given_by_user_as_tree)."""
-    if dimension_numbers is None or isinstance(dimension_numbers, str) or C.is_dim_numbers(dimension_numbers):
-        d = C.resolve_dim_spec("flax" if dimension_numbers is None else dimension_numbers)
+    if dimension_numbers is None or isinstance(dimension_numbers, str) or is_dim_numbers(dimension_numbers):
+        d = resolve_dim_spec("flax" if dimension_numbers is None else dimension_numbers)
         return [d] * n
     raw = _per_leaf(dimension_numbers, tree, treedef, "dimension_numbers")
-    return [C.resolve_dim_spec(d) for d in raw]
+    return [resolve_dim_spec(d) for d in raw]
 
 
 def _check_dims_arg(dimension_numbers):
     if dimension_numbers is None or callable(dimension_numbers):
         return
-    if isinstance(dimension_numbers, str) or C.is_dim_numbers(dimension_numbers):
-        C.resolve_dim_spec(dimension_numbers)  # validate now
+    if isinstance(dimension_numbers, str) or is_dim_numbers(dimension_numbers):
+        resolve_dim_spec(dimension_numbers)  # validate now
 
 
 def _zeros_like(x, dtype):
@@ -235,13 +237,13 @@ def scale_by_muon(dimension_numbers, **args) -> optax.GradientTransformation:
     def layouts(tree):
         leaves, treedef, names = named_leaves(tree)
         dims = _dims_per_leaf(dimension_numbers, tree, treedef, len(leaves))
-        return [C.muon_leaf_plan(x, n, d) for x, n, d in zip(leaves, names, dims)]
+        return [muon_leaf_plan(x, n, d) for x, n, d in zip(leaves, names, dims)]
 
     def init_fn(params):
         leaves, treedef, _ = named_leaves(params)
         layouts(params)  # validate early
         if leaves:
-            C.warn_bf16_once(opts, _native_bf16(leaves[0]), warned)
+            opts.warn_emulated_bf16(_native_bf16(leaves[0]), warned)
         mu = [_zeros_like(x, _state_dtype(x, mu_dt)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
@@ -328,9 +330,9 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
     mu_dt = _check_mu_dtype(args["mu_dtype"])
     betas, beta_scheds = _split_beta_schedules(args["betas"])
     # optax's names first (learning_rate, fallback_learning_rate), then the one definition.
-    C.check_lr(args["learning_rate"], "learning_rate")
+    check_lr(args["learning_rate"], "learning_rate")
     if args["fallback_learning_rate"] is not None:
-        C.check_lr(args["fallback_learning_rate"], "fallback_learning_rate")
+        check_lr(args["fallback_learning_rate"], "fallback_learning_rate")
     opts = S.options("optax.muon", args, betas=betas, ns_dtype=_not_injected(args["ns_dtype"], "ns_dtype"))
     fb = opts.fallback_options
     lr, flr = opts.lr, opts.fallback_lr_value
@@ -338,7 +340,7 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
     min_dim, max_ratio = opts.min_dim_size, opts.max_aspect_ratio
     _check_dims_arg(dimension_numbers)
     if isinstance(labels, str):
-        C.check_label(labels, "every leaf")
+        check_label(labels, "every leaf")
     warned: list = []
 
     def plan(tree):
@@ -350,10 +352,10 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
         if weight_decay_mask is None:
             decay = [True] * n
         else:
-            decay = [C.check_decay_flag(f, nm) for f, nm in
+            decay = [check_decay_flag(f, nm) for f, nm in
                      zip(_per_leaf(weight_decay_mask, tree, treedef, "weight_decay_mask"), names)]
         return [
-            C.plan_leaf(x, nm, label=lab, dims=d, decay=dc, min_dim_size=min_dim,
+            plan_leaf(x, nm, label=lab, dims=d, decay=dc, min_dim_size=min_dim,
                         max_aspect_ratio=max_ratio)
             for x, nm, lab, d, dc in zip(leaves, names, labs, dims, decay)
         ]
@@ -363,7 +365,7 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
         plans = plan(params)
         muon_leaves = [x for x, p in zip(leaves, plans) if p.layout is not None]
         if muon_leaves:
-            C.warn_bf16_once(opts, _native_bf16(muon_leaves[0]), warned)
+            opts.warn_emulated_bf16(_native_bf16(muon_leaves[0]), warned)
         masked = optax.MaskedNode()
         mu, m, v = [], [], []
         for x, p in zip(leaves, plans):
@@ -387,7 +389,7 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
         else:
             p_leaves = [None] * len(grads)
             plans = plan(updates)
-        needs_params = any(p.decay and C.is_on(wd if p.layout is not None else fwd) for p in plans)
+        needs_params = any(p.decay and is_on(wd if p.layout is not None else fwd) for p in plans)
         if needs_params and params is None:
             raise ValueError(
                 "weight decay needs the current parameters: call update(grads, state, params) "

@@ -28,7 +28,7 @@ parameter) becomes non-finite, as in torch.optim; ``nonfinite="skip"`` /
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,8 @@ import torch
 from ...core import blocking
 from ...core import kron as K
 from ...core import random as R
-from .. import _common as C
+from ...core._check import check_nonnegative
+from .. import _signatures as S
 from . import distributed as _dist
 from ._base import added_group, apply_update, nonfinite_policy, run_closure, torch_nonfinite_gate
 from .groups import setstate_keeping_defaults, warn_unknown_keys
@@ -93,8 +94,8 @@ def _options(group: dict, where: str) -> K.KronOptions:
     kw["dtype"] = _dtype_name(kw["dtype"], "dtype")
     kw["mu_dtype"] = _dtype_name(kw["mu_dtype"], "mu_dtype")
     try:
-        C.check_nonnegative(group["lr"], "lr") if not isinstance(group["lr"], torch.Tensor) else None
-        C.check_nonnegative(group["weight_decay"], "weight_decay")
+        check_nonnegative(group["lr"], "lr") if not isinstance(group["lr"], torch.Tensor) else None
+        check_nonnegative(group["weight_decay"], "weight_decay")
         for flag in ("scanned", "verbose"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{flag}={group[flag]!r} must be True or False")
@@ -131,24 +132,12 @@ class Kron(torch.optim.Optimizer):
       nonfinite: None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` (``xpopt.core.fault``).
     """
 
-    def __init__(self, params, lr: Any = 1e-3, b1: float = 0.95, weight_decay: float = 0.0,
-                 preconditioner_update_style: str = "skew", preconditioner_lr: float = 0.7,
-                 preconditioner_init_scale: float = 1.0,
-                 preconditioner_update_probability: Union[float, str, Callable[[int], float]] = 1.0,
-                 max_size_dense: int = 16384, block_size: int = 256, dtype: Any = torch.float32,
-                 mu_dtype: Any = None, normalize_grads: bool = False, lr_style: Optional[str] = "adam",
-                 noise_scale: float = 1e-9, scanned: bool = False, seed: int = 0, verbose: bool = False,
-                 nonfinite: Optional[str] = None):
+    @S.takes("torch.Kron", method=True)
+    def __init__(self, params, seed, nonfinite, **defaults):
         try:
             K.KronOptions(seed=seed)
         except (TypeError, ValueError) as e:
             raise type(e)(f"Kron: {e}") from None
-        defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay,
-                        preconditioner_update_style=preconditioner_update_style,
-                        preconditioner_lr=preconditioner_lr, preconditioner_init_scale=preconditioner_init_scale,
-                        preconditioner_update_probability=preconditioner_update_probability, max_size_dense=max_size_dense,
-                        block_size=block_size, dtype=dtype, mu_dtype=mu_dtype, normalize_grads=normalize_grads,
-                        lr_style=lr_style, noise_scale=noise_scale, scanned=scanned, verbose=verbose)
         _options(defaults, "Kron(...) arguments")
         self._nonfinite = nonfinite_policy(nonfinite, "Kron")
         self._seed = seed

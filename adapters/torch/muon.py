@@ -87,7 +87,7 @@ import logging
 import numbers
 import warnings
 from itertools import chain, count
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -101,9 +101,11 @@ from ...core.muon import (
     matrix_shape,
     momentum_update,
     orthogonalized_updates,
+    MuonOptions,
     suitability,
 )
-from .. import _common as C
+from ...core._check import check_bool, check_hyper, is_array_scalar
+from .. import _signatures as S
 from . import distributed as _dist
 from ._base import (added_group, apply_update, dtype_name, nonfinite_policy, run_closure, scalar,
                     torch_nonfinite_gate, user_stacklevel)
@@ -169,13 +171,16 @@ def _is_bf16(ns_dtype) -> bool:
 _TENSOR_HYPERS = ("lr", "fallback_lr")
 
 
+_MUON_FIELDS = frozenset(MuonOptions.__dataclass_fields__)
+
+
 def _check_options(o: dict, where: str) -> None:
     """Validate one set of options (the defaults, one added group, one loaded group).
 
     torch's own convention first (a 1-element floating tensor ``lr`` /
     ``fallback_lr``, checked for a value >= 0 here, once), then everything
     through the validators shared with the optax / arrays adapters
-    (``adapters/_common.group_options``): errors read ``"Muon: <the shared
+    (``core.muon.MuonOptions``): errors read ``"Muon: <the shared
     message naming the option and value> (<where>)"``.  ``step()`` validates
     nothing.
     """
@@ -194,8 +199,24 @@ def _check_options(o: dict, where: str) -> None:
         if probe is o:
             probe = dict(o)
         probe[key] = v.reshape(())  # the shared check takes 0-d arrays
-    C.group_options(probe, where, flags=("verbose",), optional_flags=("use_fallback", "use_muon"),
-                    callables={"fallback_filter": "(name, param) -> bool"})
+    try:
+        for key in ("lr", "weight_decay", "fallback_lr", "fallback_weight_decay"):
+            v = probe[key]
+            if v is None and key.startswith("fallback"):
+                continue
+            if callable(v) and not is_array_scalar(v):
+                raise TypeError(f"{key}={v!r} is a callable; a param group holds a value "
+                                "(a number or a 0-d array): schedule it with a scheduler instead")
+            check_hyper(v, key)
+        MuonOptions(**{k: v for k, v in probe.items() if k in _MUON_FIELDS})
+        for key in ("verbose", "use_fallback", "use_muon"):
+            if key == "verbose" or o.get(key) is not None:
+                check_bool(o[key], key)
+        if o.get("fallback_filter") is not None and not callable(o["fallback_filter"]):
+            raise TypeError(f"fallback_filter={o['fallback_filter']!r} must be None or a callable "
+                            "(name, param) -> bool")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"Muon: {e} ({where})") from None
 
 
 def _momentum_scheduled(group: dict) -> bool:
@@ -279,49 +300,9 @@ class Muon(torch.optim.Optimizer):
         ``"raise"``: what a step with a NaN/Inf gradient does (module docstring).
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 0.02,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        momentum_form: str = "ema",
-        weight_decay: float = 0.0,
-        ns_coefficients: Any = "quintic",
-        ns_steps: Optional[int] = None,
-        eps: float = 1e-7,
-        safety_factor: float = 1.0,
-        adjust_lr_fn: str = "match_rms_adamw",
-        conv_mode: str = "flatten",
-        normalize_spatial: bool = True,
-        ns_dtype: Any = None,
-        batched: Any = "auto",
-        fallback: str = "adamw",
-        fallback_lr: Optional[float] = None,
-        betas: tuple = (0.9, 0.95),
-        fallback_eps: float = 1e-8,
-        fallback_weight_decay: Optional[float] = None,
-        min_dim_size: int = 4,
-        max_aspect_ratio: float = 128.0,
-        verbose: bool = False,
-        fallback_filter: Optional[Callable[[Optional[str], torch.Tensor], bool]] = None,
-        preconditioning: str = "frobenius",
-        adaptive: bool = False,
-        consistent_rms: Optional[float] = None,
-        nonfinite: Optional[str] = None,
-    ):
+    @S.takes("torch.Muon", method=True)
+    def __init__(self, params, nonfinite, **defaults):
         self._nonfinite = nonfinite_policy(nonfinite, "Muon")
-        defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, momentum_form=momentum_form,
-            weight_decay=weight_decay, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
-            eps=eps, safety_factor=safety_factor, adjust_lr_fn=adjust_lr_fn,
-            conv_mode=conv_mode, normalize_spatial=normalize_spatial, ns_dtype=ns_dtype,
-            batched=batched, fallback=fallback, fallback_lr=fallback_lr, betas=betas,
-            fallback_eps=fallback_eps, fallback_weight_decay=fallback_weight_decay,
-            min_dim_size=min_dim_size, max_aspect_ratio=max_aspect_ratio, verbose=verbose,
-            fallback_filter=fallback_filter, preconditioning=preconditioning, adaptive=adaptive,
-            consistent_rms=consistent_rms,
-        )
         _check_options(defaults, "Muon(...) arguments")
         self._routes: dict[torch.Tensor, Route] = {}
         self._device: Optional[torch.device] = None
