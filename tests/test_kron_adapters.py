@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import inspect
 
 import numpy as np
 import pytest
@@ -216,6 +217,19 @@ def test_inject_hyperparams_learning_rate():
     st = bad.init(params)
     with pytest.raises(TypeError, match="block_size"):
         jax.jit(bad.update)(grads, st, params)
+    # listed in static_args (xo.KRON_STATIC_ARGS) they stay Python values: the update equals the
+    # uninjected transform's, jit vs eager (float32 op order only: rtol 1e-5 of one step's ~1e-2 update)
+    for fn, static in ((xo.quad, xo.KRON_STATIC_ARGS), (xo.scale_by_kron, xo.SCALE_BY_KRON_STATIC_ARGS)):
+        names = set(inspect.signature(fn).parameters)
+        assert set(static) | set(xo.KRON_INJECTABLE) >= names and set(static) <= names
+    structural = dict(block_size=4, max_size_dense=8, dtype="float32", mu_dtype="float32", seed=3, lr_style=None,
+                      normalize_grads=True, preconditioner_update_probability=0.5, scanned_layers=None)
+    ok = optax.inject_hyperparams(xo.quad, static_args=xo.KRON_STATIC_ARGS)(learning_rate=0.01, **structural)
+    ref = xo.quad(0.01, **structural)
+    got, _ = jax.jit(ok.update)(grads, ok.init(params), params)
+    want, _ = ref.update(grads, ref.init(params), params)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-9)
 
 
 def test_options_are_validated_when_a_group_changes_not_every_step(monkeypatch):

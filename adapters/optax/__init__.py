@@ -125,7 +125,7 @@ params pass ``hyperparam_dtype=jnp.float32``, as for any optax optimizer.
 
 from .fault import NonfiniteState
 from ._kron import (
-    KRON_STATIC_ARGS, kron_plan, quad, scale_by_kron, scale_by_quad, scale_by_skew, skew,
+    KRON_INJECTABLE, KRON_STATIC_ARGS, SCALE_BY_KRON_STATIC_ARGS, kron_plan, quad, scale_by_kron, scale_by_quad, scale_by_skew, skew,
 )
 from ._muon import (
     FLAX, INJECTABLE, SCALE_BY_MUON_STATIC_ARGS, STATIC_ARGS, TORCH, MuonDimensionNumbers, muon, scale_by_muon,
@@ -140,7 +140,7 @@ from .states import KronState, MuonAdamWState, MuonState
 __all__ = [
     "muon", "scale_by_muon", "MuonState", "MuonAdamWState", "MuonDimensionNumbers",
     "FLAX", "TORCH", "STATIC_ARGS", "SCALE_BY_MUON_STATIC_ARGS", "INJECTABLE", "NonfiniteState",
-    "KRON_STATIC_ARGS", "KronState", "kron_plan", "quad", "scale_by_kron", "scale_by_quad",
+    "KRON_INJECTABLE", "KRON_STATIC_ARGS", "SCALE_BY_KRON_STATIC_ARGS", "KronState", "kron_plan", "quad", "scale_by_kron", "scale_by_quad",
     "scale_by_skew", "skew",
     "base_shapes", "leaf_names", "mup_init", "mup_labels", "mup_lr_multipliers", "mup_plan",
     "output_multipliers", "print_effective_hparams", "save_base_shapes", "scale_by_mup",

@@ -17,13 +17,15 @@ and draws its noise and its "fit this step?" decision from its key and the step:
 same numbers as ``xpopt.adapters.torch.Kron`` for the same seed and parameter order.
 The key is state, so a checkpoint carries it with the parameter into any order.  Under
 ``jax.jit`` the decision is a ``lax.cond``.  With ``optax.inject_hyperparams``
-list :data:`KRON_STATIC_ARGS` in ``static_args`` (the layout options shape the state).
+list :data:`KRON_STATIC_ARGS` (``scale_by_kron``: :data:`SCALE_BY_KRON_STATIC_ARGS`) in ``static_args``
+(the layout options shape the state).
 ``nonfinite=``: None (no check), ``"skip"``, ``"zero"`` or ``"raise"`` around the
 whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_steps)``).
 """
 
 from __future__ import annotations
 
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +44,7 @@ from .fault import described, with_nonfinite
 from .states import KronState, named_leaves
 
 __all__ = ["scale_by_kron", "scale_by_quad", "scale_by_skew", "quad", "skew", "kron_plan",
-           "KRON_STATIC_ARGS"]
-
-#: Arguments that shape the state or the computation: ``static_args`` for inject_hyperparams.
-KRON_STATIC_ARGS = ("lr_style", "normalize_grads", "max_size_dense", "preconditioner_update_style", "dtype",
-                    "mu_dtype", "scanned_layers", "block_size", "preconditioner_update_probability", "seed",
-                    "weight_decay_mask", "nonfinite")
-
+           "KRON_INJECTABLE", "KRON_STATIC_ARGS", "SCALE_BY_KRON_STATIC_ARGS"]
 
 def _dtype_name(v, argname):
     if v is None and argname == "mu_dtype":
@@ -197,3 +193,13 @@ def kron_plan(params, scanned_layers, **args) -> list[dict]:
     return K.Plan(K.plan_row(lay, opts, name=jax.tree_util.keystr(path) or "params",
                              param_bytes=jnp.dtype(x.dtype).itemsize)
                   for (path, x), lay in zip(paths, lays))
+
+
+#: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.
+KRON_INJECTABLE = ("learning_rate", "b1", "weight_decay", "preconditioner_lr", "preconditioner_init_scale",
+                   "noise_scale")
+#: ``static_args`` for ``optax.inject_hyperparams(quad / skew)``: every other argument (they shape
+#: the state or the computation).
+KRON_STATIC_ARGS = tuple(n for n in inspect.signature(quad).parameters if n not in KRON_INJECTABLE)
+#: The same for ``scale_by_kron``.
+SCALE_BY_KRON_STATIC_ARGS = tuple(n for n in inspect.signature(scale_by_kron).parameters if n not in KRON_INJECTABLE)

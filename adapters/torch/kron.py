@@ -59,9 +59,9 @@ class _hybrid:
         return lambda params, **kw: self.fn(cls(params, **kw))
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", "bfloat16": "bfloat16", "float32": "float32"}
-_STRUCTURAL = ("b1", "normalize_grads", "max_size_dense", "preconditioner_lr", "preconditioner_init_scale",
-               "preconditioner_update_style", "dtype", "block_size", "noise_scale", "lr_style",
-               "preconditioner_update_probability", "mu_dtype")
+#: The options a group holds that the step's KronOptions take (lr, weight_decay: read per step;
+#: seed, nonfinite: the optimizer's own).
+_STRUCTURAL = tuple(f for f in K.KronOptions.__dataclass_fields__ if f not in ("lr", "weight_decay", "seed", "nonfinite"))
 
 
 def _dtype_name(v, argname):
