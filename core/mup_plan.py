@@ -1,4 +1,8 @@
-"""Framework-free muP plumbing shared by the torch and JAX helpers.
+"""muP planning, framework-free: which role and multipliers each parameter gets.
+
+Shared by the torch and optax helpers (``adapters/torch/mup.py``,
+``adapters/optax/mup.py``), which only name parameters and turn the rows
+into param groups or pytrees; the rule table itself is :mod:`.mup`.
 
 Roles and base shapes live *outside* the parameters (a name -> role map and a
 name -> shape dict, saved as a small JSON), so nothing is lost under FSDP,
@@ -13,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from ..core import mup as M
+from . import mup as M
 
 BASE_SHAPES_FORMAT = "xpopt-base-shapes"
 BASE_SHAPES_VERSION = 1
