@@ -146,16 +146,8 @@ def _kind(name: str, shape: tuple) -> str:
     return "linear"
 
 
-def _check_roles(roles, names):
-    if not roles:
-        return
-    if not isinstance(roles, Mapping):
-        raise ValueError(f"roles must be a dict {{name or pattern: role}}, not {type(roles).__name__}")
-    for pattern, role in roles.items():
-        M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
-        if not any(P.name_matches(n, pattern) for n in names):
-            raise ValueError(f"roles pattern {pattern!r} matches no parameter; names are '/'-joined pytree "
-                             f"paths such as {names[:4]}")
+#: How leaf names read, for the roles check's message.
+_NAMES = "'/'-joined pytree paths; fnmatch patterns like 'Block_*/kernel'"
 
 
 # --------------------------------------------------------------------------- plan
@@ -178,7 +170,7 @@ def mup_plan(params, base, *, rule: str = "mup", optimizer: str = "adam", roles:
     M.check_choice(optimizer, M.OPTIMIZERS, "optimizer")
     names, leaves, paths, _ = _flatten(params)
     shapes = [_shape(x, n) for n, x in zip(names, leaves)]
-    _check_roles(roles, names)
+    P.check_roles(roles, names, hint=_NAMES)
     if fan_mapping:
         unknown = sorted(set(fan_mapping) - set(names))
         if unknown:
