@@ -41,34 +41,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 # argparse prints "xpopt CMD: error: argument --opt: MESSAGE" for an ArgumentTypeError,
 # so each message says what is wrong with the value and how to fix it.
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is too small; give a whole number >= 1")
-    return v
+def _number(name: str, convert, kind: str, ok, wrong: str, give: str):
+    """An argparse type called ``name``: ``convert(text)``, then ``ok(value)`` must hold.
+
+    Its errors say what is wrong and what to give instead:
+    ``'x' is not {kind}; give {give}`` and ``'0' {wrong}; give {give}``.
+    """
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}; give {give}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} {wrong}; give {give}")
+        return v
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 0") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative; give a whole number >= 0")
-    return v
-
-
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a learning rate > 0 such as 3e-3") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate; give a finite number > 0 such as 3e-3")
-    return v
+positive_int = _number("positive_int", int, "an integer", lambda v: v >= 1, "is too small", "a whole number >= 1")
+nonnegative_int = _number("nonnegative_int", int, "an integer", lambda v: v >= 0, "is negative",
+                          "a whole number >= 0")
+positive_float = _number("positive_float", float, "a number", lambda v: math.isfinite(v) and v > 0,
+                         "is not a learning rate", "a finite learning rate > 0 such as 3e-3")
 
 
 def width_list(text: str) -> list:

@@ -282,20 +282,18 @@ def muon_step(
     nesterov: bool = True,
     momentum_form: str = "ema",
     weight_decay: float = 0.0,
-    conv_mode: str = "flatten",
-    normalize_spatial: bool = True,
-    adjust_lr_fn: str = "match_rms_adamw",
-    rms=DEFAULT_RMS,
-    batch="auto",
     adaptive: bool = False,
     step=None,
-    **ns_kwargs,
+    **orthogonalize_kwargs,
 ):
     """One Muon step over lists; returns ``(new_params, new_bufs)`` (pure).
 
     ``lr`` may be a float or a 0-d array (a schedule value under jit), and so
     may ``momentum``, ``weight_decay`` and ``rms``.  ``step`` (1-based, this
     update included) is needed with ``adaptive=True`` for the bias correction.
+    ``orthogonalize_kwargs`` go to :func:`orthogonalized_updates`, with its
+    defaults: ``conv_mode``, ``normalize_spatial``, ``adjust_lr_fn``, ``rms``,
+    ``batch`` and :func:`orthogonalize`'s own (``coefficients``, ``steps``, ...).
     """
     check_momentum(momentum)
     if adaptive and step is None:
@@ -306,10 +304,7 @@ def muon_step(
         new_bufs.append(b)
         updates.append(u)
     debias = debias_factor(momentum, step, nesterov=nesterov, form=momentum_form) if adaptive else 1.0
-    dirs = orthogonalized_updates(
-        updates, conv_mode=conv_mode, normalize_spatial=normalize_spatial,
-        adjust_lr_fn=adjust_lr_fn, rms=rms, batch=batch, adaptive=adaptive, debias=debias, **ns_kwargs,
-    )
+    dirs = orthogonalized_updates(updates, adaptive=adaptive, debias=debias, **orthogonalize_kwargs)
     new_params = [
         (p * (1.0 - lr * weight_decay) if _is_on(weight_decay) else p) - lr * d
         for p, d in zip(params, dirs)

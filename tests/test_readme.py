@@ -243,7 +243,7 @@ def test_optax_labels_may_name_some_keys():
 
 
 def test_star_dot_pattern_matches_top_level_names():
-    from xpopt.adapters._mup_common import name_matches
+    from xpopt.core.mup_plan import name_matches
 
     assert name_matches("pos_emb", "*.pos_emb")
     assert name_matches("blocks.0.pos_emb", "*.pos_emb")

@@ -1,7 +1,7 @@
 """muP / spectral scaling for JAX pytrees and optax (``xpopt.adapters.optax``).
 
-The rule table is ``xpopt.core.mup`` and the plumbing (roles, base shapes,
-``fan_mapping``) ``adapters._mup_common``, shared with the torch helpers; this
+The rule table is ``xpopt.core.mup`` and the planning (roles, base shapes,
+``fan_mapping``) ``xpopt.core.mup_plan``, shared with the torch helpers; this
 module only names pytree leaves and turns the rows into pytrees and optax
 transforms.
 
@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import optax
 
 from ...core import mup as M
-from .. import _mup_common as C
+from ...core import mup_plan as P
 
 __all__ = ["mup_plan", "mup_lr_multipliers", "mup_labels", "mup_init", "output_multipliers", "scale_by_mup",
            "print_effective_hparams", "base_shapes", "save_base_shapes", "leaf_names"]
@@ -135,7 +135,7 @@ def save_base_shapes(params_or_shapes, path) -> None:
         shapes = params_or_shapes
     else:
         shapes = base_shapes(params_or_shapes)
-    C.save_base_shapes(shapes, path)
+    P.save_base_shapes(shapes, path)
 
 
 def _kind(name: str, shape: tuple) -> str:
@@ -146,16 +146,8 @@ def _kind(name: str, shape: tuple) -> str:
     return "linear"
 
 
-def _check_roles(roles, names):
-    if not roles:
-        return
-    if not isinstance(roles, Mapping):
-        raise ValueError(f"roles must be a dict {{name or pattern: role}}, not {type(roles).__name__}")
-    for pattern, role in roles.items():
-        M.check_choice(role, M.ROLES, "role", f"pattern {pattern!r}")
-        if not any(C.name_matches(n, pattern) for n in names):
-            raise ValueError(f"roles pattern {pattern!r} matches no parameter; names are '/'-joined pytree "
-                             f"paths such as {names[:4]}")
+#: How leaf names read, for the roles check's message.
+_NAMES = "'/'-joined pytree paths; fnmatch patterns like 'Block_*/kernel'"
 
 
 # --------------------------------------------------------------------------- plan
@@ -178,18 +170,18 @@ def mup_plan(params, base, *, rule: str = "mup", optimizer: str = "adam", roles:
     M.check_choice(optimizer, M.OPTIMIZERS, "optimizer")
     names, leaves, paths, _ = _flatten(params)
     shapes = [_shape(x, n) for n, x in zip(names, leaves)]
-    _check_roles(roles, names)
+    P.check_roles(roles, names, hint=_NAMES)
     if fan_mapping:
         unknown = sorted(set(fan_mapping) - set(names))
         if unknown:
             raise ValueError(f"fan_mapping names {unknown[:5]} are not parameters; names are '/'-joined pytree "
                              f"paths such as {names[:4]}")
-    bshapes = C.as_base_shapes(base, base_shapes)
+    bshapes = P.as_base_shapes(base, base_shapes)
     kinds = [_kind(n, s) for n, s in zip(names, shapes)]
     linear = [i for i, k in enumerate(kinds) if k == "linear"]
     last = linear[-1] if linear else -1
-    entries = [C.Entry(n, s, k, last=(i == last)) for i, (n, s, k) in enumerate(zip(names, shapes, kinds))]
-    rows = C.plan(entries, bshapes, rule=rule, optimizer=optimizer, roles=roles, layout=layout,
+    entries = [P.Entry(n, s, k, last=(i == last)) for i, (n, s, k) in enumerate(zip(names, shapes, kinds))]
+    rows = P.plan(entries, bshapes, rule=rule, optimizer=optimizer, roles=roles, layout=layout,
                   wd_scaling=wd_scaling, muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms,
                   fan_mapping=fan_mapping)
     for row, path in zip(rows, paths):
@@ -278,7 +270,7 @@ def print_effective_hparams(params, base, *, lr: Optional[float] = None, weight_
                             file=None, **kw) -> str:
     """Print (and return) every leaf's role, init multiplier, LR, weight decay and output multiplier."""
     rows = mup_plan(params, base, rule=rule, optimizer=optimizer, roles=roles, **kw)
-    text = f"rule={rule} optimizer={optimizer}\n" + C.format_table(rows, lr=lr, weight_decay=weight_decay)
+    text = f"rule={rule} optimizer={optimizer}\n" + P.format_table(rows, lr=lr, weight_decay=weight_decay)
     print(text, file=file)
     return text
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ...core import mup as M
-from .. import _mup_common as C
+from ...core import mup_plan as P
 
 __all__ = ["mup_param_groups", "mup_init_", "print_effective_hparams", "save_base_shapes", "base_shapes",
            "mup_plan"]
@@ -40,7 +40,7 @@ def base_shapes(model: torch.nn.Module) -> dict:
 def save_base_shapes(model_or_shapes, path) -> None:
     """Save a base model's parameter shapes as JSON (load them back by passing the path as ``base``)."""
     shapes = base_shapes(model_or_shapes) if isinstance(model_or_shapes, torch.nn.Module) else model_or_shapes
-    C.save_base_shapes(shapes, path)
+    P.save_base_shapes(shapes, path)
 
 
 def _entries(model: torch.nn.Module):
@@ -65,7 +65,7 @@ def _entries(model: torch.nn.Module):
                 kind = "linear"
             else:
                 kind = None
-            entries.append((C.Entry(name, tuple(p.shape), kind, last=mod is last and kind == "linear"), p, mod))
+            entries.append((P.Entry(name, tuple(p.shape), kind, last=mod is last and kind == "linear"), p, mod))
     # a readout tied to an embedding: its (tied) weight is the embedding's; the readout is the last Linear
     return entries, tied
 
@@ -78,18 +78,18 @@ def mup_plan(model: torch.nn.Module, base, *, rule: str = "mup", optimizer: str 
 
     ``base`` (and ``delta``): a model, ``{name: shape}`` or a base-shapes JSON path;
     ``delta`` is the same architecture at another width, which fixes the roles at
-    the base width itself (see ``_mup_common.plan``)."""
+    the base width itself (see ``core.mup_plan.plan``)."""
     entries, _ = _entries(model)
-    shapes = C.as_base_shapes(base, base_shapes)
+    shapes = P.as_base_shapes(base, base_shapes)
     # a base dict may also list a tied tensor's second name: drop such aliases
     first = {id(p): e.name for e, p, _ in entries}
     aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
                if id(p) in first and n != first[id(p)]}
     shapes = {k: v for k, v in shapes.items() if k not in aliases}
-    rows = C.plan([e for e, _, _ in entries], shapes, rule=rule, optimizer=optimizer, roles=roles, aliases=aliases,
+    rows = P.plan([e for e, _, _ in entries], shapes, rule=rule, optimizer=optimizer, roles=roles, aliases=aliases,
                   layout="torch", wd_scaling=wd_scaling, muon_adjust_lr_fn=muon_adjust_lr_fn, muon_rms=muon_rms,
                   fan_mapping=fan_mapping,
-                  delta_shapes=None if delta is None else C.as_base_shapes(delta, base_shapes))
+                  delta_shapes=None if delta is None else P.as_base_shapes(delta, base_shapes))
     for row, (_, p, mod) in zip(rows, entries):
         row["param"], row["module"] = p, mod
         row["route"] = optimizer
@@ -185,6 +185,6 @@ def print_effective_hparams(model: torch.nn.Module, base, *, lr: Optional[float]
                             roles: Optional[Mapping[str, str]] = None, file=None, **kw) -> str:
     """Print (and return) every parameter's role, init multiplier, LR, weight decay and output multiplier."""
     rows = mup_plan(model, base, rule=rule, optimizer=optimizer, roles=roles, **kw)
-    text = f"rule={rule} optimizer={optimizer}\n" + C.format_table(rows, lr=lr, weight_decay=weight_decay)
+    text = f"rule={rule} optimizer={optimizer}\n" + P.format_table(rows, lr=lr, weight_decay=weight_decay)
     print(text, file=file)
     return text

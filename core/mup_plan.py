@@ -1,4 +1,8 @@
-"""Framework-free muP plumbing shared by the torch and JAX helpers.
+"""muP planning, framework-free: which role and multipliers each parameter gets.
+
+Shared by the torch and optax helpers (``adapters/torch/mup.py``,
+``adapters/optax/mup.py``), which only name parameters and turn the rows
+into param groups or pytrees; the rule table itself is :mod:`.mup`.
 
 Roles and base shapes live *outside* the parameters (a name -> role map and a
 name -> shape dict, saved as a small JSON), so nothing is lost under FSDP,
@@ -13,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from ..core import mup as M
+from . import mup as M
 
 BASE_SHAPES_FORMAT = "xpopt-base-shapes"
 BASE_SHAPES_VERSION = 1
@@ -72,14 +76,19 @@ def name_matches(name: str, pattern: str) -> bool:
     return pattern[:2] in ("*.", "*/") and fnmatch.fnmatchcase(name, pattern[2:])
 
 
+#: How torch parameter names read, for :func:`check_roles`' message.
+TORCH_NAMES = "exact names or fnmatch patterns like 'blocks.*.weight'"
+
+
 def check_roles(roles: Optional[Mapping[str, str]], names: Sequence[str],
-                aliases: Optional[Mapping[str, str]] = None) -> None:
+                aliases: Optional[Mapping[str, str]] = None, *, hint: str = TORCH_NAMES) -> None:
     """Every ``roles`` pattern names a valid role and matches at least one parameter.
 
     A pattern that matches nothing would be ignored silently (a typo, or a name
     from another framework's naming): it is an error naming the pattern, with
-    some of the names it could have matched.  ``aliases``: ``{second name:
-    name}`` of tied parameters, which the helpers see under their first name.
+    some of the names it could have matched and ``hint``, how the caller's
+    names read.  ``aliases``: ``{second name: name}`` of tied parameters,
+    which the helpers see under their first name.
     """
     if not roles:
         return
@@ -94,7 +103,7 @@ def check_roles(roles: Optional[Mapping[str, str]], names: Sequence[str],
             raise ValueError(f"roles pattern {pattern!r} matches only the second name of tied parameter(s) "
                              f"{tied}; give the role under that name")
         raise ValueError(f"roles pattern {pattern!r} matches no parameter; parameter names are such as "
-                         f"{list(names)[:4]} (exact names or fnmatch patterns like 'blocks.*.weight')")
+                         f"{list(names)[:4]} ({hint})")
 
 
 def _override(name: str, roles: Optional[Mapping[str, str]]):
