@@ -52,3 +52,57 @@ def test_all_lists_what_the_module_defines():
         defined = [n for n, v in vars(mod).items() if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
                    and getattr(v, "__module__", None) == mod.__name__]
         assert [n for n in defined if n not in mod.__all__] == [], f"{name}: defined but not in __all__"
+
+
+def _package_imports():
+    """``{module: modules of xpopt it imports}`` (relative imports anywhere in the file, by name)."""
+    import ast
+    import pathlib
+
+    import xpopt
+
+    root = pathlib.Path(xpopt.__file__).parent
+    files = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root).with_suffix("").parts
+        if parts[0] in ("tests", "benchmarks", ".venv") or "site-packages" in parts:
+            continue
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {}
+    for mod, p in files.items():
+        pkg = mod if p.name == "__init__.py" else mod.rpartition(".")[0]
+        graph[mod] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = [x for x in pkg.split(".") if x][:len(pkg.split(".")) - node.level + 1 if pkg else 0]
+                target = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    sub = f"{target}.{a.name}".strip(".")
+                    graph[mod].add(sub if sub in files else target)
+        graph[mod].discard(mod)
+    return graph
+
+
+def test_import_graph_has_no_circles_and_no_upward_arrows():
+    """No module imports one that imports it back (directly or around a circle), even inside a
+    function; core imports only core and backends (DESIGN.md, "Layers")."""
+    graph = _package_imports()
+    assert "adapters.torch.muon" in graph and "core.muon" in graph["adapters.torch.muon"]  # the parser sees imports
+    state, circles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == "open":
+                circles.append(path[path.index(t):] + [t])
+            elif t in graph and t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert circles == []
+    up = {m: sorted(t for t in ts if t.split(".")[0] not in ("core", "backends"))
+          for m, ts in graph.items() if m.startswith("core")}
+    assert {m: t for m, t in up.items() if t} == {}
