@@ -287,3 +287,34 @@ def test_options_are_validated_when_a_group_changes_not_every_step(monkeypatch):
     with pytest.raises(ValueError, match=r"weight_decay.*param group 1"):
         steps(1)
     assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))   # nothing was stepped
+
+
+def test_optax_eager_update_matches_jit_and_takes_a_python_schedule():
+    """An eager optax update runs compiled (adapters/optax/_kron.py), and a
+    preconditioner_update_probability callable that branches in Python on the step,
+    which cannot be traced, still runs (eagerly) and gives the traceable schedule's
+    numbers.  Tolerance 1e-6 of the update size: the same float32 ops; the caller's jit
+    also fuses the LR scale into them (measured 8.3e-8, one float32 ulp, for both
+    eager runs; every-step fits instead of the schedule's draws: 5e-2)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from xpopt.adapters import optax as xo
+
+    params = {"b": jnp.asarray(_start()[2])}      # one vector: eager op-by-op compiles are slow
+    grads = [{"b": jnp.asarray(g[2])} for g in _grads(3)]
+
+    def run(tx, step):
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = step(g, state, params)
+            out.append(u)
+        return out
+
+    kw = dict(b1=0.9, noise_scale=0.0, seed=3)
+    branching = xo.skew(0.1, preconditioner_update_probability=lambda t: 1.0 if t < 2 else 0.3, **kw)
+    traced = xo.skew(0.1, preconditioner_update_probability=lambda t: jnp.where(t < 2, 1.0, 0.3), **kw)
+    want = run(traced, jax.jit(traced.update))
+    for got in (run(traced, traced.update), run(branching, branching.update)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * float(jnp.abs(b).max()))

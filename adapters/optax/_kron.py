@@ -25,6 +25,7 @@ whole transform (``xpopt.core.fault``; state ``NonfiniteState(inner, nonfinite_s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import jax
@@ -87,6 +88,96 @@ def _layouts(tree, leaves, treedef, scanned_layers, opts):
                             scanned=bool(s)) for x, s in zip(leaves, scanned)]
 
 
+def _step(leaves, state, treedef, lays, names, opts, use_mu):
+    """One update of every leaf (``update_fn``'s body, eager or traced)."""
+    count = optax.safe_increment(state.count)
+    mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
+    keys = treedef.flatten_up_to(state.param_keys)
+    out, new_mu, new_f = [], [], []
+    for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
+        _dist.check_not_manual(g, names[i], "Kron")
+        cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
+        like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: the noise beside the key
+        # Momentum stays on the shards; only its bias-corrected result is gathered, once per
+        # step, so the fit and the application run on the whole matrix (core.kron.kron_step).
+        d, nm, nf = K.kron_step(g, mu, f, lay, key=keys[i], step=count, opts=opts, noise_like=like,
+                                gather=_dist.gather)
+        out.append(_dist.restore(d.astype(g.dtype), g))
+        new_mu.append(nm)
+        new_f.append(nf)
+    mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
+    return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f), state.param_keys)
+
+
+# An update called eagerly (outside jax.jit) would dispatch the step op by op, and each op
+# compiles on first use (the lax.cond of the fit, the Newton iterations, the noise): ~6x the
+# time of compiling the whole step once.  So an eager call on concrete arrays that all sit on
+# one device runs the step through this one module-level jit instead.  Its static argument is
+# the configuration (every option that is a Python value, the tree, the layouts), so equal
+# options share one compile across transform instances (optax.inject_hyperparams builds a new
+# one every step); options that are 0-d arrays (inject_hyperparams' values) are traced
+# arguments, so a new value does not recompile.  The maths is the traced path's (as under the
+# caller's own jit), so results equal a jitted update's.  Traced inputs (the caller's jit,
+# vmap, grad), arrays spread over several devices (sharding.py's eager paths) and non-JAX
+# inputs keep the eager path, as does a configuration that cannot be traced (a
+# preconditioner_update_probability callable that branches in Python on the step).
+def _jitted(leaves, state, dyn, static):
+    fields, treedef, lays, use_mu = static
+    opts = K.KronOptions(**{name: v for name, _, v in fields}, **dyn)
+    return _step(leaves, state, treedef, lays, ("",) * len(leaves), opts, use_mu)
+
+
+_jitted_step = jax.jit(_jitted, static_argnums=3)
+_UNTRACEABLE: set = set()  # static keys whose trace failed: those run eagerly
+
+
+def _one_device(arrays):
+    """The one device all ``arrays`` (concrete JAX arrays) are on, else None."""
+    devices = set()
+    for x in arrays:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return None
+        devices |= x.sharding.device_set
+        if len(devices) > 1:
+            return None
+    return next(iter(devices), None)
+
+
+def _committed(tree, device):
+    """``tree`` with every array committed to ``device`` (no copy: it is already there).  A jit's
+    cache key includes whether each input is committed, and its outputs are committed while
+    ``init``'s zeros are not: without this the second step would compile again."""
+    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, device), tree)
+
+
+def _compiled_step(opts, use_mu, treedef, lays, leaves, state):
+    """The update run through :data:`_jitted_step`, or None where it takes the eager path."""
+    dyn, fields = {}, []
+    for f in dataclasses.fields(opts):
+        v = getattr(opts, f.name)
+        if is_array_scalar(v):
+            if not isinstance(v, jax.Array):
+                return None
+            dyn[f.name] = v
+        else:
+            fields.append((f.name, type(v), v))  # the type too: 1 and 1.0 trace alike, but say which
+    device = _one_device([*leaves, *jax.tree.leaves(state), *dyn.values()])
+    if device is None:
+        return None
+    static = (tuple(fields), treedef, lays, use_mu)
+    try:
+        if static in _UNTRACEABLE:
+            return None
+    except TypeError:  # an unhashable option (a callable object without __hash__)
+        return None
+    try:
+        return _jitted_step(*_committed((leaves, state, dyn), device), static)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerIntegerConversionError):
+        _UNTRACEABLE.add(static)
+        return None
+
+
 @S.takes("optax.scale_by_kron")
 def scale_by_kron(**args) -> optax.GradientTransformation:
     """Kron preconditioning of the gradients (no LR, no weight decay): see the module docstring."""
@@ -121,24 +212,9 @@ def scale_by_kron(**args) -> optax.GradientTransformation:
         leaves, treedef, names = named_leaves(updates)
         if not leaves:
             return updates, state
-        lays = _layouts(updates, leaves, treedef, scanned_layers, opts)
-        count = optax.safe_increment(state.count)
-        mus = treedef.flatten_up_to(state.mu) if use_mu else [None] * len(leaves)
-        keys = treedef.flatten_up_to(state.param_keys)
-        out, new_mu, new_f = [], [], []
-        for i, (g, mu, f, lay) in enumerate(zip(leaves, mus, state.factors, lays)):
-            _dist.check_not_manual(g, names[i], "Kron")
-            cdt = jnp.float64 if g.dtype == jnp.float64 else jnp.float32
-            like = _dist.replicate_on_mesh(jnp.zeros((0,), cdt), [g])  # eager: the noise beside the key
-            # Momentum stays on the shards; only its bias-corrected result is gathered, once per
-            # step, so the fit and the application run on the whole matrix (core.kron.kron_step).
-            d, nm, nf = K.kron_step(g, mu, f, lay, key=keys[i], step=count, opts=opts, noise_like=like,
-                                    gather=_dist.gather)
-            out.append(_dist.restore(d.astype(g.dtype), g))
-            new_mu.append(nm)
-            new_f.append(nf)
-        mu_tree = treedef.unflatten(new_mu) if use_mu else state.mu
-        return treedef.unflatten(out), KronState(count, state.key, mu_tree, tuple(new_f), state.param_keys)
+        lays = tuple(_layouts(updates, leaves, treedef, scanned_layers, opts))
+        out = _compiled_step(opts, use_mu, treedef, lays, leaves, state)
+        return out if out is not None else _step(leaves, state, treedef, lays, names, opts, use_mu)
 
     return described(with_nonfinite(optax.GradientTransformation(init_fn, update_fn), opts.nonfinite), record)
 
