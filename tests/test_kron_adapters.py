@@ -25,6 +25,12 @@ from xpopt.adapters import arrays  # noqa: E402
 from xpopt.adapters.torch import Kron  # noqa: E402
 
 SAME = 1e-4
+
+# torch on one intra-op thread (tests/_peers.py): these matrices are tiny, and on a 2-core machine
+# shared with other jobs torch's second thread stalls (see tests/test_mup_torch.py)
+from _peers import torch_module_threads  # noqa: E402,F401  (fixture, used by pytestmark)
+
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
 SHAPES = [(24, 24), (40, 12), (30,), (3, 4, 5), (300, 20), ()]
 
 

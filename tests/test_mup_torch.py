@@ -22,6 +22,13 @@ from xpopt.adapters.torch import Kron, Muon, mup_init_, mup_param_groups, mup_pl
 
 OPTS = M.OPTIMIZERS
 
+# torch on one intra-op thread (tests/_peers.py): on a 2-core machine shared with other jobs
+# torch's second thread stalls (measured here: test_lr_transfer_adam 14 s on one thread, 85 s
+# on two while another job ran; 6 s on two on a quiet machine)
+from _peers import torch_module_threads  # noqa: E402,F401  (fixture, used by pytestmark)
+
+pytestmark = pytest.mark.usefixtures("torch_module_threads")
+
 
 class MLP(nn.Module):
     def __init__(self, w, d_in=16, d_out=10):
