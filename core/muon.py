@@ -374,7 +374,7 @@ class MuonOptions:
         from . import _check as V
         from .adam import AdamOptions
         from .fault import check_policy
-        from .newton_schulz import METHODS, PRECONDITIONINGS, resolve_coefficients
+        from .newton_schulz import GRAM_EPS, METHODS, PRECONDITIONINGS, gram_restarts, resolve_coefficients
 
         def put(name, value):
             object.__setattr__(self, name, value)
@@ -408,6 +408,9 @@ class MuonOptions:
         put("normalize_spatial", V.check_bool(self.normalize_spatial, "normalize_spatial"))
         put("ns_dtype", V.check_dtype_spec(self.ns_dtype, "ns_dtype", auto=True))
         V.check_choice(self.ns_method, METHODS, "ns_method")
+        if self.ns_method == "gram":  # the restart plans, computed here and not under torch.compile
+            for eps in GRAM_EPS:
+                gram_restarts(coeffs, eps=eps)
         if not (isinstance(self.batched, bool) or self.batched == "auto"):
             raise ValueError(f"batched={self.batched!r} is not valid; use 'auto' (batch where measured faster), "
                              "True or False")

@@ -71,7 +71,7 @@ from ._xp import check_floating, device, is_complex, is_number, namespace
 
 __all__ = [
     "COEFFICIENTS", "PRECONDITIONINGS", "DEFAULT_STEPS", "preset_steps", "resolve_coefficients",
-    "orthogonalize", "scalar_iteration", "METHODS", "GRAM_TOLERANCE", "GRAM_RATIO", "gram_restarts",
+    "orthogonalize", "scalar_iteration", "METHODS", "GRAM_TOLERANCE", "GRAM_RATIO", "GRAM_EPS", "gram_restarts",
     "gram_error",
 ]
 
@@ -443,6 +443,22 @@ def gram_error(coefficients: CoefficientSpec = "quintic", steps: int | None = No
 
 
 _PLANS: dict = {}
+#: The presets' plans at their own step counts in float64, float32, float16 and
+#: bfloat16, as :func:`gram_restarts` computes them (tests/test_gram_ns.py
+#: checks): looked up, not computed, so that ``torch.compile`` never traces the
+#: model (Python arithmetic on ~700 floats per step: 90 s of tracing).  Other
+#: coefficients get theirs computed once, on first use
+#: (``MuonOptions(ns_method="gram")`` does it when it is built).
+GRAM_EPS = (2.0 ** -52, 2.0 ** -23, 2.0 ** -10, 2.0 ** -7)
+_PRESET_PLANS = {
+    "original": ((), (), (2, 4), (2, 4)),
+    "quintic": ((), (), (2, 4), (2, 4)),
+    "polar_express": ((), (4,), (1, 3, 5), (1, 2, 4, 6)),
+    "polar_express_safer": ((), (4,), (1, 2, 4, 7), (1, 2, 4, 6)),
+}
+for _name, _plans in _PRESET_PLANS.items():
+    for _eps, _plan in zip(GRAM_EPS, _plans):
+        _PLANS[(resolve_coefficients(_name), _eps)] = _plan
 #: The model's singular values: 0 and 60 per decade from 1e-12 to 1 (the
 #: error peaks near sqrt(u), between 1e-8 and 1e-1 for the dtypes we have).
 _GRID = (0.0, *(10.0 ** (e / 60.0) for e in range(-720, 1)))

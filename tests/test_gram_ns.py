@@ -185,6 +185,19 @@ def test_restart_plans():
     assert gram_error("polar_express", eps=F32_EPS, restarts=()) > 100 * GRAM_TOLERANCE
 
 
+def test_preset_plan_table_is_the_model(monkeypatch):
+    # The presets' plans are a table (so torch.compile never traces the model):
+    # recomputed from an empty cache, the model gives exactly that table.
+    monkeypatch.setattr(NS, "_PLANS", {})
+    for name, plans in NS._PRESET_PLANS.items():
+        for eps, plan in zip(NS.GRAM_EPS, plans):
+            assert gram_restarts(name, eps=eps) == plan, (name, eps)
+    # MuonOptions(ns_method="gram") computes custom coefficients' plans when built
+    triples = ((3.9, -6.0, 2.5), (3.0, -3.2, 1.2), (2.9, -3.1, 1.2))
+    MuonOptions(ns_coefficients=triples, ns_method="gram")
+    assert all((triples, eps) in NS._PLANS for eps in NS.GRAM_EPS)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_restarts_keep_polar_express_accurate(rng, monkeypatch, backend):
     # float32 Polar Express on a matrix with Gram eigenvalues far below
