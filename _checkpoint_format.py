@@ -396,7 +396,7 @@ COMPARED = {
     "muon": {"lr": False, "momentum": False, "nesterov": False, "momentum_form": True, "weight_decay": False,
              "ns_coefficients": False, "ns_steps": False, "eps": False, "safety_factor": False,
              "adjust_lr_fn": False, "conv_mode": False, "normalize_spatial": False, "ns_dtype": False,
-             "mu_dtype": True, "fallback": False, "fallback_lr": False, "betas": False, "fallback_eps": False,
+             "ns_method": False, "mu_dtype": True, "fallback": False, "fallback_lr": False, "betas": False, "fallback_eps": False,
              "fallback_weight_decay": False, "min_dim_size": False, "max_aspect_ratio": False,
              "preconditioning": False, "adaptive": False, "consistent_rms": False},
     "kron": {"lr": False, "b1": False, "weight_decay": False, "preconditioner_update_style": True,

@@ -355,6 +355,7 @@ class MuonOptions:
     conv_mode: str = "flatten"
     normalize_spatial: bool = True
     ns_dtype: Any = None
+    ns_method: str = "standard"
     batched: Any = "auto"
     mu_dtype: Any = None
     fallback: str = "adamw"
@@ -373,7 +374,7 @@ class MuonOptions:
         from . import _check as V
         from .adam import AdamOptions
         from .fault import check_policy
-        from .newton_schulz import PRECONDITIONINGS, resolve_coefficients
+        from .newton_schulz import GRAM_EPS, METHODS, PRECONDITIONINGS, gram_restarts, resolve_coefficients
 
         def put(name, value):
             object.__setattr__(self, name, value)
@@ -406,6 +407,10 @@ class MuonOptions:
         V.check_choice(self.conv_mode, CONV_MODES, "conv_mode")
         put("normalize_spatial", V.check_bool(self.normalize_spatial, "normalize_spatial"))
         put("ns_dtype", V.check_dtype_spec(self.ns_dtype, "ns_dtype", auto=True))
+        V.check_choice(self.ns_method, METHODS, "ns_method")
+        if self.ns_method == "gram":  # the restart plans, computed here and not under torch.compile
+            for eps in GRAM_EPS:
+                gram_restarts(coeffs, eps=eps)
         if not (isinstance(self.batched, bool) or self.batched == "auto"):
             raise ValueError(f"batched={self.batched!r} is not valid; use 'auto' (batch where measured faster), "
                              "True or False")
@@ -496,5 +501,5 @@ class MuonOptions:
             adaptive=self.adaptive, debias=self.debias(step) if debias is None else debias,
             coefficients=self.ns_coefficients, steps=self.ns_steps, eps=self.eps,
             safety_factor=self.safety_factor, preconditioning=self.preconditioning,
-            compute_dtype=self.ns_dtype if compute_dtype is None else compute_dtype,
+            compute_dtype=self.ns_dtype if compute_dtype is None else compute_dtype, method=self.ns_method,
         )

@@ -27,6 +27,32 @@ its entries normal floats (float32: 1.2e-38 .. 3.4e38), and with the defaults
 zero.  torch.optim.Muon and optax.contrib.muon floor or add eps to ``||G||``
 itself, so they stop orthogonalising as ``||G||`` falls below eps.
 
+``method="gram"`` (Gram Newton-Schulz, Zhang, Amsel, Chen & Dao 2026) runs
+the same polynomials on a wide ``X`` (``m < n``) through ``m x m`` matrices
+only.  Every iterate is ``X_k = Q_k X_0`` with ``Q_k`` a polynomial in
+``R_0 = X_0 X_0^H``, so with ``P_k = a I + Z_k``, ``Z_k = b R_k + c R_k^2``::
+
+    R = X X^H                      once
+    Q = P_0 ;  Q = Q P_k           (k > 0)
+    R = P_k R P_k                  the Gram matrix of the next iterate
+    X = Q X                        once, at the end
+
+``X`` is touched twice (``2 m^2 n``) instead of twice per step; the ``m x m``
+work is ``(4 S - 3) m^3`` for ``S`` steps against ``S (2 m^2 n + m^3)``: less
+whenever ``n > 1.5 m`` (0.56x the FLOPs at 1024 x 4096, 5 steps).  Narrower
+matrices, square ones included, run the standard iteration.
+
+Forming ``R`` squares the spectrum, so a rounding error ``d ~ u ||R||`` in an
+eigenvalue of ``R`` (``u`` the compute dtype's unit roundoff) sits on
+``sigma^2``, not ``sigma``; ``R = P R P`` then grows it by ``a^2`` per step in
+the small directions, and an eigenvalue pushed below zero is not damped by
+the polynomial but blown up.  So the iteration *restarts* (``X = Q X``,
+``R = X X^H``, ``Q = I``) before the step where a scalar model of that error
+says it would grow past its tolerance (:func:`gram_restarts`): in float32
+``quintic`` never restarts and Polar Express once (before step 4); in bfloat16
+``quintic`` restarts before steps 2 and 4 and Polar Express before 1, 2, 4
+and 6.  A segment of one step is the standard step itself.
+
 The row scaling of ``aol`` is not a scalar, so its output is the polar factor
 of ``D^-1/2 G``, not of ``G``: close, and what optax computes.  For the other
 modes the output's singular values are exactly ``p_k(...p_1(s))`` of the
@@ -45,10 +71,25 @@ from ._xp import check_floating, device, is_complex, is_number, namespace
 
 __all__ = [
     "COEFFICIENTS", "PRECONDITIONINGS", "DEFAULT_STEPS", "preset_steps", "resolve_coefficients",
-    "orthogonalize", "scalar_iteration",
+    "orthogonalize", "scalar_iteration", "METHODS", "GRAM_TOLERANCE", "GRAM_RATIO", "GRAM_EPS", "gram_restarts",
+    "gram_error",
 ]
 
 PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+#: ``orthogonalize``'s iterations: the textbook one, and Gram Newton-Schulz (module docstring).
+METHODS = ("standard", "gram")
+#: The restart model (:func:`gram_restarts`) lets one Gram segment add to a
+#: singular value up to GRAM_TOLERANCE, or GRAM_RATIO times the model's error
+#: of the same steps run one at a time (the standard iteration), whichever is
+#: larger.  2^-8 is one bfloat16 ulp at 1: below what a bf16 Newton-Schulz,
+#: the usual one on GPUs, already errs by; it is what lets float32 run
+#: ``quintic`` without a restart (model 2.2e-3; measured at most 8e-4, on
+#: rank-deficient 24 x 64 matrices, and 3e-5 from 512 x 2048 on).  The ratio
+#: sets the low-precision plans, where the model is pessimistic for both
+#: iterations alike (bf16, ``quintic``: 0.42 for restarts before steps 2 and 4
+#: against 0.14 one step at a time; measured 8e-3 against 3e-3).
+GRAM_TOLERANCE = 2.0 ** -8
+GRAM_RATIO = 4.0
 #: Steps used with a single ``(a, b, c)`` triple when ``steps`` is None (Keller Jordan's 5).
 DEFAULT_STEPS = 5
 
@@ -193,6 +234,7 @@ def orthogonalize(
     preconditioning: str = "frobenius",
     scale=1.0,
     cast_back: bool = True,
+    method: str = "standard",
 ):
     """Approximate the polar factor ``U V^H`` of ``G`` (shape ``(..., m, n)``) by Newton-Schulz.
 
@@ -223,6 +265,13 @@ def orthogonalize(
       cast_back: return ``G.dtype`` (default); False keeps the compute dtype,
         saving a pass when the caller adds the result into a wider array
         anyway (the widening is exact).
+      method: ``"standard"`` or ``"gram"``: Gram Newton-Schulz (module
+        docstring), the same polynomials iterated on the ``m x m`` Gram matrix
+        with the restarts of :func:`gram_restarts`; it runs where it needs
+        fewer FLOPs, on matrices whose long side exceeds 1.5 times the short
+        one (tall ones are transposed first).  Square and near-square
+        matrices run the standard iteration.  Same result to rounding
+        (:func:`gram_error`), every other argument unchanged.
 
     Returns ``scale`` times an array of ``G``'s shape (and dtype).
     """
@@ -236,6 +285,8 @@ def orthogonalize(
         raise ValueError(f"safety_factor must be > 0, got {safety_factor!r}")
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(f"preconditioning={preconditioning!r} is not valid; use one of {list(PRECONDITIONINGS)}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; use one of {list(METHODS)}")
     coeffs = resolve_coefficients(coefficients, steps)
     cplx = is_complex(xp, G)
     cdtype = _compute_dtype(xp, backend, G, compute_dtype, cplx)
@@ -281,18 +332,191 @@ def orthogonalize(
     if preconditioning in ("aol", "schatten"):
         X, A = _first_scaling(xp, X, preconditioning, eps, safety_factor, cplx)
     fold = is_number(scale)
-    last = len(coeffs) - 1
-    for k, (a, b, c) in enumerate(coeffs):
-        if k > 0 or A is None:  # aol/schatten hand the first step its Gram matrix
+    s = float(scale) if fold else 1.0
+    # Gram: where it saves FLOPs (2 n > 3 m, module docstring).  A plan that
+    # restarts before every step is the standard iteration, op for op.
+    restarts = _gram_plan(coeffs, float(xp.finfo(X.dtype).eps)) \
+        if method == "gram" and 2 * X.shape[-1] > 3 * X.shape[-2] else tuple(range(1, len(coeffs)))
+    bounds = (0, *restarts, len(coeffs))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if lo > 0 or A is None:  # aol/schatten hand the first step its Gram matrix
             A = X @ _adjoint(xp, X, cplx)
-        B = backend.addmm(A, A, A, beta=b, alpha=c)
-        s = float(scale) if fold and k == last else 1.0
-        X = backend.addmm(X, B, X, beta=a * s, alpha=s)
+        t = s if hi == len(coeffs) else 1.0  # the scale rides on the last GEMM into X or Q
+        if hi - lo == 1:  # one step: the standard one
+            a, b, c = coeffs[lo]
+            B = backend.addmm(A, A, A, beta=b, alpha=c)
+            X = backend.addmm(X, B, X, beta=a * t, alpha=t)
+        else:
+            Q = _gram_segment(xp, backend, _at_least_32(xp, A), coeffs[lo:hi], t, cplx)
+            X = (Q if Q.dtype == X.dtype else xp.astype(Q, X.dtype)) @ X
     if not fold:
         X = X * scale
     if X.dtype != in_dtype and cast_back:
         X = xp.astype(X, in_dtype)
     return xp.matrix_transpose(X) if transposed else X
+
+
+def _at_least_32(xp, A):
+    """``A`` in float32 (complex64) if it is narrower: the Gram iteration's ``m x m`` precision.
+
+    ``P = a I + Z`` cancels where the iterate's singular values are large
+    (Polar Express's first steps map 1 to 1.76: ``a = 3.9``, ``Z = -3.1``), and
+    ``Z`` rounded to bfloat16 before the sum moved the result's top singular
+    value by 0.04 to 0.17 (measured, 32 x 128); the standard step sums ``a X +
+    B X`` inside the GEMM instead.  So in bf16 / f16 only the two products with
+    ``X`` (``X X^H``, ``Q X``) stay narrow, as in the restart model.
+    """
+    wide = (xp.float32, xp.float64, xp.complex64, xp.complex128)
+    return A if A.dtype in wide else xp.astype(A, xp.float32)
+
+
+def _gram_segment(xp, backend, R, coeffs, s: float, cplx: bool):
+    """``s * Q`` with ``Q X`` the iterate after ``coeffs`` (two or more steps) from ``X``, ``R = X X^H``.
+
+    ``Q`` and every ``R`` are polynomials in the first ``R``, so they commute:
+    ``Q_{k+1} = Q_k P_k`` and ``R_{k+1} = P_k R_k P_k`` with ``P_k = a I + Z_k``.
+    ``Z`` takes ``R R^H`` for ``R^2`` (equal in exact arithmetic): NumPy runs a
+    matrix times its own transpose as SYRK, half a GEMM, and it is Hermitian.
+    """
+    last = len(coeffs) - 1
+    Q = None
+    for k, (a, b, c) in enumerate(coeffs):
+        Z = backend.addmm(R, R, _adjoint(xp, R, cplx), beta=b, alpha=c)
+        t = s if k == last else 1.0
+        if Q is None:
+            eye = xp.eye(R.shape[-1], dtype=R.dtype, device=device(R))
+            Q = Z + a * eye
+        else:
+            Q = backend.addmm(Q, Q, Z, beta=a * t, alpha=t)
+        if k < last:
+            RP = backend.addmm(R, R, Z, beta=a, alpha=1.0)
+            R = backend.addmm(RP, Z, RP, beta=a, alpha=1.0)
+    return Q
+
+
+def gram_restarts(coefficients: CoefficientSpec = "quintic", steps: int | None = None, *,
+                  eps: float = 2.0 ** -23) -> tuple[int, ...]:
+    """Steps (0-based) before which ``method="gram"`` re-forms ``R = X X^H`` from the iterate.
+
+    ``eps`` is the compute dtype's machine epsilon (``finfo(dtype).eps``:
+    float32's by default).  The plan comes from a scalar model of the
+    iteration on each singular value ``sigma`` in [0, 1]: the Gram matrix's
+    eigenvalue ``x^2`` (``x`` the exact iterate at the segment's start) is
+    perturbed by ``+-d``, ``d = u max x^2`` (``u = eps / 2``: one rounding
+    relative to ``||R||``, the reference's ``-4e-4`` for float16), and the
+    segment's ``Q`` evaluated on the perturbed value; the error is
+    ``max(x, sqrt d) |q(x^2 +- d) - q(x^2)|`` (a direction of the perturbed
+    ``R`` can carry ``X``'s mass up to ``sqrt d`` even where ``x`` is smaller)
+    plus ``u max|q| max x``, the rounding of ``Q`` itself, which ``Q X``
+    spreads over every direction.  Greedily, the longest segment whose error
+    stays within :data:`GRAM_TOLERANCE` or :data:`GRAM_RATIO` times that of
+    its steps run one at a time runs before the next restart.  (The
+    reference, Dao-AILab/gram-newton-schulz, simulates the same scalar
+    iteration with a ``-4e-4`` eigenvalue for float16 and places a chosen
+    number of restarts, one for 5 steps by default, where the spread of
+    ``q`` is least; here the count follows from the dtype and the error.)
+
+    float64: none.  float32: ``original`` and ``quintic`` none, the Polar
+    Express presets one, before step 4.  float16 and bfloat16: ``original``
+    and ``quintic`` before steps 2 and 4; in bfloat16 both Polar Express
+    presets before 1, 2, 4 and 6 (the first step's slope of 8 leaves no room
+    for a longer first segment).
+    Measured (float32, 16 x 40 to 512 x 2048, condition to 1e8 and
+    rank-deficient): within 8e-4 of the exact singular values where the
+    standard iteration is within 4e-5, and as close as it with a restart.
+    """
+    return _gram_plan(resolve_coefficients(coefficients, steps), float(eps))
+
+
+def gram_error(coefficients: CoefficientSpec = "quintic", steps: int | None = None, *,
+               eps: float = 2.0 ** -23, restarts=None) -> float:
+    """The restart model's error for a plan (default :func:`gram_restarts`'): the sum over its segments.
+
+    A model, conservative on the matrices we measured (module docstring of
+    :data:`GRAM_TOLERANCE`), not a proof: tests derive tolerances from it.
+    """
+    coeffs = resolve_coefficients(coefficients, steps)
+    plan = _gram_plan(coeffs, float(eps)) if restarts is None else tuple(restarts)
+    traj = _exact_iterates(coeffs)
+    bounds = (0, *plan, len(coeffs))
+    return sum(_segment_error(traj[lo], coeffs[lo:hi], float(eps) / 2) for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+
+_PLANS: dict = {}
+#: The presets' plans at their own step counts in float64, float32, float16 and
+#: bfloat16, as :func:`gram_restarts` computes them (tests/test_gram_ns.py
+#: checks): looked up, not computed, so that ``torch.compile`` never traces the
+#: model (Python arithmetic on ~700 floats per step: 90 s of tracing).  Other
+#: coefficients get theirs computed once, on first use
+#: (``MuonOptions(ns_method="gram")`` does it when it is built).
+GRAM_EPS = (2.0 ** -52, 2.0 ** -23, 2.0 ** -10, 2.0 ** -7)
+_PRESET_PLANS = {
+    "original": ((), (), (2, 4), (2, 4)),
+    "quintic": ((), (), (2, 4), (2, 4)),
+    "polar_express": ((), (4,), (1, 3, 5), (1, 2, 4, 6)),
+    "polar_express_safer": ((), (4,), (1, 2, 4, 7), (1, 2, 4, 6)),
+}
+for _name, _plans in _PRESET_PLANS.items():
+    for _eps, _plan in zip(GRAM_EPS, _plans):
+        _PLANS[(resolve_coefficients(_name), _eps)] = _plan
+#: The model's singular values: 0 and 60 per decade from 1e-12 to 1 (the
+#: error peaks near sqrt(u), between 1e-8 and 1e-1 for the dtypes we have).
+_GRID = (0.0, *(10.0 ** (e / 60.0) for e in range(-720, 1)))
+
+
+def _gram_plan(coeffs: tuple, eps: float) -> tuple[int, ...]:
+    key = (coeffs, eps)
+    plan = _PLANS.get(key)
+    if plan is None:
+        u = eps / 2
+        traj = _exact_iterates(coeffs)
+        one = [_segment_error(traj[k], coeffs[k:k + 1], u) for k in range(len(coeffs))]
+        out, start = [], 0
+        for k in range(1, len(coeffs)):
+            allowed = max(GRAM_TOLERANCE, GRAM_RATIO * sum(one[start:k + 1]))
+            if not _segment_error(traj[start], coeffs[start:k + 1], u) <= allowed:  # nan: restart
+                out.append(k)
+                start = k
+        plan = tuple(out)
+        if len(_PLANS) < 256:
+            _PLANS[key] = plan
+    return plan
+
+
+def _exact_iterates(coeffs: tuple) -> list:
+    """The grid's singular values before each step (float64, Python floats)."""
+    xs = list(_GRID)
+    traj = [xs]
+    for a, b, c in coeffs:
+        xs = [x * (a + x * x * (b + c * x * x)) for x in xs]
+        traj.append(xs)
+    return traj
+
+
+def _q(r: float, coeffs) -> float:
+    q = 1.0
+    for a, b, c in coeffs:
+        z = a + r * (b + c * r)
+        q *= z
+        r *= z * z
+    return q
+
+
+def _segment_error(xs, coeffs, u: float) -> float:
+    """The model's extra error of one Gram segment started from exact singular values ``xs``."""
+    top = max(xs)
+    d = u * top * top
+    root = math.sqrt(d)
+    worst = qmax = 0.0
+    for x in xs:
+        r = x * x
+        q = _q(r, coeffs)
+        for e in (_q(r - d, coeffs) - q, _q(r + d, coeffs) - q):
+            e = max(x, root) * abs(e)
+            if not e <= worst:  # also nan (an overflow): the segment fails
+                worst = e if e == e else math.inf
+        qmax = max(qmax, abs(q))
+    return worst + u * qmax * top
 
 
 def _adjoint(xp, X, cplx: bool):

@@ -295,6 +295,10 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
       ns_dtype: Newton-Schulz compute dtype; None = float32 for bf16/f16 leaves,
         else the leaf dtype; ``"auto"`` = bfloat16 where the backend multiplies
         it natively (GPU/TPU), else as None.
+      ns_method: ``"standard"`` or ``"gram"`` (Gram Newton-Schulz: the same
+        polynomials iterated on the small Gram matrix, with restarts, where
+        the long side exceeds 1.5 times the short one; ~0.6x the time at
+        aspect 4 in float32; ``core.newton_schulz``).
       batched: stack same-shape matrices into one Newton-Schulz call:
         ``"auto"`` (default) where measured faster (accelerators always, small
         matrices on CPUs), or True / False.
