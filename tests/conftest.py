@@ -137,7 +137,12 @@ _CASES = {
 ])
 def xp(request) -> Case:
     """A backend :class:`Case` (``.xp``, ``.asarray``, ``.to_numpy``)."""
-    make, skip = _CASES[request.param]
+    return backend_case(request.param)
+
+
+def backend_case(name: str) -> Case:
+    """The :class:`Case` of backend ``name``; skips the test where it is not available."""
+    make, skip = _CASES[name]
     if skip:
         pytest.skip(skip)
     return make()

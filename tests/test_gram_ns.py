@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import _CASES, matrix_with_spectrum
+from conftest import backend_case, matrix_with_spectrum
 from test_newton_schulz import BF16_BAND_MARGIN, F32_SV_ATOL, PRESET_STEPS, band, spectra, svals
 
 import xpopt.core.newton_schulz as NS
@@ -47,10 +47,7 @@ def xp(request):
     """conftest's backend cases without JAX: eager JAX compiles every op shape
     (seconds per test); JAX runs the Gram form under jit below, in float32
     (test_jit_matches_the_polynomial) and bfloat16 (test_bf16_compute_stays_in_band)."""
-    make, skip = _CASES[request.param]
-    if skip:
-        pytest.skip(skip)
-    return make()
+    return backend_case(request.param)
 
 
 # ----------------------------------------------------------------- bands, as for the standard iteration
@@ -91,10 +88,7 @@ def test_bf16_compute_stays_in_band(rng, backend, preset):
     # 0.011 at most (quintic, torch), the standard 0.003 on the same matrices.
     # JAX under jit: XLA fuses the m x m updates its own way (in bf16 that
     # once blew up, before those matrices were kept in float32).
-    make, skip = _CASES[backend]
-    if skip:
-        pytest.skip(skip)
-    case = make()
+    case = backend_case(backend)
     assert GRAM_RATIO * 0.0045 <= BF16_BAND_MARGIN
     lo, hi = band(preset)
     s = np.geomspace(0.022, 1.0, 32)
