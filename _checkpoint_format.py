@@ -393,10 +393,12 @@ def json_value(v):
 #: (checked per parameter), pick kernels (``batched``) or name things are not
 #: compared, nor the seed (each Kron parameter's key travels with its state).
 COMPARED = {
-    "muon": {"lr": False, "momentum": False, "nesterov": False, "momentum_form": True, "weight_decay": False,
-             "ns_coefficients": False, "ns_steps": False, "eps": False, "safety_factor": False,
+    "muon": {"lr": False, "momentum": False, "nesterov": False, "momentum_form": True,
+             "momentum_bias_correction": False, "weight_decay": False,
+             "ns_coefficients": False, "ns_steps": False, "eps": False, "eps_mode": False, "safety_factor": False,
              "adjust_lr_fn": False, "conv_mode": False, "normalize_spatial": False, "ns_dtype": False,
-             "ns_method": False, "mu_dtype": True, "fallback": False, "fallback_lr": False, "betas": False, "fallback_eps": False,
+             "ns_method": False, "mu_dtype": True, "low_precision_dtype": True, "fallback": False,
+             "fallback_lr": False, "betas": False, "fallback_eps": False, "fallback_eps_root": False,
              "fallback_weight_decay": False, "min_dim_size": False, "max_aspect_ratio": False,
              "preconditioning": False, "adaptive": False, "consistent_rms": False},
     "kron": {"lr": False, "b1": False, "weight_decay": False, "preconditioner_update_style": True,

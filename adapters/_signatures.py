@@ -47,13 +47,17 @@ SIGNATURES = {
     "torch.Muon": dict(
         positional=("params", "lr"),
         omitted={"mu_dtype": "torch keeps Muon's momentum in float32 for bf16/f16 params and in the param dtype "
-                             "otherwise (MuonOptions' mu_dtype=None rule), with no override yet"},
+                             "otherwise (MuonOptions' mu_dtype=None rule), with no override yet",
+                 "low_precision_dtype": "torch updates parameters in place (no update arrays are returned) and "
+                                        "keeps float32 state for bf16/f16 params (the \"float32\" rule), with no "
+                                        "override yet"},
         extra={"params": REQUIRED, "verbose": False, "fallback_filter": None}),
     "optax.muon": dict(positional=("learning_rate",), renamed=_OPTAX_LR,
                        defaults={"lr": REQUIRED, **_OPTAX_STATIC_MUON}, extra=_MUON_PYTREES),
     "optax.scale_by_muon": dict(
         omitted={k: _SCALE_BY for k in ("lr", "weight_decay", "fallback", "fallback_lr", "betas", "fallback_eps",
-                                         "fallback_weight_decay", "min_dim_size", "max_aspect_ratio")},
+                                         "fallback_eps_root", "fallback_weight_decay", "min_dim_size",
+                                         "max_aspect_ratio")},
         extra={"dimension_numbers": None}),
     "arrays.muon": dict(positional=("lr",), extra={**_MUON_PYTREES, "dimension_numbers": "torch"}),
     "torch.Kron": dict(positional=("params", "lr"), extra={"params": REQUIRED, "scanned": False, "verbose": False}),

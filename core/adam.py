@@ -3,13 +3,22 @@
 Decoupled weight decay (Loshchilov & Hutter) and bias correction, with the
 step count ``t`` starting at 1::
 
-    m  = b1 * m + (1 - b1) * g
-    v  = b2 * v + ((1 - b2) * |g|) * |g|
-    m' = b1 * m + (1 - b1) * g       if nesterov (NAdamW), else m
-    W  = W * (1 - lr * wd) - lr * (m' / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    m     = b1 * m + (1 - b1) * g
+    v     = b2 * v + ((1 - b2) * |g|) * |g|
+    m_hat = m / (1 - b1^t)                                   fallback="adamw"
+    m_hat = (b1 * m + (1 - b1) * g) / (1 - b1^t)             fallback="nadamw"
+    m_hat = b1 * m / (1 - b1^(t+1)) + (1 - b1) * g / (1 - b1^t)   fallback="nadamw_dozat"
+    W     = W * (1 - lr * wd) - lr * m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps)
 
-The NAdamW look-ahead is the one in timm's ``nadamw`` (from MLCommons
-AlgoPerf), not torch.optim.NAdam's momentum-decay schedule.
+The ``"nadamw"`` look-ahead is the one in timm's ``nadamw`` (from MLCommons
+AlgoPerf): the whole mix shares one bias correction.  ``"nadamw_dozat"`` is
+Dozat's NAdam (2016, without its momentum schedule), which corrects the two
+terms of the mix separately: what ``optax.scale_by_adam(nesterov=True)``
+(``optax.nadamw``) computes.  The two differ from the first step (at t=1,
+b1=0.9: ``1.9 g`` vs ``1.47 g`` before the division).  Neither is
+torch.optim.NAdam's momentum-decay schedule.  ``eps_root`` (optax's name;
+default 0) is added inside the square root; with 0 the denominator is
+computed as ``sqrt(v) / sqrt(1 - b2^t)``.
 
 Overflow: ``(1 - b2) g^2`` overflows float32 for ``|g|`` above about
 ``1.8e19 / sqrt(1 - b2)``; an infinite ``v`` would freeze that entry for good
@@ -31,6 +40,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from ._check import is_on
 from ._xp import is_complex, is_number, namespace
 
 __all__ = ["check_betas", "adam_update", "adamw_step", "AdamOptions", "FALLBACKS"]
@@ -76,12 +86,18 @@ def _bias_correction(xp, beta, step, dtype=None):
     return -xp.expm1(step * math.log(beta))
 
 
-def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
+def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov=False, eps_root=0.0):
     """Return ``(direction, new_m, new_v)``; the step is ``-lr * direction``.
 
     ``step`` is the 1-based count after this update, a Python int or a 0-d
     array (optax state under jit).  ``v`` is real also for complex ``grad``.
+    ``nesterov``: False (AdamW), True or ``"nadamw"`` (timm's look-ahead) or
+    ``"nadamw_dozat"`` (Dozat's, optax's); see the module docstring.
+    ``eps_root`` (a number or a 0-d array) is added to ``v``'s bias-corrected
+    value inside the square root.
     """
+    if nesterov not in (False, True, "nadamw", "nadamw_dozat"):
+        raise ValueError(f"nesterov={nesterov!r} is not valid; use False, True (= 'nadamw') or 'nadamw_dozat'")
     xp, _ = namespace(grad, names=("grad",))
     mag = xp.abs(grad) if is_complex(xp, grad) else grad
     m = m + (1.0 - beta1) * (grad - m)
@@ -89,35 +105,48 @@ def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov: bool = False):
     v = xp.clip(beta2 * v + ((1.0 - beta2) * mag) * mag, None, xp.finfo(v.dtype).max)
     real = xp.float64 if mag.dtype == xp.float64 else xp.float32
     bc1 = _bias_correction(xp, beta1, step, real)
-    bc2_sqrt = _sqrt(_bias_correction(xp, beta2, step, real))
-    m_used = m + (1.0 - beta1) * (grad - m) if nesterov else m
-    direction = (m_used / bc1) / (v ** 0.5 / bc2_sqrt + eps)
+    bc2 = _bias_correction(xp, beta2, step, real)
+    if nesterov == "nadamw_dozat":
+        m_hat = m * (beta1 / _bias_correction(xp, beta1, step + 1, real)) + grad * ((1.0 - beta1) / bc1)
+    else:
+        m_hat = (m + (1.0 - beta1) * (grad - m) if nesterov else m) / bc1
+    if is_on(eps_root):
+        # sqrt(v / bc2 + eps_root) as sqrt(v + eps_root * bc2) / sqrt(bc2): a saturated v stays finite
+        denom = (v + eps_root * bc2) ** 0.5 / _sqrt(bc2)
+    else:
+        denom = v ** 0.5 / _sqrt(bc2)
+    direction = m_hat / (denom + eps)
     return direction, m, v
 
 
 def adamw_step(param, grad, m, v, step, *, lr, betas=(0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.0, nesterov: bool = False):
-    """One AdamW (NAdamW with ``nesterov=True``) step; returns ``(param, m, v)``."""
+               weight_decay: float = 0.0, nesterov=False, eps_root=0.0):
+    """One AdamW (NAdamW with ``nesterov=True``, Dozat's with ``"nadamw_dozat"``) step; returns ``(param, m, v)``."""
     b1, b2 = check_betas(betas)
-    direction, m, v = adam_update(grad, m, v, step, beta1=b1, beta2=b2, eps=eps, nesterov=nesterov)
+    direction, m, v = adam_update(grad, m, v, step, beta1=b1, beta2=b2, eps=eps, nesterov=nesterov,
+                                  eps_root=eps_root)
     if not is_number(weight_decay) or weight_decay:
         param = param * (1.0 - lr * weight_decay)
     return param - lr * direction, m, v
 
 
-FALLBACKS = ("adamw", "nadamw")
+#: ``"adamw"``; ``"nadamw"`` (timm / AlgoPerf look-ahead); ``"nadamw_dozat"`` (Dozat's NAdam, optax's
+#: ``nesterov=True``): the module docstring's three rules.
+FALLBACKS = ("adamw", "nadamw", "nadamw_dozat")
 
 
 @dataclass(frozen=True)
 class AdamOptions:
     """The AdamW / NAdamW rule (module docstring), validated: Muon's fallback.
 
-    ``betas`` entries are numbers in [0, 1) or 0-d arrays (checked when concrete).
+    ``betas`` entries are numbers in [0, 1) or 0-d arrays (checked when concrete);
+    ``eps_root`` (>= 0, default 0) is optax's ``eps_root``, inside the square root.
     """
 
     fallback: str = "adamw"
     betas: tuple = (0.9, 0.95)
     eps: Any = 1e-8
+    eps_root: Any = 0.0
 
     def __post_init__(self):
         from . import _check as V
@@ -126,6 +155,7 @@ class AdamOptions:
         b1, b2 = (V.check_scalar_hyper(b, f"betas[{i}]", below=1.0) for i, b in enumerate(check_betas(self.betas)))
         object.__setattr__(self, "betas", (b1, b2))
         object.__setattr__(self, "eps", V.check_scalar_hyper(self.eps, "fallback_eps"))
+        object.__setattr__(self, "eps_root", V.check_scalar_hyper(self.eps_root, "fallback_eps_root"))
 
     @property
     def beta1(self):
@@ -138,4 +168,9 @@ class AdamOptions:
     def direction(self, grad, m, v, step):
         """:func:`adam_update`: ``(direction, m, v)``; the step is ``-lr * direction``."""
         return adam_update(grad, m, v, step, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                           nesterov=self.fallback == "nadamw")
+                           nesterov=self.nesterov, eps_root=self.eps_root)
+
+    @property
+    def nesterov(self):
+        """:func:`adam_update`'s ``nesterov`` for this rule: False, ``"nadamw"`` or ``"nadamw_dozat"``."""
+        return False if self.fallback == "adamw" else self.fallback

@@ -10,6 +10,18 @@ Update rule for one matrix parameter ``W`` of shape ``(out, in, *spatial)``::
     O      = <u_hat, O> * O        if adaptive   # u_hat = debias * u (dual-norm scale)
     W      = W * (1 - lr * wd) - lr * lr_scale(out, in) * O
 
+With ``momentum_bias_correction=True`` (optax.contrib.muon's rule; ``t`` the
+1-based step, ``B`` the EMA buffer: ``buf``, or ``(1 - mu) * buf`` for the
+classic form)::
+
+    u      = B / (1 - mu^t)                                         no nesterov
+    u      = mu * B / (1 - mu^(t+1)) + (1 - mu) * g / (1 - mu^t)    nesterov
+
+Newton-Schulz removes the positive scalar of the first, not the reweighting
+of the second (t=2, mu=0.95: the buffer's weight relative to ``g`` is 0.68 of
+the uncorrected mix's); the scale of ``u`` matters for ``adaptive`` and for
+``eps_mode="add"`` (optax's ``||X|| + eps`` prescale).
+
 Parameters are in torch layout ``(out, in, *spatial)``; adapters move other
 layouts (flax's ``(in, out)``) into it.
 """
@@ -22,10 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ._xp import is_complex, is_number, namespace
+from .adam import _bias_correction
 from .newton_schulz import orthogonalize
 
 __all__ = [
-    "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES",
+    "MOMENTUM_FORMS", "ADJUST_LR_FNS", "CONV_MODES", "LOW_PRECISION_DTYPES",
     "DEFAULT_RMS", "momentum_update", "debias_factor", "lr_scale", "suitability", "matrix_shape", "to_matrix",
     "from_matrix", "batch_groups", "orthogonalized_updates", "muon_step", "MuonOptions", "check_momentum",
 ]
@@ -35,6 +48,8 @@ MOMENTUM_FORMS = ("ema", "classic")
 DEFAULT_RMS = 0.2
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "rms_to_rms", "none")
 CONV_MODES = ("flatten", "batched")
+#: ``MuonOptions.low_precision_dtype``: what bf16/f16 parameters' updates and state are stored in.
+LOW_PRECISION_DTYPES = ("float32", "param")
 
 
 def _check_choice(value, choices, argname: str) -> None:
@@ -52,8 +67,13 @@ def check_momentum(momentum) -> None:
 
 
 def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form: str = "ema",
-                    inplace: bool = False):
+                    inplace: bool = False, bias_correction: bool = False, step=None):
     """Return ``(new_buf, update)``; see the module docstring for both forms.
+
+    ``bias_correction=True`` returns the bias-corrected update of the module
+    docstring (optax.contrib.muon's), for which ``step`` (1-based, this
+    update included; a Python int or a 0-d array) is needed; the buffer is the
+    same either way.
 
     ``inplace=True`` writes the new buffer into ``buf`` where the framework's
     arrays are mutable (torch, NumPy, CuPy: what ``torch.optim`` does, and
@@ -68,7 +88,9 @@ def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form:
     keeps the classic buffer.
     """
     _check_choice(form, MOMENTUM_FORMS, "momentum_form")
-    _, backend = namespace(buf, grad, names=("buf", "grad"))
+    xp, backend = namespace(buf, grad, names=("buf", "grad"))
+    if bias_correction and step is None:
+        raise ValueError("bias_correction=True needs step= (1-based count of updates, this one included)")
     if form == "ema":
         buf = (backend.lerp_ if inplace else backend.lerp)(buf, grad, 1.0 - momentum)
         update = backend.lerp(grad, buf, momentum) if nesterov else buf
@@ -79,10 +101,22 @@ def momentum_update(buf, grad, *, momentum: float, nesterov: bool = False, form:
             new = buf
         buf = new
         update = grad + momentum * buf if nesterov else buf
+    if bias_correction:
+        update = _bias_corrected(xp, buf, grad, momentum, step, nesterov, form)
     return buf, update
 
 
-def debias_factor(momentum, step, *, nesterov: bool = False, form: str = "ema"):
+def _bias_corrected(xp, buf, grad, momentum, step, nesterov, form):
+    """The bias-corrected update of the module docstring (the EMA buffer ``B`` for either form)."""
+    real = xp.float64 if grad.dtype in (xp.float64, xp.complex128) else xp.float32
+    ema = buf if form == "ema" else buf * (1.0 - momentum)
+    bc = _bias_correction(xp, momentum, step, real)
+    if not nesterov:
+        return ema / bc
+    return ema * (momentum / _bias_correction(xp, momentum, step + 1, real)) + grad * ((1.0 - momentum) / bc)
+
+
+def debias_factor(momentum, step, *, nesterov: bool = False, form: str = "ema", bias_corrected: bool = False):
     """``c`` with ``c * update`` an unbiased estimate of the gradient's scale.
 
     ``step`` is the 1-based count of momentum updates including this one (a
@@ -90,9 +124,13 @@ def debias_factor(momentum, step, *, nesterov: bool = False, form: str = "ema"):
     is ``(1 - mu^t) g`` and the nesterov mix ``(1 - mu^(t+1)) g``; the classic
     form is ``1 / (1 - mu)`` times the EMA one.  Only ``adaptive`` Muon needs it
     (Newton-Schulz itself is scale-free).  optax bias-corrects the two terms of
-    its nesterov mix separately, which overshoots (1.49 g at t=1, mu=0.95).
+    its nesterov mix separately, which overshoots (1.49 g at t=1, mu=0.95):
+    ``bias_corrected=True`` (an update from ``momentum_update(...,
+    bias_correction=True)``, optax's rule) is already corrected, so 1.
     """
     _check_choice(form, MOMENTUM_FORMS, "momentum_form")
+    if bias_corrected:
+        return 1.0
     c = 1.0 / (1.0 - momentum ** (step + 1 if nesterov else step))
     return c * (1.0 - momentum) if form == "classic" else c
 
@@ -281,6 +319,7 @@ def muon_step(
     momentum: float = 0.95,
     nesterov: bool = True,
     momentum_form: str = "ema",
+    momentum_bias_correction: bool = False,
     weight_decay: float = 0.0,
     adaptive: bool = False,
     step=None,
@@ -290,20 +329,24 @@ def muon_step(
 
     ``lr`` may be a float or a 0-d array (a schedule value under jit), and so
     may ``momentum``, ``weight_decay`` and ``rms``.  ``step`` (1-based, this
-    update included) is needed with ``adaptive=True`` for the bias correction.
+    update included) is needed with ``adaptive=True`` or ``momentum_bias_correction=True``
+    for the bias correction.
     ``orthogonalize_kwargs`` go to :func:`orthogonalized_updates`, with its
     defaults: ``conv_mode``, ``normalize_spatial``, ``adjust_lr_fn``, ``rms``,
     ``batch`` and :func:`orthogonalize`'s own (``coefficients``, ``steps``, ...).
     """
     check_momentum(momentum)
-    if adaptive and step is None:
-        raise ValueError("adaptive=True needs step= (1-based count of updates, this one included)")
+    if (adaptive or momentum_bias_correction) and step is None:
+        raise ValueError("adaptive=True and momentum_bias_correction=True need step= (1-based count of "
+                         "updates, this one included)")
     new_bufs, updates = [], []
     for b, g in zip(bufs, grads):
-        b, u = momentum_update(b, g, momentum=momentum, nesterov=nesterov, form=momentum_form)
+        b, u = momentum_update(b, g, momentum=momentum, nesterov=nesterov, form=momentum_form,
+                               bias_correction=momentum_bias_correction, step=step)
         new_bufs.append(b)
         updates.append(u)
-    debias = debias_factor(momentum, step, nesterov=nesterov, form=momentum_form) if adaptive else 1.0
+    debias = debias_factor(momentum, step, nesterov=nesterov, form=momentum_form,
+                           bias_corrected=momentum_bias_correction) if adaptive else 1.0
     dirs = orthogonalized_updates(updates, adaptive=adaptive, debias=debias, **orthogonalize_kwargs)
     new_params = [
         (p * (1.0 - lr * weight_decay) if _is_on(weight_decay) else p) - lr * d
@@ -340,16 +383,53 @@ class MuonOptions:
     with ``fallback_lr`` (None: ``lr``) and ``fallback_weight_decay`` (None:
     ``weight_decay``).  ``mu_dtype`` None keeps the momentum in float32 for
     bf16/f16 parameters and in the parameter's dtype otherwise.
+
+    Options that reproduce optax.contrib.muon (``xpopt.compat.optax_contrib``
+    sets them; each is documented where its maths lives):
+
+    ``momentum_bias_correction`` (default False): orthogonalise the
+      bias-corrected momentum, ``B / (1 - mu^t)``, or with nesterov
+      ``mu * B / (1 - mu^(t+1)) + (1 - mu) * g / (1 - mu^t)`` (``B`` the EMA
+      buffer; module docstring).  Without nesterov only a scalar that
+      Newton-Schulz removes (it shows with ``adaptive`` or ``eps_mode="add"``);
+      with nesterov a different mix from the second step on.  ``adaptive``
+      then scales by ``<u, O>`` with no further correction, as optax does.
+    ``eps_mode`` (default ``"floor"``): where ``eps`` enters the Newton-Schulz
+      prescale.  ``"floor"``: ``G / max(||G|| * safety_factor, eps * p2)``
+      (``p2`` the power of two at or below ``max|G|``), invariant to the
+      scale of ``G``, eps acts on a zero matrix only.  ``"add"``: optax's ``G /
+      (||G|| * safety_factor + eps)``; ``aol`` / ``schatten`` floor their
+      unscaled row sums / norm at eps (``core.newton_schulz``).
+    ``fallback="nadamw_dozat"``: Dozat's NAdam look-ahead, ``b1 m / (1 -
+      b1^(t+1)) + (1 - b1) g / (1 - b1^t)`` (optax's ``nesterov=True``),
+      against ``"nadamw"``'s ``(b1 m + (1 - b1) g) / (1 - b1^t)`` (timm,
+      AlgoPerf); :mod:`xpopt.core.adam`.
+    ``fallback_eps_root`` (default 0): optax's ``eps_root``, ``m_hat /
+      (sqrt(v_hat + eps_root) + fallback_eps)``.
+    ``low_precision_dtype`` (default ``"float32"``): what bf16/f16
+      parameters' updates and optimizer state are stored in, where an
+      adapter returns updates (optax, arrays).  ``"float32"``: updates in
+      float32, which ``apply_updates`` adds to the parameter and rounds once,
+      and state in float32 (unless ``mu_dtype``); the default because a bf16
+      update is rounded twice (to bf16, then ``p + u`` in bf16: at bf16's
+      8 bits the second rounding loses updates below half an ulp of ``p``)
+      and a bf16 momentum drops the gradient's low bits.  ``"param"``:
+      updates and state in each parameter's dtype, optax's convention
+      (``optax.contrib.muon``, ``optax.adamw``): half the state memory, and
+      every array keeps its parameter's dtype (``lax.cond`` branches, state
+      carried through ``lax.scan``, agree).  Arithmetic is float32 either way.
     """
 
     lr: Any = 0.02
     momentum: Any = 0.95
     nesterov: bool = True
     momentum_form: str = "ema"
+    momentum_bias_correction: bool = False
     weight_decay: Any = 0.0
     ns_coefficients: Any = "quintic"
     ns_steps: Optional[int] = None
     eps: Any = 1e-7
+    eps_mode: str = "floor"
     safety_factor: Any = 1.0
     adjust_lr_fn: str = "match_rms_adamw"
     conv_mode: str = "flatten"
@@ -358,10 +438,12 @@ class MuonOptions:
     ns_method: str = "standard"
     batched: Any = "auto"
     mu_dtype: Any = None
+    low_precision_dtype: str = "float32"
     fallback: str = "adamw"
     fallback_lr: Any = None
     betas: tuple = (0.9, 0.95)
     fallback_eps: Any = 1e-8
+    fallback_eps_root: Any = 0.0
     fallback_weight_decay: Any = None
     min_dim_size: int = 4
     max_aspect_ratio: float = 128.0
@@ -374,7 +456,7 @@ class MuonOptions:
         from . import _check as V
         from .adam import AdamOptions
         from .fault import check_policy
-        from .newton_schulz import GRAM_EPS, METHODS, PRECONDITIONINGS, gram_restarts, resolve_coefficients
+        from .newton_schulz import EPS_MODES, GRAM_EPS, METHODS, PRECONDITIONINGS, gram_restarts, resolve_coefficients
 
         def put(name, value):
             object.__setattr__(self, name, value)
@@ -391,6 +473,7 @@ class MuonOptions:
         put("momentum", V.check_scalar_hyper(self.momentum, "momentum", below=1.0))
         put("nesterov", V.check_bool(self.nesterov, "nesterov"))
         V.check_choice(self.momentum_form, MOMENTUM_FORMS, "momentum_form")
+        put("momentum_bias_correction", V.check_bool(self.momentum_bias_correction, "momentum_bias_correction"))
         ns_steps = V.static_number(self.ns_steps, "ns_steps", integer=True)
         if ns_steps is not None and (
                 isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or ns_steps < 1):
@@ -402,6 +485,7 @@ class MuonOptions:
         put("ns_coefficients", coeffs)
         put("ns_steps", len(coeffs))
         put("eps", V.check_scalar_hyper(self.eps, "eps"))
+        V.check_choice(self.eps_mode, EPS_MODES, "eps_mode")
         put("safety_factor", V.check_scalar_hyper(self.safety_factor, "safety_factor", minimum=0.0, strict=True))
         V.check_choice(self.adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
         V.check_choice(self.conv_mode, CONV_MODES, "conv_mode")
@@ -415,9 +499,11 @@ class MuonOptions:
             raise ValueError(f"batched={self.batched!r} is not valid; use 'auto' (batch where measured faster), "
                              "True or False")
         put("mu_dtype", V.check_dtype_spec(self.mu_dtype, "mu_dtype"))
-        put("_fallback", AdamOptions(self.fallback, self.betas, self.fallback_eps))
+        V.check_choice(self.low_precision_dtype, LOW_PRECISION_DTYPES, "low_precision_dtype")
+        put("_fallback", AdamOptions(self.fallback, self.betas, self.fallback_eps, self.fallback_eps_root))
         put("betas", self._fallback.betas)
         put("fallback_eps", self._fallback.eps)
+        put("fallback_eps_root", self._fallback.eps_root)
         put("min_dim_size", V.check_int(self.min_dim_size, "min_dim_size"))
         max_ratio = V.static_number(self.max_aspect_ratio, "max_aspect_ratio", integer=False)
         put("max_aspect_ratio", V.check_real(max_ratio, "max_aspect_ratio", minimum=1.0))
@@ -483,12 +569,17 @@ class MuonOptions:
         """Bias correction of the momentum for ``adaptive`` (1.0 when off); ``step`` 1-based."""
         if not self.adaptive:
             return 1.0
-        return debias_factor(self.momentum, step, nesterov=self.nesterov, form=self.momentum_form)
+        return debias_factor(self.momentum, step, nesterov=self.nesterov, form=self.momentum_form,
+                             bias_corrected=self.momentum_bias_correction)
 
-    def momentum_step(self, buf, grad, *, momentum=None, inplace: bool = False):
-        """:func:`momentum_update`: ``(new_buf, update)`` (``momentum`` overrides, e.g. scheduled)."""
+    def momentum_step(self, buf, grad, *, momentum=None, inplace: bool = False, step=None):
+        """:func:`momentum_update`: ``(new_buf, update)`` (``momentum`` overrides, e.g. scheduled).
+
+        ``step`` (1-based, this update included) is needed with ``momentum_bias_correction``.
+        """
         return momentum_update(buf, grad, momentum=self.momentum if momentum is None else momentum,
-                               nesterov=self.nesterov, form=self.momentum_form, inplace=inplace)
+                               nesterov=self.nesterov, form=self.momentum_form, inplace=inplace,
+                               bias_correction=self.momentum_bias_correction, step=step)
 
     def orthogonalize(self, updates: list, step=None, *, compute_dtype=None, debias=None) -> list:
         """:func:`orthogonalized_updates` on torch-layout arrays (``lr_scale`` included).
@@ -502,4 +593,5 @@ class MuonOptions:
             coefficients=self.ns_coefficients, steps=self.ns_steps, eps=self.eps,
             safety_factor=self.safety_factor, preconditioning=self.preconditioning,
             compute_dtype=self.ns_dtype if compute_dtype is None else compute_dtype, method=self.ns_method,
+            eps_mode=self.eps_mode,
         )

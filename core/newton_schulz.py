@@ -27,6 +27,15 @@ its entries normal floats (float32: 1.2e-38 .. 3.4e38), and with the defaults
 zero.  torch.optim.Muon and optax.contrib.muon floor or add eps to ``||G||``
 itself, so they stop orthogonalising as ``||G||`` falls below eps.
 
+``eps_mode="add"`` is optax.contrib.muon's placement instead: eps in ``G``'s
+own units, ``X = G / (||G||_F * safety + eps)`` (``spectral``: ``||G||_2``),
+and for ``aol`` / ``schatten``, which have no norm to add it to, the row sums
+``rowsum |G G^H|`` / ``||G G^H||_F`` floored at eps unscaled (optax's clip).
+The power-of-two division still runs first (``eps / p2`` is added to the
+norm of ``G / p2``: the same quotient, no overflow); the result is no longer
+scale-invariant: as ``||G||`` falls towards eps the input shrinks below the
+unit ball and Newton-Schulz stops orthogonalising it.
+
 ``method="gram"`` (Gram Newton-Schulz, Zhang, Amsel, Chen & Dao 2026) runs
 the same polynomials on a wide ``X`` (``m < n``) through ``m x m`` matrices
 only.  Every iterate is ``X_k = Q_k X_0`` with ``Q_k`` a polynomial in
@@ -70,12 +79,14 @@ from ..backends import resolve_dtype
 from ._xp import check_floating, device, is_complex, is_number, namespace
 
 __all__ = [
-    "COEFFICIENTS", "PRECONDITIONINGS", "DEFAULT_STEPS", "preset_steps", "resolve_coefficients",
+    "COEFFICIENTS", "PRECONDITIONINGS", "EPS_MODES", "DEFAULT_STEPS", "preset_steps", "resolve_coefficients",
     "orthogonalize", "scalar_iteration", "METHODS", "GRAM_TOLERANCE", "GRAM_RATIO", "GRAM_EPS", "gram_restarts",
     "gram_error",
 ]
 
 PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+#: Where ``eps`` enters the prescale (module docstring): a scale-invariant floor, or optax's ``||G|| + eps``.
+EPS_MODES = ("floor", "add")
 #: ``orthogonalize``'s iterations: the textbook one, and Gram Newton-Schulz (module docstring).
 METHODS = ("standard", "gram")
 #: The restart model (:func:`gram_restarts`) lets one Gram segment add to a
@@ -235,6 +246,7 @@ def orthogonalize(
     scale=1.0,
     cast_back: bool = True,
     method: str = "standard",
+    eps_mode: str = "floor",
 ):
     """Approximate the polar factor ``U V^H`` of ``G`` (shape ``(..., m, n)``) by Newton-Schulz.
 
@@ -272,6 +284,10 @@ def orthogonalize(
         one (tall ones are transposed first).  Square and near-square
         matrices run the standard iteration.  Same result to rounding
         (:func:`gram_error`), every other argument unchanged.
+      eps_mode: ``"floor"`` (default: the scale-invariant floor above) or
+        ``"add"`` (optax's ``G / (||G|| * safety + eps)``; ``aol`` /
+        ``schatten`` floor their unscaled row sums / norm at eps); module
+        docstring.
 
     Returns ``scale`` times an array of ``G``'s shape (and dtype).
     """
@@ -287,6 +303,8 @@ def orthogonalize(
         raise ValueError(f"preconditioning={preconditioning!r} is not valid; use one of {list(PRECONDITIONINGS)}")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; use one of {list(METHODS)}")
+    if not isinstance(eps_mode, str) or eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode={eps_mode!r} is not valid; use one of {list(EPS_MODES)}")
     coeffs = resolve_coefficients(coefficients, steps)
     cplx = is_complex(xp, G)
     cdtype = _compute_dtype(xp, backend, G, compute_dtype, cplx)
@@ -314,8 +332,10 @@ def orthogonalize(
     div = backend.div_ if X is not G else (lambda x, y: x / y)
     # The backend's one-pass norm skips the power of two; that is exact only
     # where the floor cannot act on a nonzero X (safety_factor >= eps).
-    fast = preconditioning == "frobenius" and is_number(eps) and is_number(safety_factor) and safety_factor >= eps
+    fast = preconditioning == "frobenius" and is_number(eps) and is_number(safety_factor) \
+        and safety_factor >= eps and eps_mode == "floor"
     norm = backend.frobenius_norm(X) if fast else None
+    p2 = None
     if is_number(norm):  # a Python float in the backend's safe range: > 0
         X = div(X, norm * safety_factor)
     elif norm is not None:  # the backend's one-pass norm was safe; 0 only for a zero matrix
@@ -324,13 +344,15 @@ def orthogonalize(
         p2 = _pow2_below(xp, _amax(xp, X))
         X = div(X, p2)
         if preconditioning in ("frobenius", "spectral"):
-            X = backend.div_(X, _prescale(xp, X, preconditioning, eps, safety_factor))
+            X = backend.div_(X, _prescale(xp, X, preconditioning, eps, safety_factor,
+                                          p2 if eps_mode == "add" else None))
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = xp.matrix_transpose(X)
     A = None
     if preconditioning in ("aol", "schatten"):
-        X, A = _first_scaling(xp, X, preconditioning, eps, safety_factor, cplx)
+        X, A = _first_scaling(xp, X, preconditioning, eps, safety_factor, cplx,
+                              p2 if eps_mode == "add" else None)
     fold = is_number(scale)
     s = float(scale) if fold else 1.0
     # Gram: where it saves FLOPs (2 n > 3 m, module docstring).  A plan that
@@ -573,9 +595,11 @@ def _amax(xp, X):
     return xp.where(amax > 0, amax, xp.ones_like(amax))
 
 
-def _prescale(xp, X, preconditioning: str, eps, safety_factor):
+def _prescale(xp, X, preconditioning: str, eps, safety_factor, p2=None):
     """``max(||X|| * safety, eps)`` per matrix (``X`` already has max|X| in [1, 2)).
 
+    With ``p2`` (the power of two ``X`` was divided by; ``eps_mode="add"``):
+    ``||X|| * safety + eps / p2``, i.e. ``||G|| * safety + eps`` in ``G``'s units.
     ``eps`` may be an array (an optax hyperparameter).
     """
     if preconditioning == "frobenius":
@@ -584,6 +608,8 @@ def _prescale(xp, X, preconditioning: str, eps, safety_factor):
         Y = X if X.dtype in (xp.float32, xp.float64, xp.complex64, xp.complex128) else xp.astype(X, xp.float32)
         norm = xp.linalg.matrix_norm(Y, ord=2, keepdims=True)
     norm = xp.astype(xp.abs(norm), _real_dtype(xp, X.dtype))  # real, also for complex X
+    if p2 is not None:
+        return norm * _like(xp, safety_factor, norm) + _like(xp, eps, norm) / xp.astype(p2, norm.dtype)
     return xp.maximum(norm * _like(xp, safety_factor, norm), _like(xp, eps, norm) * xp.ones_like(norm))
 
 
@@ -593,21 +619,32 @@ def _real_dtype(xp, dtype):
     return xp.float64 if dtype == xp.complex128 else dtype
 
 
-def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool):
+def _at_least(xp, x, floor):
+    """``max(x, floor)``: ``floor`` a number (or 0-d array) or an array broadcasting against ``x``."""
+    if getattr(floor, "ndim", 0) > 0:
+        return xp.maximum(x, floor)
+    return xp.maximum(x, xp.full_like(x, floor))
+
+
+def _first_scaling(xp, X, preconditioning: str, eps, safety_factor, cplx: bool, p2=None):
     """``(X, A = X X^H)`` after AOL's row scaling or the Schatten-4 prescale.
 
     Both are invariant to a scalar factor on ``X``, so the caller has divided
     ``X`` by a power of two near its largest entry (its Gram matrix could
-    overflow otherwise); ``eps`` floors the rescaled row sums / norm.  The
+    overflow otherwise); ``eps`` floors the rescaled row sums / norm, or with
+    ``p2`` (``eps_mode="add"``) the unscaled ones (``eps / p2^2`` here).  The
     rescaled Gram matrix is then reused by the first Newton-Schulz step.
     """
     A = X @ _adjoint(xp, X, cplx)
+    if p2 is not None:  # A is (G G^H) / p2^2
+        p2 = xp.astype(p2, _real_dtype(xp, A.dtype))
+        eps = (_like(xp, eps, p2) / p2) / p2
     if preconditioning == "aol":
         d = xp.sum(xp.abs(A), axis=-1, keepdims=True)          # (..., m, 1), real
-        s = 1.0 / (xp.sqrt(xp.maximum(d, xp.full_like(d, eps))) * _like(xp, safety_factor, d))
+        s = 1.0 / (xp.sqrt(_at_least(xp, d, eps)) * _like(xp, safety_factor, d))
         s = xp.astype(s, X.dtype) if cplx else s
         return X * s, A * (s * xp.matrix_transpose(s))
     r = xp.linalg.vector_norm(A, axis=(-2, -1), keepdims=True)  # ||X||_S4^2, real
-    s2 = 1.0 / (xp.maximum(r, xp.full_like(r, eps)) * _like(xp, safety_factor, r) ** 2)
+    s2 = 1.0 / (_at_least(xp, r, eps) * _like(xp, safety_factor, r) ** 2)
     s2 = xp.astype(s2, X.dtype) if cplx else s2
     return X * xp.sqrt(s2), A * s2

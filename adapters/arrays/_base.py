@@ -113,7 +113,7 @@ def nonfinite_update(opt, update, grads, state, params, who):
     keys, gvals, gnames, kind = _flatten(grads, "grads")
     proceed, gvals, counted = eager_gate(opt.nonfinite, gvals, gnames, who)
     if not proceed:
-        return _rebuild(kind, keys, [_zeros(g, _compute_dtype(g)) for g in gvals]), \
+        return _rebuild(kind, keys, [_zeros(g, getattr(opt, "_stored_dtype", _compute_dtype)(g)) for g in gvals]), \
             state._replace(nonfinite_steps=carried + 1)
     upd, new = update(_rebuild(kind, keys, gvals) if counted else grads, state, params)
     return upd, new._replace(nonfinite_steps=carried + int(counted))

@@ -117,9 +117,13 @@ class Muon:
         ]
         return keys, values, names, kind, lib, plans
 
+    def _stored_dtype(self, x):
+        """What leaf ``x`` stores (state, updates) in: its compute dtype, or its own (``low_precision_dtype="param"``)."""
+        return x.dtype if self.options.low_precision_dtype == "param" else _compute_dtype(x)
+
     def _state_dtype(self, x):
         if self.mu_dtype is None:
-            return _compute_dtype(x)
+            return self._stored_dtype(x)
         xp = array_api_compat.array_namespace(x)
         if xp.isdtype(x.dtype, "complex floating") and not xp.isdtype(self.mu_dtype, "complex floating"):
             return xp.complex128 if self.mu_dtype == xp.float64 else xp.complex64
@@ -142,14 +146,15 @@ class Muon:
             else:
                 mu.append(None)
                 m.append(_zeros(x, self._state_dtype(x)))
-                v.append(_zeros(x, _real_dtype(x, _compute_dtype(x))))
+                v.append(_zeros(x, _real_dtype(x, self._stored_dtype(x))))
         return _state(0, kind, keys, mu, m, v)
 
     def update(self, grads, state: MuonState, params=None):
         """``(updates, new_state)``; ``params`` is needed when weight decay is on.
 
         ``updates`` are deltas (add them with :func:`apply_updates`), in float32
-        for float16 params and in the param dtype otherwise.  A step skipped by
+        for float16 params and in the param dtype otherwise (every param's own
+        dtype with ``low_precision_dtype="param"``).  A step skipped by
         ``nonfinite="skip"`` returns zero updates and the state unchanged but
         for ``nonfinite_steps``.
         """
@@ -189,14 +194,14 @@ class Muon:
             if p.layout is None:
                 continue
             cdt = _compute_dtype(g)
-            nb, u = self.options.momentum_step(_cast(b, cdt), _cast(g, cdt))
+            nb, u = self.options.momentum_step(_cast(b, cdt), _cast(g, cdt), step=step + 1)
             new_mu[i] = _cast(nb, b.dtype)
             idx.append(i)
             mats.append(p.layout.to_torch(u))
         # ns_dtype="auto" is resolved by core per matrix (complex ones stay complex)
         for i, d in zip(idx, self.options.orthogonalize(mats, step=step + 1)):
             d = plans[i].layout.from_torch(d)
-            out[i] = apply_update(pvals[i], d, lr_t, wd if plans[i].decay else 0)
+            out[i] = _cast(apply_update(pvals[i], d, lr_t, wd if plans[i].decay else 0), self._stored_dtype(gvals[i]))
 
         for i, (g, p, m, v) in enumerate(zip(gvals, plans, ms, vs)):
             if p.layout is not None:
@@ -205,7 +210,7 @@ class Muon:
             direction, m2, v2 = self.fallback.direction(_cast(g, cdt), _cast(m, cdt),
                                                          _cast(v, _real_dtype(g, cdt)), step + 1)
             new_m[i], new_v[i] = _cast(m2, m.dtype), _cast(v2, v.dtype)
-            out[i] = apply_update(pvals[i], direction, flr_t, fwd if p.decay else 0)
+            out[i] = _cast(apply_update(pvals[i], direction, flr_t, fwd if p.decay else 0), self._stored_dtype(g))
 
         return _rebuild(kind, keys, out), _state(step + 1, kind, keys, new_mu, new_m, new_v)
 

@@ -48,7 +48,11 @@ Embeddings and output heads are usually labelled ``"fallback"``.
 
 Precision.  bf16/f16 leaves keep float32 state (``mu_dtype=None``) and get
 float32 updates, which ``optax.apply_updates`` adds and rounds into the param
-once.  ``ns_dtype=None`` runs Newton-Schulz in float32 for them and in the leaf
+once (``low_precision_dtype="float32"``, the default).
+``low_precision_dtype="param"`` stores both in each leaf's own dtype instead,
+optax's convention (half the state memory; every array keeps its param's dtype,
+so ``lax.cond`` branches and ``lax.scan`` carries agree), at the cost of a
+second rounding; the arithmetic is float32 either way.  ``ns_dtype=None`` runs Newton-Schulz in float32 for them and in the leaf
 dtype otherwise; ``ns_dtype="bfloat16"`` is the GPU/TPU speed choice and warns
 once on a CPU, where bf16 matmuls are emulated (~100x slower).
 

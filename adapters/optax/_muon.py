@@ -86,14 +86,20 @@ def _compute_dtype(dtype):
     return jnp.dtype(jnp.float32) if is_low_precision(dtype) else jnp.dtype(dtype)
 
 
+def _stored_dtype(dtype, opts):
+    """What a leaf of ``dtype`` stores (state, updates) in: its compute dtype, or with
+    ``low_precision_dtype="param"`` its own dtype (optax's convention)."""
+    return jnp.dtype(dtype) if opts.low_precision_dtype == "param" else _compute_dtype(dtype)
+
+
 def _real_dtype(dtype):
     """float32 for complex64 (Adam's second moment is real), else ``dtype``."""
     return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.dtype(dtype)
 
 
-def _state_dtype(x, mu_dt):
+def _state_dtype(x, mu_dt, opts):
     """Momentum dtype of leaf ``x``: ``mu_dtype`` if given (complex for complex leaves)."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = _stored_dtype(x.dtype, opts)
     if mu_dt is None:
         return cdt
     if jnp.issubdtype(cdt, jnp.complexfloating) and not jnp.issubdtype(mu_dt, jnp.complexfloating):
@@ -191,16 +197,17 @@ def _muon_directions(opts, grads, bufs, layouts, names, count_inc, *, cast: bool
     own layout and sharding (in the leaf's compute dtype if ``cast``) or zeros for an empty
     matrix, and None elsewhere; ``new_bufs`` is ``bufs`` with the Muon leaves' momentum
     stepped; ``done`` the indices of the directions that came from ``orthogonalize``.
+    With ``cast`` the direction is in the leaf's stored dtype (``low_precision_dtype``).
     """
     dirs, new_bufs, done, mats = [None] * len(grads), list(bufs), [], []
     for i, (g, b, lay) in enumerate(zip(grads, bufs, layouts)):
         if lay is None:
             continue
         cdt = _compute_dtype(g.dtype)
-        nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt))
+        nb, u = opts.momentum_step(b.astype(cdt), g.astype(cdt), step=count_inc)
         new_bufs[i] = nb.astype(b.dtype)
         if g.size == 0:  # an empty matrix has nothing to orthogonalise (and no norm): its update is empty
-            dirs[i] = jnp.zeros(g.shape, cdt)
+            dirs[i] = jnp.zeros(g.shape, _stored_dtype(g.dtype, opts))
             continue
         done.append(i)
         _dist.check_not_manual(g, names[i], "Muon")
@@ -208,7 +215,7 @@ def _muon_directions(opts, grads, bufs, layouts, names, count_inc, *, cast: bool
     for i, d in zip(done, opts.orthogonalize(mats, step=count_inc)):  # core resolves ns_dtype='auto' per matrix
         d = layouts[i].from_torch(d)
         # The leaf's compute dtype, even if a hyperparameter array is wider.
-        dirs[i] = _dist.restore(d.astype(_compute_dtype(grads[i].dtype)) if cast else d, grads[i])
+        dirs[i] = _dist.restore(d.astype(_stored_dtype(grads[i].dtype, opts)) if cast else d, grads[i])
     return dirs, new_bufs, done
 
 
@@ -244,7 +251,7 @@ def scale_by_muon(dimension_numbers, **args) -> optax.GradientTransformation:
         layouts(params)  # validate early
         if leaves:
             opts.warn_emulated_bf16(_native_bf16(leaves[0]), warned)
-        mu = [_zeros_like(x, _state_dtype(x, mu_dt)) for x in leaves]
+        mu = [_zeros_like(x, _state_dtype(x, mu_dt, opts)) for x in leaves]
         return MuonState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -273,10 +280,15 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
       learning_rate: Muon learning rate, a float >= 0 or an optax schedule
         (called with the step count, 0 at the first update).
       momentum, nesterov, momentum_form: Muon momentum (``"ema"`` or ``"classic"``).
+      momentum_bias_correction: orthogonalise the bias-corrected momentum
+        (optax.contrib.muon's rule, ``core.muon``): with nesterov a different
+        mix, ``mu*B/(1-mu^(t+1)) + (1-mu)*g/(1-mu^t)``; default False.
       weight_decay: decoupled, ``W -= lr * weight_decay * W`` (Muon and fallback,
         unless ``fallback_weight_decay`` is set).
       weight_decay_mask: None (decay every leaf), or a pytree/prefix of bools,
         or a callable ``params -> such a pytree`` (True = decay), as in optax.
+      eps_mode: ``"floor"`` (default: eps floors the scale-invariant prescale,
+        acting on a zero matrix only) or ``"add"`` (optax's ``G / (||G|| + eps)``).
       ns_coefficients, ns_steps, eps, safety_factor: Newton-Schulz (core presets
         ``"quintic"``, ``"original"``, ``"polar_express"``, ``"polar_express_safer"``
         or ``(a, b, c)`` triples; ``ns_steps=None``: the preset's own count, 8
@@ -304,11 +316,17 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
         matrices on CPUs), or True / False.
       mu_dtype: dtype of Muon's momentum and the fallback's first moment
         (None: float32 for bf16/f16 leaves, else the leaf dtype).
-      fallback: ``"adamw"`` or ``"nadamw"``.
+      low_precision_dtype: bf16/f16 leaves' updates and state: ``"float32"``
+        (default: ``apply_updates`` rounds into the param once) or ``"param"``
+        (each leaf's own dtype, optax's convention: half the state memory,
+        ``lax.cond`` branches agree); the arithmetic is float32 either way.
+      fallback: ``"adamw"``, ``"nadamw"`` (timm's look-ahead) or
+        ``"nadamw_dozat"`` (Dozat's, ``optax.nadamw``'s).
       fallback_learning_rate: float or schedule; None = ``learning_rate``.
       betas: the fallback's ``(beta1, beta2)``; each a float, a 0-d array or a
         schedule (called with the step count, like ``learning_rate``).
-      fallback_eps, fallback_weight_decay: the fallback's other hyperparameters.
+      fallback_eps, fallback_eps_root, fallback_weight_decay: the fallback's other
+        hyperparameters (``fallback_eps_root``: optax's ``eps_root``, inside the sqrt).
       min_dim_size, max_aspect_ratio: thresholds of automatic routing; None =
         4 and 128.0 (core ``suitability``'s).  They shape the computation:
         Python numbers (or concrete arrays), never traced ones.
@@ -374,13 +392,13 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
         mu, m, v = [], [], []
         for x, p in zip(leaves, plans):
             if p.layout is not None:
-                mu.append(_zeros_like(x, _state_dtype(x, mu_dt)))
+                mu.append(_zeros_like(x, _state_dtype(x, mu_dt, opts)))
                 m.append(masked)
                 v.append(masked)
             else:
                 mu.append(masked)
-                m.append(_zeros_like(x, _state_dtype(x, mu_dt)))
-                v.append(_zeros_like(x, _real_dtype(_compute_dtype(x.dtype))))
+                m.append(_zeros_like(x, _state_dtype(x, mu_dt, opts)))
+                v.append(_zeros_like(x, _real_dtype(_stored_dtype(x.dtype, opts))))
         return MuonAdamWState(count=jnp.zeros([], jnp.int32), mu=treedef.unflatten(mu),
                               exp_avg=treedef.unflatten(m), exp_avg_sq=treedef.unflatten(v))
 
@@ -421,8 +439,8 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
         out, new_mu, done = _muon_directions(opts, grads, bufs, [p.layout for p in plans], names, count_inc,
                                              cast=False)
         for i in done:
-            cdt = _compute_dtype(grads[i].dtype)
-            out[i] = apply_update(p_leaves[i], out[i], lr_t, wd if plans[i].decay else 0).astype(cdt)
+            out[i] = apply_update(p_leaves[i], out[i], lr_t, wd if plans[i].decay else 0).astype(
+                _stored_dtype(grads[i].dtype, opts))
 
         # Fallback leaves: core AdamW/NAdamW direction, 1-based step.
         for i, (g, p, m, v) in enumerate(zip(grads, plans, ms, vs)):
@@ -431,7 +449,8 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
             cdt = _compute_dtype(g.dtype)
             direction, m2, v2 = fb_t.direction(g.astype(cdt), m.astype(cdt), v.astype(_real_dtype(cdt)), count_inc)
             new_m[i], new_v[i] = m2.astype(m.dtype), v2.astype(v.dtype)
-            out[i] = apply_update(p_leaves[i], direction, flr_t, fwd if p.decay else 0).astype(cdt)
+            out[i] = apply_update(p_leaves[i], direction, flr_t, fwd if p.decay else 0).astype(
+                _stored_dtype(g.dtype, opts))
 
         new_state = MuonAdamWState(count=count_inc, mu=treedef.unflatten(new_mu),
                                    exp_avg=treedef.unflatten(new_m), exp_avg_sq=treedef.unflatten(new_v))
@@ -443,7 +462,8 @@ def muon(weight_decay_mask, labels, dimension_numbers, **args) -> optax.Gradient
 
 #: The continuous hyperparameters: 0-d arrays (traced under ``jax.jit``) work for these.
 INJECTABLE = ("learning_rate", "fallback_learning_rate", "momentum", "weight_decay",
-              "fallback_weight_decay", "eps", "safety_factor", "fallback_eps", "consistent_rms")
+              "fallback_weight_decay", "eps", "safety_factor", "fallback_eps", "fallback_eps_root",
+              "consistent_rms")
 
 #: Every :func:`muon` argument except the continuous hyperparameters
 #: (:data:`INJECTABLE`), for ``optax.inject_hyperparams(xo.muon,

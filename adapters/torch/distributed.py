@@ -254,7 +254,7 @@ def muon_group(opt, group: dict, params: list, grads: list, bufs: list, steps: l
     labels = lambda i: repr(opt._routes[params[i]].name)  # noqa: E731
     _check_local_rows(params, labels, comm, "Muon")
     momentum, directions, apply = opt._muon_parts(group, steps)
-    updates = [momentum(b.to_local(), g.to_local()) for b, g in zip(bufs, grads)]
+    updates = [momentum(b.to_local(), g.to_local(), t) for b, g, t in zip(bufs, grads, steps)]
     shapes = [tuple(p.shape) for p in params]
     own = owners(shapes, comm.world)
     full = gather_to_owners(updates, shapes, own, comm)

@@ -491,14 +491,15 @@ class Muon(torch.optim.Optimizer):
         apply_update(p, direction, lr, wd, _state_dtype(p))
 
     def _muon_parts(self, group: dict, steps: list):
-        """``(momentum, directions, apply)`` of a group's Muon step, its steps counted: ``momentum(buf, grad)``
-        updates ``buf`` in place and returns the update to orthogonalise; ``directions(updates, steps)``
+        """``(momentum, directions, apply)`` of a group's Muon step, its steps counted: ``momentum(buf, grad,
+        step)`` updates ``buf`` in place and returns the update to orthogonalise; ``directions(updates, steps)``
         orthogonalises one batch (with its adaptive bias correction); ``apply(p, d)`` updates ``p``
         with the group's ``lr`` and ``weight_decay``.  ``_muon_group`` and the sharded path
         (``distributed.muon_group``, which only adds the array movement) share them."""
         mu = _muon_momentum(group)
         lr, wd = scalar(group["lr"]), group["weight_decay"]
         nesterov, form = group["nesterov"], group["momentum_form"]
+        corrected = group["momentum_bias_correction"]
         torch._foreach_add_(steps, 1.0)
         ns_dtype = group["ns_dtype"]
         # "auto" as core resolves it, from the device probe made once when the
@@ -510,11 +511,11 @@ class Muon(torch.optim.Optimizer):
             adjust_lr_fn=group["adjust_lr_fn"], rms=rms, adaptive=group["adaptive"], debias=1.0,
             coefficients=group["ns_coefficients"], steps=group["ns_steps"], eps=group["eps"],
             safety_factor=group["safety_factor"], preconditioning=group["preconditioning"],
-            method=group["ns_method"], cast_back=False)
+            method=group["ns_method"], eps_mode=group["eps_mode"], cast_back=False)
 
-        def momentum(buf, grad):
+        def momentum(buf, grad, step):
             return momentum_update(buf, grad.to(buf.dtype), momentum=mu, nesterov=nesterov, form=form,
-                                   inplace=True)[1]
+                                   inplace=True, bias_correction=corrected, step=step)[1]
 
         def directions(updates, batch_steps):
             cdt = ("bfloat16" if self._native_bf16 and not updates[0].is_complex() else None) if auto else ns_dtype
@@ -523,7 +524,8 @@ class Muon(torch.optim.Optimizer):
                 return ds
             # each param's own bias correction (params added or loaded at
             # different times have different step counts)
-            return [d * debias_factor(mu, t, nesterov=nesterov, form=form) for d, t in zip(ds, batch_steps)]
+            return [d * debias_factor(mu, t, nesterov=nesterov, form=form, bias_corrected=corrected)
+                    for d, t in zip(ds, batch_steps)]
 
         def apply(p, d):
             self._apply(p, d, lr, wd)
@@ -536,7 +538,7 @@ class Muon(torch.optim.Optimizer):
         # (one matrix unless batching pays), so each matrix is still in cache
         # for the next phase, as in torch.optim's per-parameter loop.
         for idx in batch_groups(bufs, conv_mode=group["conv_mode"], batch=group["batched"]):
-            ds = directions([momentum(bufs[i], grads[i]) for i in idx], [steps[i] for i in idx])
+            ds = directions([momentum(bufs[i], grads[i], steps[i]) for i in idx], [steps[i] for i in idx])
             for i, d in zip(idx, ds):
                 apply(params[i], d)
 
@@ -545,11 +547,12 @@ class Muon(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         lr = scalar(group["lr"] if group["fallback_lr"] is None else group["fallback_lr"])
         wd = group["weight_decay"] if group["fallback_weight_decay"] is None else group["fallback_weight_decay"]
-        eps, nesterov = group["fallback_eps"], group["fallback"] == "nadamw"
+        eps, eps_root = group["fallback_eps"], group["fallback_eps_root"]
+        nesterov = False if group["fallback"] == "adamw" else group["fallback"]
         torch._foreach_add_(steps, 1.0)
         for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
             direction, new_m, new_v = adam_update(g.to(m.dtype), m, v, t, beta1=beta1, beta2=beta2, eps=eps,
-                                                  nesterov=nesterov)
+                                                  nesterov=nesterov, eps_root=eps_root)
             m.copy_(new_m)
             v.copy_(new_v)
             self._apply(p, direction, lr, wd)
