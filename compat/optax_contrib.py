@@ -179,6 +179,13 @@ def _decay_mask(weight_decay_mask, labels):
     return mask
 
 
+def _ns_eps(eps, preconditioning):
+    """The Newton-Schulz ``eps``: optax's for ``frobenius`` / ``spectral`` (added to the norm, L.340-342);
+    ``aol`` / ``schatten`` have no norm prescale, and their first step floors its row sums / norm at its
+    own default 1e-8 (optax 0.2.8's iterators do not pass ``eps`` on, L.253-270), whatever ``eps`` is."""
+    return 1e-8 if isinstance(preconditioning, str) and preconditioning in ("aol", "schatten") else eps
+
+
 #: Options of ``xo.muon`` that optax has no name for: fixed to what optax computes.
 _FIXED = dict(
     momentum_form="ema",                # optax.tree.update_moment: mu = beta*mu + (1-beta)*g
@@ -193,6 +200,26 @@ _FIXED = dict(
     low_precision_dtype="param",        # state and updates in each param's dtype, as optax
     nonfinite=None,
 )
+
+
+#: xpopt's names of the options optax spells otherwise (error messages name both).
+_OUR_NAMES = {
+    "momentum": "beta", "ns_coefficients": "ns_coeffs", "betas": "adam_b1/adam_b2",
+    "fallback_eps_root": "adam_eps_root", "fallback_weight_decay": "adam_weight_decay",
+    "fallback_learning_rate": "adam_learning_rate", "fallback_lr": "adam_learning_rate",
+    "dimension_numbers": "muon_weight_dimension_numbers / weight_dimension_numbers",
+}
+
+
+def _forward(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; an error about an option optax names otherwise says optax's name too."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        named = [f"{ours} is optax's {theirs}" for ours, theirs in _OUR_NAMES.items() if ours in str(e)]
+        if not named:
+            raise
+        raise type(e)(f"{e} (xpopt.compat.optax_contrib: {'; '.join(named)})") from None
 
 
 def muon(
@@ -223,11 +250,12 @@ def muon(
     (``GradientTransformationExtraArgs``, state ``MuonAdamWState``).
     """
     labels, dims = _routing(muon_weight_dimension_numbers)
-    return _xo.muon(
+    return _forward(
+        _xo.muon,
         learning_rate,
         **_ns(ns_coeffs, ns_steps),
         momentum=beta,
-        eps=eps,                                     # Newton-Schulz prescale ...
+        eps=_ns_eps(eps, preconditioning),           # Newton-Schulz prescale ...
         fallback_eps=eps,                            # ... and Adam, one eps as in optax
         weight_decay=weight_decay,                   # Muon leaves only (masked) ...
         fallback_weight_decay=adam_weight_decay,     # ... Adam leaves, unmasked
@@ -278,11 +306,12 @@ def scale_by_muon(
     no learning rate, no weight decay: chain them yourself, as with optax's.
     Returns xpopt's transform (state ``MuonState``).
     """
-    return _xo.scale_by_muon(
+    return _forward(
+        _xo.scale_by_muon,
         dimension_numbers=_every_leaf_2d if weight_dimension_numbers is None else weight_dimension_numbers,
         **_ns(ns_coeffs, ns_steps),
         momentum=beta,
-        eps=eps,
+        eps=_ns_eps(eps, preconditioning),
         mu_dtype=mu_dtype,
         nesterov=nesterov,
         adaptive=adaptive,
