@@ -42,7 +42,7 @@ from optax.contrib import MuonDimensionNumbers
 
 from ..adapters.optax import _muon as _xo
 from ..core._check import is_array_scalar, is_traced, static_number
-from ..core.layout import is_dim_numbers
+from ..core.layout import is_dim_numbers, layout_for, resolve_dim_spec
 
 __all__ = ["muon", "scale_by_muon", "MuonDimensionNumbers", "NS_PRESETS", "NS_STEPS_DEFAULT"]
 
@@ -154,9 +154,20 @@ def _routing(dimension_numbers):
     if dimension_numbers is None:
         return (lambda t: jax.tree.map(lambda x: "muon" if x.ndim == 2 else "fallback", t)), MuonDimensionNumbers()
 
+    def label(path, d, x):
+        if d is None:
+            return "fallback"
+        if x.ndim > 2 and layout_for(x.shape, resolve_dim_spec(d), "").native and x.shape[0] == 1:
+            raise ValueError(
+                f"muon_weight_dimension_numbers gives params{jax.tree_util.keystr(path)} (shape "
+                f"{tuple(x.shape)}) a fan-out of size 1 on axis 0, the fan-in on axis 1 and batch axes after "
+                "them: that is torch's own layout, where xpopt reads a (1, n, ...) parameter as an (n, ...) "
+                "matrix (torch's convention), so optax's per-slice (1, n) matrices cannot be honoured; put the "
+                "batch axes first (transpose the parameter) or send it to Adam (None)")
+        return "muon"
+
     def labels(t):
-        return jax.tree.map(lambda d, _: "fallback" if d is None else "muon",
-                            _full_dims(dimension_numbers, t), t, is_leaf=_is_dims_leaf)
+        return jax.tree_util.tree_map_with_path(label, _full_dims(dimension_numbers, t), t, is_leaf=_is_dims_leaf)
 
     return labels, dimension_numbers
 
@@ -306,9 +317,17 @@ def scale_by_muon(
     no learning rate, no weight decay: chain them yourself, as with optax's.
     Returns xpopt's transform (state ``MuonState``).
     """
+    if weight_dimension_numbers is None:
+        dims = _every_leaf_2d
+    else:
+        check = _routing(weight_dimension_numbers)[0]   # raises for per-slice layouts we cannot honour
+
+        def dims(t):
+            check(t)
+            return weight_dimension_numbers(t) if callable(weight_dimension_numbers) else weight_dimension_numbers
     return _forward(
         _xo.scale_by_muon,
-        dimension_numbers=_every_leaf_2d if weight_dimension_numbers is None else weight_dimension_numbers,
+        dimension_numbers=dims,
         **_ns(ns_coeffs, ns_steps),
         momentum=beta,
         eps=_ns_eps(eps, preconditioning),

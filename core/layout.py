@@ -84,6 +84,13 @@ class Layout:
     permuted_shape: tuple[int, ...]
     torch_shape: tuple[int, ...]
 
+    @property
+    def native(self) -> bool:
+        """True when the parameter is in torch layout already (nothing moved): torch's
+        conventions apply to it, leading unit dims dropped included (``core.muon.matrix_shape``).
+        A parameter moved from its own layout has an explicit fan-out axis, kept even at size 1."""
+        return self.perm is None and self.torch_shape == self.shape
+
     def to_torch(self, x):
         xp = array_api_compat.array_namespace(x)
         if self.perm is not None:

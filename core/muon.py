@@ -180,22 +180,25 @@ def suitability(shape, *, min_dim_size: int = 4, max_aspect_ratio: float = 128.0
     return True, "ok"
 
 
-def _squeeze_leading(shape) -> tuple[int, ...]:
+def _squeeze_leading(shape, squeeze: bool = True) -> tuple[int, ...]:
     shape = tuple(int(d) for d in shape)
-    while len(shape) > 2 and shape[0] == 1:
+    while squeeze and len(shape) > 2 and shape[0] == 1:
         shape = shape[1:]
     return shape
 
 
-def matrix_shape(shape, conv_mode: str = "flatten") -> tuple[int, ...]:
+def matrix_shape(shape, conv_mode: str = "flatten", squeeze: bool = True) -> tuple[int, ...]:
     """Shape that Newton-Schulz sees for a parameter of ``shape``.
 
-    Leading unit dims are dropped.  ``flatten``: ``(out, in*kh*kw...)``, one
+    Leading unit dims are dropped (torch's convention: a ``(1, seq, d)``
+    parameter is a ``(seq, d)`` matrix); ``squeeze=False`` keeps them, for a
+    parameter whose fan-out axis was given explicitly (dimension numbers), so
+    that a unit fan-out stays the fan-out.  ``flatten``: ``(out, in*kh*kw...)``, one
     orthogonalisation of the whole kernel.  ``batched``: ``(kh*kw..., out, in)``,
     one orthogonalisation per spatial tap.
     """
     _check_choice(conv_mode, CONV_MODES, "conv_mode")
-    s = _squeeze_leading(shape)
+    s = _squeeze_leading(shape, squeeze)
     if len(s) < 2:
         raise ValueError(f"a Muon parameter needs at least 2 dimensions, got shape {tuple(shape)}")
     if len(s) == 2:
@@ -205,9 +208,9 @@ def matrix_shape(shape, conv_mode: str = "flatten") -> tuple[int, ...]:
     return (math.prod(s[2:]), s[0], s[1])
 
 
-def to_matrix(x, conv_mode: str = "flatten"):
+def to_matrix(x, conv_mode: str = "flatten", squeeze: bool = True):
     xp, _ = namespace(x, names=("x",))
-    s = _squeeze_leading(x.shape)
+    s = _squeeze_leading(x.shape, squeeze)
     m = xp.reshape(x, s)
     if len(s) <= 2:
         return m
@@ -217,11 +220,11 @@ def to_matrix(x, conv_mode: str = "flatten"):
     return xp.permute_dims(m, (2, 0, 1))
 
 
-def from_matrix(m, shape, conv_mode: str = "flatten"):
+def from_matrix(m, shape, conv_mode: str = "flatten", squeeze: bool = True):
     """Inverse of ``to_matrix`` for a parameter of ``shape``."""
     xp, _ = namespace(m, names=("m",))
     shape = tuple(int(d) for d in shape)
-    s = _squeeze_leading(shape)
+    s = _squeeze_leading(shape, squeeze)
     if len(s) > 2 and conv_mode == "batched":
         m = xp.permute_dims(m, (1, 2, 0))
     return xp.reshape(m, shape)
@@ -237,6 +240,7 @@ def orthogonalized_updates(
     batch="auto",
     adaptive: bool = False,
     debias=1.0,
+    squeeze_leading=True,
     **ns_kwargs,
 ):
     """``lr_scale * orthogonalize(matrix(u))`` for each ``u``, in ``u``'s shape.
@@ -249,17 +253,20 @@ def orthogonalized_updates(
     optax's ``adaptive``) multiplies each result by ``<debias * u, O>``, the
     real Frobenius inner product over the whole parameter, which estimates
     the gradient's nuclear norm; ``debias`` comes from :func:`debias_factor`.
-    ``rms`` is ``match_rms_adamw``'s constant.  ``ns_kwargs`` go to
-    :func:`orthogonalize`.
+    ``rms`` is ``match_rms_adamw``'s constant.  ``squeeze_leading`` (a bool,
+    or one per update): drop leading unit dims (:func:`matrix_shape`).
+    ``ns_kwargs`` go to :func:`orthogonalize`.
     """
     _check_choice(adjust_lr_fn, ADJUST_LR_FNS, "adjust_lr_fn")
     updates = list(updates)
     if not updates:
         return []
     xp, _ = namespace(*updates, names=tuple(f"updates[{i}]" for i in range(len(updates))))
-    mats = [to_matrix(u, conv_mode) for u in updates]
+    squeeze = list(squeeze_leading) if isinstance(squeeze_leading, (list, tuple)) else \
+        [squeeze_leading] * len(updates)
+    mats = [to_matrix(u, conv_mode, q) for u, q in zip(updates, squeeze)]
     out = [None] * len(updates)
-    for idx in batch_groups(updates, conv_mode=conv_mode, batch=batch):
+    for idx in batch_groups(updates, conv_mode=conv_mode, batch=batch, squeeze=squeeze):
         shape = mats[idx[0]].shape
         scale = lr_scale(shape[-2], shape[-1], adjust_lr_fn, rms)
         if len(shape) == 3 and normalize_spatial:
@@ -275,18 +282,18 @@ def orthogonalized_updates(
         for i, o in zip(idx, orth):
             if adaptive:  # <u, scale*O> / scale = <u, O>
                 o = o * ((debias / scale) * _inner(xp, mats[i], o))
-            out[i] = from_matrix(o, updates[i].shape, conv_mode)
+            out[i] = from_matrix(o, updates[i].shape, conv_mode, squeeze[i])
     return out
 
 
-def batch_groups(arrays, *, conv_mode: str = "flatten", batch="auto") -> list[list[int]]:
+def batch_groups(arrays, *, conv_mode: str = "flatten", batch="auto", squeeze=True) -> list[list[int]]:
     """Indices of ``arrays`` orthogonalised together, in first-seen order.
 
     Same matrix shape and dtype, and (``batch="auto"``) a size for which the
     backend measured one batched call to beat a loop (``backend.batch_limit``).
     Only shapes and dtypes are read, so an adapter can plan with its momentum
     buffers and then run momentum, Newton-Schulz and the update group by group
-    while the data is still in cache.
+    while the data is still in cache.  ``squeeze``: :func:`matrix_shape`'s, a bool or one per array.
     """
     if batch not in (True, False, "auto"):
         raise ValueError(f"batch={batch!r} is not valid; use True, False or 'auto'")
@@ -295,8 +302,9 @@ def batch_groups(arrays, *, conv_mode: str = "flatten", batch="auto") -> list[li
     _, backend = namespace(*arrays, names=tuple(f"arrays[{i}]" for i in range(len(arrays))))
     limit = backend.batch_limit(arrays[0]) if batch == "auto" else float("inf")
     groups: dict[tuple, list[int]] = {}
+    squeeze = list(squeeze) if isinstance(squeeze, (list, tuple)) else [squeeze] * len(arrays)
     for i, x in enumerate(arrays):
-        shape = matrix_shape(x.shape, conv_mode)
+        shape = matrix_shape(x.shape, conv_mode, squeeze[i])
         lo, hi = sorted(shape[-2:])
         together = batch is True or (batch == "auto" and lo * lo * hi * math.prod(shape[:-2]) <= limit)
         groups.setdefault((shape, x.dtype) if together else (i,), []).append(i)
@@ -581,10 +589,12 @@ class MuonOptions:
                                nesterov=self.nesterov, form=self.momentum_form, inplace=inplace,
                                bias_correction=self.momentum_bias_correction, step=step)
 
-    def orthogonalize(self, updates: list, step=None, *, compute_dtype=None, debias=None) -> list:
+    def orthogonalize(self, updates: list, step=None, *, compute_dtype=None, debias=None,
+                      squeeze_leading=True) -> list:
         """:func:`orthogonalized_updates` on torch-layout arrays (``lr_scale`` included).
 
-        ``step`` (1-based, this update included) is needed with ``adaptive``.
+        ``step`` (1-based, this update included) is needed with ``adaptive``;
+        ``squeeze_leading`` (one per update, or one for all): :func:`matrix_shape`'s ``squeeze``.
         """
         return orthogonalized_updates(
             updates, conv_mode=self.conv_mode, normalize_spatial=self.normalize_spatial,
@@ -593,5 +603,5 @@ class MuonOptions:
             coefficients=self.ns_coefficients, steps=self.ns_steps, eps=self.eps,
             safety_factor=self.safety_factor, preconditioning=self.preconditioning,
             compute_dtype=self.ns_dtype if compute_dtype is None else compute_dtype, method=self.ns_method,
-            eps_mode=self.eps_mode,
+            eps_mode=self.eps_mode, squeeze_leading=squeeze_leading,
         )

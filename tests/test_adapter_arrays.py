@@ -204,6 +204,22 @@ def test_float16_params_keep_float32_state_and_round_once():
     np.testing.assert_array_equal(u[0], u32[0])
 
 
+def test_low_precision_dtype_param_stores_in_the_param_dtype():
+    """``low_precision_dtype="param"`` (optax's convention): float16 state and updates, computed in
+    float32 and rounded once each (so the update is the default's float32 one, rounded)."""
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal((8, 8)).astype(np.float16), rng.standard_normal(8).astype(np.float16)]
+    grads = [rng.standard_normal((8, 8)).astype(np.float16), rng.standard_normal(8).astype(np.float16)]
+    opt, ref = arrays.muon(0.02, low_precision_dtype="param"), arrays.muon(0.02)
+    st = opt.init(params)
+    assert {st.mu[0].dtype, st.exp_avg[1].dtype, st.exp_avg_sq[1].dtype} == {np.dtype(np.float16)}
+    u, st = opt.update(grads, st, params)
+    assert u[0].dtype == u[1].dtype == st.mu[0].dtype == np.float16
+    u32, _ = ref.update(grads, ref.init(params), params)
+    for a, b in zip(u, u32):
+        np.testing.assert_array_equal(a, b.astype(np.float16))
+
+
 def test_state_is_portable_namedtuple():
     P, T = problem(6)
     params = {k: P[k] for k in NAMES}

@@ -27,6 +27,25 @@ def test_momentum_forms(rng, form, nesterov):
     np.testing.assert_allclose(upd, want_upd, rtol=1e-14)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("form", ["ema", "classic"])
+def test_momentum_bias_correction(rng, form, nesterov):
+    """optax.contrib.muon's rule (module docstring): the EMA buffer B over 1 - mu^t, or with nesterov
+    the two terms corrected separately; the same update from either buffer form (float64 oracle)."""
+    mu, t = 0.9, 3
+    ema, g = rng.standard_normal((2, 5, 3))
+    buf = ema if form == "ema" else ema / (1 - mu)
+    _, u = M.momentum_update(buf, g, momentum=mu, nesterov=nesterov, form=form, bias_correction=True, step=t)
+    B = mu * ema + (1 - mu) * g
+    want = mu * B / (1 - mu ** (t + 1)) + (1 - mu) * g / (1 - mu ** t) if nesterov else B / (1 - mu ** t)
+    np.testing.assert_allclose(u, want, rtol=1e-13)
+    # already unbiased: adaptive's debias factor is 1
+    opts = M.MuonOptions(adaptive=True, momentum_bias_correction=True, nesterov=nesterov, momentum_form=form)
+    assert opts.debias(t) == 1.0
+    with pytest.raises(ValueError, match="step="):
+        M.momentum_update(buf, g, momentum=mu, bias_correction=True)
+
+
 def test_lr_scale_rules():
     assert M.lr_scale(256, 64, "original") == pytest.approx(2.0)
     assert M.lr_scale(64, 256, "original") == 1.0
@@ -80,6 +99,20 @@ def test_matrix_view_roundtrip(xp, rng, shape, mode, mshape):
     assert tuple(m.shape) == mshape
     back = M.from_matrix(m, shape, mode)
     np.testing.assert_array_equal(xp.to_numpy(back), xp.to_numpy(x))
+
+
+def test_explicit_unit_fan_out_is_kept(rng):
+    """squeeze=False (a parameter moved from dimension numbers): a leading unit dim is the fan-out."""
+    x = rng.standard_normal((1, 8, 3))   # (out=1, in=8, batch=3)
+    assert M.matrix_shape(x.shape, "batched", squeeze=False) == (3, 1, 8)
+    m = M.to_matrix(x, "batched", squeeze=False)
+    np.testing.assert_array_equal(M.from_matrix(m, x.shape, "batched", squeeze=False), x)
+    # per slice a (1, 8) row, orthogonalised on its own (squeezed, it would be one (8, 3) matrix)
+    d = M.orthogonalized_updates([x], conv_mode="batched", normalize_spatial=False, adjust_lr_fn="none",
+                                 squeeze_leading=[False], coefficients="original")[0]
+    for j in range(3):
+        row = d[0, :, j]
+        np.testing.assert_allclose(row / np.linalg.norm(row), x[0, :, j] / np.linalg.norm(x[0, :, j]), rtol=1e-12)
 
 
 def test_batched_conv_is_per_tap(rng):
@@ -145,3 +178,9 @@ def test_bad_options():
         M.muon_step([np.zeros((4, 4))], [np.zeros((4, 4))], [np.zeros((4, 4))], lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         M.matrix_shape((5,))
+    for bad, match in ((dict(eps_mode="sum"), "eps_mode='sum'"), (dict(low_precision_dtype="bf16"),
+                       "low_precision_dtype='bf16'"), (dict(fallback="nadam"), "fallback='nadam'.*nadamw_dozat"),
+                       (dict(momentum_bias_correction="yes"), "momentum_bias_correction"),
+                       (dict(fallback_eps_root=-1.0), "fallback_eps_root")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            M.MuonOptions(**bad)

@@ -116,6 +116,30 @@ def test_compute_dtype_accepts_dtype_objects_and_classes(rng):
                                   orthogonalize(np.eye(4), compute_dtype="float32"))
 
 
+@pytest.mark.parametrize("preconditioning", ["frobenius", "spectral", "aol", "schatten"])
+def test_eps_mode_add_is_optaxs_placement(xp, rng, preconditioning):
+    """``eps_mode="add"``: eps in G's own units (optax.contrib.muon), on the float64 oracle.  One identity
+    step ``(1, 0, 0)`` leaves the prescaled input: ``G / (||G|| + eps)`` (frobenius, spectral), row sums /
+    Schatten norm floored at eps unscaled (aol, schatten).  G is small (||G|| ~ 7e-3) against eps = 1e-3, so
+    the placement shows: the default floor gives the scale-invariant ``G / ||G||``, 10% apart."""
+    G = rng.standard_normal((6, 9)) * 1e-3
+    eps = 1e-3
+    got = xp.to_numpy(orthogonalize(xp.asarray(G), coefficients=[(1.0, 0.0, 0.0)], steps=1, eps=eps,
+                                    eps_mode="add", preconditioning=preconditioning))
+    A = G @ G.T
+    want = {"frobenius": lambda: G / (np.linalg.norm(G) + eps),
+            "spectral": lambda: G / (np.linalg.norm(G, 2) + eps),
+            "aol": lambda: G / np.sqrt(np.maximum(np.abs(A).sum(-1, keepdims=True), eps)),
+            "schatten": lambda: G / np.sqrt(max(np.linalg.norm(A), eps))}[preconditioning]()
+    # float32 backends: a few roundings of entries ~0.1 (F32_ATOL's argument); float64 exact to 1e-15
+    np.testing.assert_allclose(got, want, atol=F32_ATOL * np.max(np.abs(want)))
+    floor = xp.to_numpy(orthogonalize(xp.asarray(G), coefficients=[(1.0, 0.0, 0.0)], steps=1, eps=eps,
+                                      preconditioning=preconditioning))
+    assert np.max(np.abs(floor - want)) > 0.05 * np.max(np.abs(want))
+    with pytest.raises(ValueError, match="eps_mode='plus'"):
+        orthogonalize(xp.asarray(G), eps_mode="plus")
+
+
 def test_zero_matrix_maps_to_zero(xp):
     out = xp.to_numpy(orthogonalize(xp.asarray(np.zeros((8, 12)))))
     assert np.all(out == 0)

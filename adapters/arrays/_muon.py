@@ -199,7 +199,8 @@ class Muon:
             idx.append(i)
             mats.append(p.layout.to_torch(u))
         # ns_dtype="auto" is resolved by core per matrix (complex ones stay complex)
-        for i, d in zip(idx, self.options.orthogonalize(mats, step=step + 1)):
+        squeeze = [plans[i].layout.native for i in idx]  # torch's (1, seq, d) convention: torch-layout leaves only
+        for i, d in zip(idx, self.options.orthogonalize(mats, step=step + 1, squeeze_leading=squeeze)):
             d = plans[i].layout.from_torch(d)
             out[i] = _cast(apply_update(pvals[i], d, lr_t, wd if plans[i].decay else 0), self._stored_dtype(gvals[i]))
 

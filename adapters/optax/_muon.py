@@ -212,7 +212,8 @@ def _muon_directions(opts, grads, bufs, layouts, names, count_inc, *, cast: bool
         done.append(i)
         _dist.check_not_manual(g, names[i], "Muon")
         mats.append(_dist.gather(lay.to_torch(u.astype(cdt))))  # once per matrix, not per NS step
-    for i, d in zip(done, opts.orthogonalize(mats, step=count_inc)):  # core resolves ns_dtype='auto' per matrix
+    squeeze = [layouts[i].native for i in done]  # torch's (1, seq, d) convention for torch-layout leaves only
+    for i, d in zip(done, opts.orthogonalize(mats, step=count_inc, squeeze_leading=squeeze)):  # ns_dtype='auto': per matrix
         d = layouts[i].from_torch(d)
         # The leaf's compute dtype, even if a hyperparameter array is wider.
         dirs[i] = _dist.restore(d.astype(_stored_dtype(grads[i].dtype, opts)) if cast else d, grads[i])
