@@ -28,7 +28,11 @@ Trajectories agree with optax's to float32 rounding
   Newton-Schulz steps; an explicit ``ns_steps`` there must be listed in
   ``static_args`` (optax's own tests treat it as uninjectable);
 * ``scale_by_muon`` also takes optax's preset names ``'standard'`` /
-  ``'dion'`` for ``ns_coeffs`` (optax's fails on a string in ``init``).
+  ``'dion'`` for ``ns_coeffs`` (optax's fails on a string in ``init``);
+* one layout is a ``ValueError`` instead of optax's per-slice matrices: a
+  fan-out of size 1 on axis 0, the fan-in on axis 1 and batch axes after them
+  (torch's own axis order, where xpopt reads ``(1, n, ...)`` as an ``(n, ...)``
+  matrix, torch's convention).
 """
 
 from __future__ import annotations

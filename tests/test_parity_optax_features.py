@@ -39,7 +39,8 @@ Known differences, pinned at the end (not hidden):
    removes any scalar; with it, for a constant gradient optax's update is
    ``k_t = mu(1-mu^t)/(1-mu^(t+1)) + (1-mu)/(1-mu^t)`` times ours (1.474, 1.157,
    1.078, 1.047, 1.031 for t = 1..5 at mu=0.9), and ours equals the unbiased
-   ``<g, O> O`` at every step.
+   ``<g, O> O`` at every step.  (``momentum_bias_correction=True``, issue 23,
+   reproduces optax's factor: tests/test_compat_optax_contrib.py.)
 2. complex ``schatten``: optax's first step uses ``a = x @ x.T`` (L.231, no
    conjugate, unlike L.215 and L.245), so for complex input it is not X X^H;
    confirmed: its output is NaN.  Ours is finite and is U p(S) V^H.

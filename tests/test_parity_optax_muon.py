@@ -36,20 +36,25 @@ conv kernel goes to Muon and a (2, 64) matrix to the fallback), eps (1e-8 vs
 ("original" vs "match_rms_adamw"), fallback weight decay (optax 0, ours
 ``weight_decay``), Adam betas ((0.9, 0.999) vs (0.9, 0.95)).
 
-What differs (documented by the tests at the end of this file, not hidden):
+What differs between optax's rule and xpopt's *own* rules (documented by the
+tests at the end of this file, not hidden).  Since issue 23 each one has a
+core option that reproduces optax, and ``xpopt.compat.optax_contrib`` (the
+drop-in, tested option by option against optax in
+``tests/test_compat_optax_contrib.py``) sets them; the tests below pin the
+difference against xpopt's defaults, which stay as they are:
 
 1. nesterov=True, Muon leaves: optax bias-corrects the two terms of the
    Nesterov mix separately (L.488-495), so its mix weights the buffer by
    ``(1-beta^t)/(1-beta^(t+1))`` relative to ours (``g + mu*(buf - g)``, the
    torch.optim/timm form).  Equal at t=1 (both are proportional to g), then
-   different (t=2: 0.51x the buffer weight for beta=0.95).  Needed in
-   xpopt: an option for a bias-corrected Nesterov mix (e.g.
-   ``momentum_bias_correction=True``).
+   different (t=2: 0.51x the buffer weight for beta=0.95).  Closed by
+   ``momentum_bias_correction=True`` (core.muon; also the non-nesterov
+   ``mu/(1-beta^t)``, which matters with ``adaptive`` and ``eps_mode="add"``).
 2. nesterov=True, fallback: optax's Adam Nesterov (optax/_src/transform.py,
    scale_by_adam, ``b1*m/(1-b1^(t+1)) + (1-b1)*g/(1-b1^t)``) is Dozat's
    NAdam; ours (``fallback="nadamw"``) is timm/AlgoPerf's NAdamW
-   ``(b1*m + (1-b1)*g)/(1-b1^t)``.  They differ from step 1.  Needed: a
-   ``fallback="nadam_dozat"``-style option.
+   ``(b1*m + (1-b1)*g)/(1-b1^t)``.  They differ from step 1.  Closed by
+   ``fallback="nadamw_dozat"`` (core.adam).
 3. NS prescale eps: optax divides by ``||X|| + eps`` (L.340), we by
    ``max(||X||, eps * 2^floor(log2 max|X|))``, a floor that by default acts
    on a zero matrix only, so ours is invariant to the scale of X and optax's
@@ -58,14 +63,21 @@ What differs (documented by the tests at the end of this file, not hidden):
    eps/||X|| ~ 1e-6 here, under float32 rounding); pinned exactly below.
    It does show with a large eps: eps=1e-3 on this file's problem put the
    trajectories 1.3e-2 of the displacement apart after 3 steps (we tried).
-   Needed: an additive-eps prescale option.
+   Closed by ``eps_mode="add"`` (core.newton_schulz).  Found while closing
+   it: optax 0.2.8's ``aol`` / ``schatten`` first step floors at its own
+   default 1e-8, whatever ``eps`` is (L.253-270 do not pass it on); the
+   drop-in maps that.
 4. ``adaptive=True`` (dual-norm rescaling, L.507), ``preconditioning``
    (spectral/aol/schatten), any ``consistent_rms`` and complex parameters now
    exist in xpopt under optax's names; their parity (and the differences
-   pinned there: the nesterov bias factor under ``adaptive``, optax's NaN for
-   complex ``schatten``, the real part of the complex ``adaptive`` scale) is
-   tested in ``tests/test_parity_optax_features.py``.  Still no equivalent:
-   ``adam_eps_root > 0``.
+   pinned there: the nesterov bias factor under ``adaptive``, closed by
+   ``momentum_bias_correction``; optax's NaN for complex ``schatten``, the
+   real part of the complex ``adaptive`` scale) is tested in
+   ``tests/test_parity_optax_features.py``.  ``adam_eps_root > 0``: closed by
+   ``fallback_eps_root`` (core.adam).
+5. dtypes: optax returns updates and keeps state in each param's dtype;
+   xpopt's default keeps float32 for bf16/f16 params.  ``low_precision_dtype=
+   "param"`` follows optax (the drop-in sets it).
 """
 
 from __future__ import annotations
