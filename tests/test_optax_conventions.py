@@ -166,7 +166,8 @@ def test_plain_inject_hyperparams_under_jit_equals_direct(opts):
     direct = xo.muon(lr, **kw)
     # jit(init) too: the injected numbers are traced there as well.
     st = jax.jit(tx.init)(params)
-    expect = {"learning_rate", "momentum", "weight_decay", "eps", "safety_factor", "fallback_eps"}
+    expect = {"learning_rate", "momentum", "weight_decay", "eps", "safety_factor", "fallback_eps",
+              "fallback_eps_root"}
     expect |= {"consistent_rms"} if "consistent_rms" in opts else set()
     assert set(st.hyperparams) == expect
     assert jax.tree.structure(st.inner_state) == jax.tree.structure(direct.init(params))
@@ -366,7 +367,7 @@ def test_static_args_lists_are_complete_and_work_with_callables():
         weight_decay_mask=lambda p: {k: k != "bias" for k in p}, min_dim_size=4)
     st = tx.init(params)
     assert set(st.hyperparams) == {"learning_rate", "momentum", "weight_decay", "eps", "safety_factor",
-                                   "fallback_eps"}
+                                   "fallback_eps", "fallback_eps_root"}
     ref = xo.muon(0.02, momentum=0.9, weight_decay=0.1, labels=LABELS,
                   weight_decay_mask={k: k != "bias" for k in params})
     u, _ = jax.jit(tx.update)(grads, st, params)
