@@ -345,8 +345,8 @@ def muon_step(
     """
     check_momentum(momentum)
     if (adaptive or momentum_bias_correction) and step is None:
-        raise ValueError("adaptive=True and momentum_bias_correction=True need step= (1-based count of "
-                         "updates, this one included)")
+        which = "adaptive=True" if adaptive else "momentum_bias_correction=True"
+        raise ValueError(f"{which} needs step= (1-based count of updates, this one included)")
     new_bufs, updates = [], []
     for b, g in zip(bufs, grads):
         b, u = momentum_update(b, g, momentum=momentum, nesterov=nesterov, form=momentum_form,
