@@ -135,7 +135,8 @@ class Muon(_Muon):
     rules), logged by ``verbose`` on the ``"xpopt"`` logger and listed by
     :meth:`routes` (timm's per-parameter ``state["use_muon"]`` is not kept);
     a group forced to Muon (``use_muon=True``) may not hold a kernel with a
-    leading unit dim (timm orthogonalises it as one row); ``capturable`` is
+    leading unit dim (timm orthogonalises it as one row); complex parameters
+    routed to Muon raise (timm drops their imaginary part); ``capturable`` is
     kept in the groups, the state is always on the parameter's device (what
     timm's ``capturable=True`` does); bf16 parameters keep float32 state.
     """
@@ -194,8 +195,10 @@ class Muon(_Muon):
         g = len(self.param_groups)
         where = f"param group {g}"
         defaults = self.__dict__.get("_peer_defaults") or {k: self.defaults[k] for k in PEER_ONLY}
-        peer = {k: param_group.pop(k, d) for k, d in defaults.items()}
+        peer = {k: param_group.get(k, d) for k, d in defaults.items()}
         _check_peer_only(peer, where)
+        for k in peer:   # out of the adapter's sight (it would warn about keys it does not know)
+            param_group.pop(k, None)
         if "adjust_lr_fn" in param_group:
             param_group["adjust_lr_fn"] = _adjust_lr_fn(param_group["adjust_lr_fn"], where)
         # The fallback's options as timm derives them (checked by the adapter like any option).
@@ -207,6 +210,17 @@ class Muon(_Muon):
             self._refuse_leading_unit_kernels(param_group, where)
         super().add_param_group(param_group)
         param_group.update(peer)
+        complex_muon = [self._routes[p] for p in param_group["params"]
+                        if p.is_complex() and self._routes[p].route == "muon"]
+        if complex_muon:  # timm casts them to bfloat16, dropping the imaginary part (torch's warning)
+            self.param_groups.pop()
+            for p in param_group["params"]:
+                self._routes.pop(p, None)
+            r = complex_muon[0]
+            raise ValueError(
+                f"Muon: parameter {r.name} of shape {r.shape} is complex and routed to Muon ({where}): timm "
+                "casts it to bfloat16, dropping its imaginary part, which xpopt will not do; route it to "
+                "the fallback (use_fallback=True), or use xpopt.adapters.torch.Muon (complex Newton-Schulz)")
 
     @staticmethod
     def _refuse_leading_unit_kernels(param_group: dict, where: str) -> None:

@@ -114,7 +114,7 @@ class Muon(_Muon):
     ``momentum`` must be < 1 (torch takes any value >= 0); ``eps`` floors the
     prescale relative to the matrix's scale, so updates stay orthogonal when
     ``||u||_F < eps`` (torch's absolute floor shrinks them there); complex
-    2-D parameters are orthogonalised (torch raises at ``step``); bf16
+    parameters raise when added (torch raises at ``step``); bf16
     parameters keep float32 momentum; under FSDP2 Newton-Schulz sees each
     full matrix (torch.optim.Muon orthogonalises each shard on its own).
     Every group has ``use_muon=True`` (every 2-D parameter is orthogonalised,
@@ -152,8 +152,13 @@ class Muon(_Muon):
             param_group["params"] = params
             for p in params:
                 t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+                name = f"{p[0]!r} " if t is not p else ""
+                if isinstance(t, torch.Tensor) and t.is_complex():  # torch raises this at step()
+                    raise RuntimeError(
+                        f"Muon does not support complex parameters (parameter {name}in param group {g}): "
+                        "its Newton-Schulz runs in bfloat16, which has no complex type; "
+                        "xpopt.adapters.torch.Muon orthogonalises complex matrices")
                 if isinstance(t, torch.Tensor) and t.ndim != 2:
-                    name = f"{p[0]!r} " if t is not p else ""
                     raise ValueError(
                         f"Muon only supports 2D parameters whereas we found a parameter {name}with size: "
                         f"{t.size()} (param group {g}); as torch.optim.Muon, give the rest to another "

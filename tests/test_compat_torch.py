@@ -192,6 +192,17 @@ def test_torch_non_2d_params_raise_like_torch():
     assert len(opt.param_groups) == 1
 
 
+def test_torch_complex_params_raise_like_torch():
+    peer = load_torch_muon()
+    z = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))
+    theirs = peer([z])
+    z.grad = torch.ones_like(z)
+    with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
+        theirs.step()                                            # torch: at the first step
+    with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
+        compat_torch.Muon([z])                                   # the drop-in: when added
+
+
 def test_torch_every_2d_param_is_orthogonalised():
     shapes = [(1, 8), (8, 1), (3, 600), (16, 8)]   # our routing sends the first three to the fallback
     opt = compat_torch.Muon([torch.nn.Parameter(torch.randn(s)) for s in shapes])
@@ -567,6 +578,19 @@ def test_timm_forced_leading_unit_kernel_raises():
     with pytest.raises(ValueError, match=r"'pos' of shape \(1, 196, 8\) is forced to Muon.*one row"):
         compat_timm.Muon([{"params": [("pos", pos)], "use_muon": True}])
     assert compat_timm.Muon([pos]).routes()[0].route == "fallback"   # timm's rule: leading_unit_dims
+
+
+def test_timm_complex_muon_params_raise():
+    # timm casts them to bfloat16, silently dropping the imaginary part
+    z = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"complex and routed to Muon.*use_fallback=True"):
+        compat_timm.Muon([z])
+    opt = compat_timm.Muon([torch.nn.Parameter(torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match="complex and routed to Muon"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1 and z not in opt._routes
+    opt.add_param_group({"params": [z], "use_fallback": True})   # AdamW on complex: fine
+    assert opt.routes()[-1].route == "fallback"
 
 
 def test_timm_adamw_lr_is_timms_deprecation():
