@@ -44,8 +44,9 @@ def test_all_lists_what_the_module_defines():
 
     import importlib.util
 
-    for name in ("xpopt.core.kron", "xpopt.core.muon", "xpopt.adapters._signatures", "xpopt.core.routing", "xpopt.adapters.torch.distributed"):
-        if ".torch" in name and importlib.util.find_spec("torch") is None:
+    for name in ("xpopt.core.kron", "xpopt.core.muon", "xpopt.adapters._signatures", "xpopt.core.routing", "xpopt.adapters.torch.distributed",
+                 "xpopt.compat.torch_optim", "xpopt.compat.timm"):
+        if (".torch" in name or ".compat." in name) and importlib.util.find_spec("torch") is None:
             continue
         mod = importlib.import_module(name)
         assert [n for n in mod.__all__ if not hasattr(mod, n)] == [], name

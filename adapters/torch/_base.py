@@ -102,13 +102,15 @@ def added_group(opt, base_add, param_group: dict):
 
 def user_stacklevel() -> int:
     """``warn``'s stacklevel, called from the function that warns, of the first frame outside
-    ``xpopt.adapters`` and torch (the user's call): the warning points there, and warns again
-    for another optimizer built elsewhere."""
+    ``xpopt.adapters``, ``xpopt.compat`` (the drop-ins that subclass the adapters) and torch (the
+    user's call): the warning points there, and warns again for another optimizer built elsewhere."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # xpopt/adapters
+    compat = os.path.join(os.path.dirname(here), "compat")              # xpopt/compat
     f, level = sys._getframe(1), 1
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
-        if not (fn.startswith(here + os.sep) or f"{os.sep}torch{os.sep}optim{os.sep}" in fn
+        if not (fn.startswith(here + os.sep) or fn.startswith(compat + os.sep)
+                or f"{os.sep}torch{os.sep}optim{os.sep}" in fn
                 or f"{os.sep}torch{os.sep}_" in fn):
             return level
         f, level = f.f_back, level + 1

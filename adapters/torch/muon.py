@@ -231,7 +231,9 @@ def _momentum_scheduled(group: dict) -> bool:
 
 
 def _muon_momentum(group: dict):
-    return group["betas"][0] if _momentum_scheduled(group) else group["momentum"]
+    # A group without ``betas`` (``xpopt.compat.torch_optim.Muon``'s, as torch.optim.Muon's)
+    # has its ``momentum`` cycled by the scheduler itself.
+    return group["betas"][0] if _momentum_scheduled(group) and "betas" in group else group["momentum"]
 
 
 def _step_dtype(p: torch.Tensor) -> torch.dtype:
