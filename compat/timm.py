@@ -75,6 +75,9 @@ FIXED = {
     "min_dim_size": 4,               # _is_suitable_for_muon's defaults (Muon never passes others)
     "max_aspect_ratio": 128.0,
     "fallback_weight_decay": None,   # the group's weight_decay
+    "momentum_bias_correction": False,  # the buffer itself, no 1/(1-momentum^t)
+    "eps_mode": "floor",             # clamp(||X||_F * safety_factor, min=eps): a floor, not + eps
+    "fallback_eps_root": 0.0,        # timm's adamw/nadamw: eps outside the square root
 }
 
 #: The fallback's options, derived from timm's keys of each group at every step (timm's
@@ -90,6 +93,7 @@ NOT_USED = {
     "batched": "'auto' (same-shape matrices in one NS call where faster): speed only, same maths",
     "mu_dtype": "momentum in the param's dtype (float32 for bf16/f16 params), the torch adapter's rule",
     "nonfinite": "None: no check, as timm",
+    "low_precision_dtype": "the torch adapter updates each param in place, in its own dtype",
 }
 
 

@@ -69,6 +69,8 @@ FIXED = {
     "safety_factor": 1.0,            # (no safety factor)
     "adaptive": False,               # the step is lr * adjust * NS(u)
     "consistent_rms": None,          # match_rms_adamw's constant: 0.2
+    "momentum_bias_correction": False,  # the buffer itself, no 1/(1-momentum^t)
+    "eps_mode": "floor",             # clamp(||X||_F, min=eps): a floor, not ||X|| + eps
 }
 
 #: Options with no effect in this drop-in (defaults kept), and why.
@@ -81,6 +83,8 @@ NOT_USED = {
     **{k: "every parameter is a Muon matrix: nothing reaches the AdamW fallback"
        for k in ("fallback", "fallback_lr", "betas", "fallback_eps", "fallback_weight_decay", "min_dim_size",
                  "max_aspect_ratio")},
+    "low_precision_dtype": "the torch adapter updates each param in place, in its own dtype",
+    "fallback_eps_root": "every parameter is a Muon matrix: nothing reaches the AdamW fallback",
 }
 
 
