@@ -305,7 +305,8 @@ def batch_groups(arrays, *, conv_mode: str = "flatten", batch="auto", squeeze=Tr
     squeeze = list(squeeze) if isinstance(squeeze, (list, tuple)) else [squeeze] * len(arrays)
     for i, x in enumerate(arrays):
         shape = matrix_shape(x.shape, conv_mode, squeeze[i])
-        lo, hi = sorted(shape[-2:])
+        a, b = shape[-2:]
+        lo, hi = (a, b) if a <= b else (b, a)   # not sorted(): torch.compile cannot sort SymInts
         together = batch is True or (batch == "auto" and lo * lo * hi * math.prod(shape[:-2]) <= limit)
         groups.setdefault((shape, x.dtype) if together else (i,), []).append(i)
     return list(groups.values())

@@ -320,6 +320,24 @@ def test_compiled_step_is_one_graph_and_follows_eager(opts, how):
     assert all(float((a - b).abs().max()) > 1e-3 for a, b in zip(eager[-1], eager[0]))
 
 
+def test_a_second_compiled_optimizer_with_other_shapes_is_still_one_graph():
+    """Dynamo's automatic dynamic shapes: once the step's code was compiled for
+    one set of shapes, compiling it for other shapes (a second model, a second
+    optimizer in the process) traces the sizes as SymInts.  The step must not
+    depend on Python operations on sizes that dynamo cannot trace (it could
+    not ``sorted()`` them: a graph break, an error under ``fullgraph``)."""
+    torch._dynamo.reset()
+    for d in (16, 24):   # the second compile is the dynamic one
+        m = torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.Linear(32, 8))
+        opt = Muon(m.parameters(), lr=0.02)
+        backend, graphs = _counting_backend("eager")
+        step = torch.compile(opt.step, fullgraph=True, backend=backend)
+        for _ in range(2):
+            m(torch.randn(4, d)).square().sum().backward()
+            step()
+        assert len(graphs) == 1, (d, len(graphs))
+
+
 def test_step_counts_are_tensors_and_int_steps_still_load():
     """``step`` is a tensor on the param's device (no recompiles, CUDA-graph safe).
 
