@@ -64,6 +64,7 @@ from test_adapter_optax import (  # noqa: E402
     SAME_MATH_ATOL, SAME_MATH_PARAM_ATOL, flax_tree, torch_layout_problem,
 )
 from xpopt.adapters import optax as xo  # noqa: E402
+from _subset import default_cases  # noqa: E402
 from xpopt.core.muon import muon_step  # noqa: E402
 
 
@@ -543,8 +544,11 @@ DTYPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("pdt,mu_dtype,state_dt,update_dt", DTYPE_CASES,
-                         ids=[f"{c[0]}-mu_{c[1]}" for c in DTYPE_CASES])
+# By default: low-precision params (float32 state), a bf16 mu_dtype on float32 params, float64
+# and complex; -m slow: every row.
+@pytest.mark.parametrize("pdt,mu_dtype,state_dt,update_dt", default_cases(
+    [pytest.param(*c, id=f"{c[0]}-mu_{c[1]}") for c in DTYPE_CASES],
+    ["bfloat16-mu_None", "float32-mu_bfloat16", "float64-mu_None", "complex64-mu_None"]))
 def test_state_dtypes_stable_under_cond(pdt, mu_dtype, state_dt, update_dt):
     """optax's ``test_state_shape_dtype_shard_stability`` and ``test_explicit_dtype``.
 
@@ -642,7 +646,10 @@ def _generic_problem(case):
 GENERIC_CASES = [c for c in OPTION_SETS if c != "default"] + ["complex", "scale_by_muon"]
 
 
-@pytest.mark.parametrize("case", GENERIC_CASES)
+# By default the preconditioning with its own iteration (schatten, classic momentum, a per-step
+# table, batched convs), complex leaves and scale_by_muon; -m slow: every option set.
+@pytest.mark.parametrize("case", default_cases([pytest.param(c, id=c) for c in GENERIC_CASES],
+                                               ["schatten-classic-polar", "complex", "scale_by_muon"]))
 def test_jit_scan_and_vmap_agree_with_eager(case):
     """jit = eager, ``lax.scan`` = a Python loop, ``vmap`` over two independent
     problems = each problem alone, for the new options (preconditioning, adaptive,

@@ -65,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from _peers import load_optax_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
+from _subset import default_cases  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
@@ -284,8 +285,14 @@ ADAPTERS = ["optax", "torch", "arrays"]
 TRAJ_TOL = 2e-4
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-@pytest.mark.parametrize("case_id", list(CASES))
+# Each case against optax through one adapter by default, the adapters taking turns (every
+# adapter meets real and complex cases); the adapters agree with each other in
+# tests/test_definitions.py, and -m slow runs every adapter on every case.
+_TRAJ = [pytest.param(c, a, id=f"{c}-{a}") for c in CASES for a in ADAPTERS]
+
+
+@pytest.mark.parametrize("case_id, adapter", default_cases(
+    _TRAJ, [f"{c}-{ADAPTERS[i % len(ADAPTERS)]}" for i, c in enumerate(CASES)]))
 def test_trajectory_matches_optax_contrib_muon(adapter, case_id):
     theirs = theirs_cached(case_id)
     assert all(np.all(np.isfinite(x)) for step in theirs for x in step)
@@ -307,8 +314,10 @@ def test_each_option_moves_optax_far_beyond_tolerance(case_id):
 # --------------------------------------------------------------- Newton-Schulz itself
 
 
-@pytest.mark.parametrize("shape", [(16, 24), (24, 16)], ids=["wide", "tall"])
-@pytest.mark.parametrize("mode", ["frobenius", "spectral", "aol", "schatten"])
+@pytest.mark.parametrize("mode, shape", default_cases(
+    [pytest.param(m, s, id=f"{m}-{n}") for m in ("frobenius", "spectral", "aol", "schatten")
+     for s, n in (((16, 24), "wide"), ((24, 16), "tall"))],
+    ["frobenius-wide", "spectral-tall", "aol-wide", "schatten-tall"]))
 def test_orthogonalize_matches_optax(mode, shape):
     """One NS call: optax's ``orthogonalize_via_newton_schulz`` (jax float32)
     against our float64 oracle and our jax float32, for both coefficient sets.

@@ -216,6 +216,10 @@ CASES = [
 ]
 
 
+# -m slow: the drop-in xpopt.compat.optax_contrib is this mapping, and
+# tests/test_compat_optax_contrib.py checks its trajectories against optax.contrib.muon
+# (defaults, dion + consistent_rms, dimension numbers) and that a wrong mapping is caught.
+@pytest.mark.slow
 @pytest.mark.parametrize("theirs_kw, ours_kw", CASES)
 def test_trajectory_matches_optax_muon(theirs_kw, ours_kw, nudge_seed):
     theirs = run(optax.contrib.muon(**theirs_kw), nudge_seed=nudge_seed)
@@ -233,6 +237,7 @@ def _dim_nums(omuon):
     }
 
 
+@pytest.mark.slow  # see test_trajectory_matches_optax_muon
 def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon, nudge_seed):
     """optax's N-D support: per-leaf MuonDimensionNumbers, same tree given to ours.
 
@@ -254,6 +259,7 @@ def test_trajectory_matches_optax_muon_with_dimension_numbers(omuon, nudge_seed)
     assert traj_err(mine, theirs) < F32_TRAJ_TOL
 
 
+@pytest.mark.slow  # see test_trajectory_matches_optax_muon
 def test_wrong_mapping_is_caught(omuon):
     """The comparison has teeth: each option mapped wrongly fails it by far.
 

@@ -33,6 +33,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 
 from _nudge import nudge  # noqa: E402
 from _peers import F32_TRAJ_TOL, load_timm_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
+from _subset import default_cases  # noqa: E402
 
 from xpopt.core import muon as core_muon  # noqa: E402
 
@@ -253,7 +254,12 @@ TIMM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kw", TIMM_CASES)
+# By default one case per behaviour group (a per-step table with a safety factor, an LR rule,
+# a conv mode, nesterov with every fallback option, weight decay / momentum / betas);
+# tests/test_compat_torch.py also runs the drop-in against timm itself.  -m slow: all.
+@pytest.mark.parametrize("kw", default_cases(TIMM_CASES, [
+    "ns=polar_express_safer-sf1.01", "adjust=rms_to_rms", "conv=batched-normalized",
+    "nesterov-adamw_lr-wd0.1-eps1e-3-batched", "wd0.1-mu0.9-betas"]))
 def test_trajectory_matches_timm_float32(timm_float32_ns, kw, nudge_seed, torch_threads):
     steps = 6
     theirs = run_net(_timm_opt(timm_float32_ns, kw), steps, nudge_seed=nudge_seed)

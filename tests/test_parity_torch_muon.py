@@ -37,6 +37,11 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 
 from _nudge import nudge  # noqa: E402
 from _peers import F32_TRAJ_TOL, load_torch_muon, torch_module_threads, trajectory_error  # noqa: E402,F401
+from _subset import default_cases  # noqa: E402
+
+# By default two configurations (torch's default LR rule; a custom polynomial with a large eps);
+# tests/test_compat_torch.py compares the drop-in with torch.optim.Muon itself, -m slow runs all.
+_DEFAULT_CONFIGS = ["adjust=None", "custom-ns-eps"]
 
 pytestmark = pytest.mark.usefixtures("torch_module_threads")
 
@@ -177,7 +182,7 @@ def test_torch_muon_rejects_non_2d():
         Muon([torch.nn.Parameter(torch.zeros(4, 4, 3, 3))])
 
 
-@pytest.mark.parametrize("kw", CONFIGS)
+@pytest.mark.parametrize("kw", default_cases(CONFIGS, _DEFAULT_CONFIGS))
 def test_reference_is_torch_optim_muon_without_bf16(monkeypatch, kw, nudge_seed, torch_threads):
     """The float32 re-derivation IS torch.optim.Muon once its NS runs in float32.
 
@@ -251,7 +256,7 @@ def _ours(**kw):
     return lambda ps: Muon(ps, **kw)
 
 
-@pytest.mark.parametrize("kw", CONFIGS)
+@pytest.mark.parametrize("kw", default_cases(CONFIGS, _DEFAULT_CONFIGS))
 def test_adapter_float32_follows_torch_muon_rule(kw, nudge_seed, torch_threads):
     """xpopt Muon (float32 NS) == torch.optim.Muon's rule in float32, step by step."""
     steps = 10
