@@ -51,6 +51,33 @@ def torch_threads(request):
         torch.set_num_threads(before)
 
 
+def _early_modules(items):
+    """Test modules with subprocess-backed fixtures that can start before their tests
+    (``start_early(items)`` / ``stop_early()``: test_dist_jax's 8-device worker, test_readme's runner)."""
+    mods = {}
+    for item in items:
+        mod = getattr(item, "module", None)
+        if hasattr(mod, "start_early"):
+            mods.setdefault(mod, []).append(item)
+    return mods
+
+
+@pytest.hookimpl(trylast=True)   # after -m / -k deselection
+def pytest_collection_modifyitems(config, items):
+    """Start those subprocesses now: they run beside the tests collected before their modules,
+    on the second core, instead of stalling the run when their module comes up."""
+    if config.getoption("collectonly") or hasattr(config, "workerinput"):   # xdist workers see every item
+        return
+    for mod, its in _early_modules(items).items():
+        mod.start_early(its)
+    config._xpopt_early = list(_early_modules(items))
+
+
+def pytest_sessionfinish(session):
+    for mod in getattr(session.config, "_xpopt_early", ()):
+        mod.stop_early()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _pinned_torch_threads():
     """``$XPOPT_TEST_TORCH_THREADS=N``: every test runs with N torch threads."""

@@ -57,23 +57,51 @@ SLOW_CASES = ([f"{kind}:{m}:{a}:{g}" for kind in ("traj", "keep") for m in ("muo
               + [f"eager:{m}:{a}" for m in ("muon", "quad") for a in ("auto", "explicit")])
 
 
-def run_worker(cases, timeout):
+def start_worker(cases):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, str(WORKER), *cases], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout)
+    return subprocess.Popen([sys.executable, str(WORKER), *cases], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_worker(proc, cases, timeout):
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    out = json.loads(stdout)
     assert out["devices"] == 8, out
     for case in cases:
         assert "crash" not in out[case], f"{case}: {out[case]['crash']}\n{out[case]['traceback']}"
     return out
 
 
+def run_worker(cases, timeout):
+    return finish_worker(start_worker(cases), cases, timeout)
+
+
+_EARLY: dict = {}
+
+
+def start_early(items):
+    """Called by conftest once the selection is known: the default cases' subprocess starts
+    then and runs beside the tests that come before this module's (it is ~40 s of JAX compiles)."""
+    if any("default_results" in item.fixturenames for item in items):
+        _EARLY["default"] = start_worker(DEFAULT_CASES)
+
+
+def stop_early():
+    for proc in _EARLY.values():
+        proc.kill()
+
+
 @pytest.fixture(scope="module")
 def default_results():
-    return run_worker(DEFAULT_CASES, timeout=600)
+    proc = _EARLY.pop("default", None) or start_worker(DEFAULT_CASES)
+    return finish_worker(proc, DEFAULT_CASES, timeout=600)
 
 
 def check_traj(case, r):

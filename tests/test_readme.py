@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,39 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-@pytest.fixture(scope="module")
-def readme_run(tmp_path_factory):
-    """Run every block once (one subprocess for the module); {key: result}."""
-    work = tmp_path_factory.mktemp("readme")
+def _start_runner():
+    work = tempfile.mkdtemp(prefix="xpopt-readme-")
     env = dict(os.environ, PYTHONWARNINGS="")
-    proc = subprocess.run([sys.executable, str(Path(R.__file__)), str(README), str(work)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"the README runner itself failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout)
+    return subprocess.Popen([sys.executable, str(Path(R.__file__)), str(README), work], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+_EARLY: dict = {}
+
+
+def start_early(items):
+    """Called by conftest once the selection is known: the README runner starts then and runs
+    beside the tests that come before this module's."""
+    if any("readme_run" in item.fixturenames for item in items):
+        _EARLY["runner"] = _start_runner()
+
+
+def stop_early():
+    for proc in _EARLY.values():
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def readme_run():
+    """Run every block once (one subprocess for the module); {key: result}."""
+    proc = _EARLY.pop("runner", None) or _start_runner()
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, f"the README runner itself failed:\n{stderr[-4000:]}"
+    return json.loads(stdout)
 
 
 def _ids(b):
