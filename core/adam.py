@@ -43,7 +43,7 @@ from typing import Any
 from ._check import is_on
 from ._xp import is_complex, is_number, namespace
 
-__all__ = ["check_betas", "adam_update", "adamw_step", "AdamOptions", "FALLBACKS"]
+__all__ = ["check_betas", "dozat_momentum", "adam_update", "adamw_step", "AdamOptions", "FALLBACKS"]
 
 
 def check_betas(betas) -> tuple:
@@ -86,6 +86,14 @@ def _bias_correction(xp, beta, step, dtype=None):
     return -xp.expm1(step * math.log(beta))
 
 
+def dozat_momentum(xp, m, grad, beta, step, real):
+    """Dozat's bias-corrected Nesterov mix ``beta*m/(1-beta^(t+1)) + (1-beta)*g/(1-beta^t)`` of the
+    EMA buffer ``m`` (this step's included) and ``grad``: optax's ``scale_by_adam(nesterov=True)``
+    and ``contrib.muon``'s Nesterov momentum.  ``real``: the dtype of the bias corrections."""
+    return (m * (beta / _bias_correction(xp, beta, step + 1, real))
+            + grad * ((1.0 - beta) / _bias_correction(xp, beta, step, real)))
+
+
 def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov=False, eps_root=0.0):
     """Return ``(direction, new_m, new_v)``; the step is ``-lr * direction``.
 
@@ -104,12 +112,11 @@ def adam_update(grad, m, v, step, *, beta1, beta2, eps, nesterov=False, eps_root
     # saturate, never inf (clip: a Python bound in minimum() breaks torch.compile's graph)
     v = xp.clip(beta2 * v + ((1.0 - beta2) * mag) * mag, None, xp.finfo(v.dtype).max)
     real = xp.float64 if mag.dtype == xp.float64 else xp.float32
-    bc1 = _bias_correction(xp, beta1, step, real)
     bc2 = _bias_correction(xp, beta2, step, real)
     if nesterov == "nadamw_dozat":
-        m_hat = m * (beta1 / _bias_correction(xp, beta1, step + 1, real)) + grad * ((1.0 - beta1) / bc1)
+        m_hat = dozat_momentum(xp, m, grad, beta1, step, real)
     else:
-        m_hat = (m + (1.0 - beta1) * (grad - m) if nesterov else m) / bc1
+        m_hat = (m + (1.0 - beta1) * (grad - m) if nesterov else m) / _bias_correction(xp, beta1, step, real)
     if is_on(eps_root):
         # sqrt(v / bc2 + eps_root) as sqrt(v + eps_root * bc2) / sqrt(bc2): a saturated v stays finite
         denom = (v + eps_root * bc2) ** 0.5 / _sqrt(bc2)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ._xp import is_complex, is_number, namespace
-from .adam import _bias_correction
+from .adam import _bias_correction, dozat_momentum
 from .newton_schulz import orthogonalize
 
 __all__ = [
@@ -110,10 +110,9 @@ def _bias_corrected(xp, buf, grad, momentum, step, nesterov, form):
     """The bias-corrected update of the module docstring (the EMA buffer ``B`` for either form)."""
     real = xp.float64 if grad.dtype in (xp.float64, xp.complex128) else xp.float32
     ema = buf if form == "ema" else buf * (1.0 - momentum)
-    bc = _bias_correction(xp, momentum, step, real)
     if not nesterov:
-        return ema / bc
-    return ema * (momentum / _bias_correction(xp, momentum, step + 1, real)) + grad * ((1.0 - momentum) / bc)
+        return ema / _bias_correction(xp, momentum, step, real)
+    return dozat_momentum(xp, ema, grad, momentum, step, real)
 
 
 def debias_factor(momentum, step, *, nesterov: bool = False, form: str = "ema", bias_corrected: bool = False):
