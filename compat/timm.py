@@ -42,7 +42,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ..adapters.torch.muon import Muon as _Muon
+from . import _torch_muon as _T
 from ..core._check import check_bool, check_hyper
 
 __all__ = ["Muon", "ADJUST_LR_FN", "DERIVED", "FIXED", "NOT_USED", "PEER_ARGS", "PEER_ONLY"]
@@ -90,19 +90,13 @@ DERIVED = {
 
 #: Options with no effect here (defaults kept), and why.
 NOT_USED = {
-    "batched": "'auto' (same-shape matrices in one NS call where faster): speed only, same maths",
-    "mu_dtype": "momentum in the param's dtype (float32 for bf16/f16 params), the torch adapter's rule",
+    **_T.NOT_USED,
     "nonfinite": "None: no check, as timm",
-    "low_precision_dtype": "the torch adapter updates each param in place, in its own dtype",
 }
 
 
 def _adjust_lr_fn(value, where: str) -> str:
-    try:
-        return ADJUST_LR_FN[value]
-    except (KeyError, TypeError):
-        raise ValueError(f"Muon: adjust_lr_fn={value!r} is not supported ({where}); timm's Muon takes "
-                         f"{list(ADJUST_LR_FN)} (None = no scaling)") from None
+    return _T.lr_rule(ADJUST_LR_FN, value, where, "timm's Muon", "(None = no scaling)")
 
 
 def _check_peer_only(group: dict, where: str) -> None:
@@ -128,7 +122,7 @@ def _fallback_view(group: dict) -> dict:
             "fallback_weight_decay": None}
 
 
-class Muon(_Muon):
+class Muon(_T.PeerMuon):
     """timm's ``Muon`` (timm 1.0.31) as xpopt's Muon: same signature, defaults, meanings and routing.
 
     Differences from timm, all listed in ``docs/compat.md``: ``algo="adamuon"``
@@ -228,16 +222,9 @@ class Muon(_Muon):
 
     @staticmethod
     def _refuse_leading_unit_kernels(param_group: dict, where: str) -> None:
-        params = param_group.get("params")
-        params = [params] if isinstance(params, torch.Tensor) else params
-        if params is None or isinstance(params, (set, str)):
-            return  # torch's add_param_group raises its own error
-        params = list(params)
-        param_group["params"] = params
-        for i, p in enumerate(params):
-            t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-            if isinstance(t, torch.Tensor) and t.ndim >= 3 and t.shape[0] == 1:
-                name = repr(p[0]) if t is not p else f"{i}"
+        for name, i, t in _T.group_tensors(param_group):   # none where torch's add_param_group raises
+            if t.ndim >= 3 and t.shape[0] == 1:
+                name = f"{i}" if name is None else name
                 raise ValueError(
                     f"Muon: parameter {name} of shape {tuple(t.shape)} is forced to Muon (use_muon=True, "
                     f"{where}), but its first dim is 1: timm orthogonalises it as one row "
@@ -247,11 +234,6 @@ class Muon(_Muon):
     def _fallback_group(self, group: dict, *lists) -> None:
         # timm: NAdamW if nesterov else AdamW, lr * fallback_lr_scale, Muon's eps, every step.
         super()._fallback_group(_fallback_view(group), *lists)
-
-    def _warn_emulated_bf16(self) -> None:
-        # timm runs Newton-Schulz in bfloat16 on every device without a warning; so does its
-        # drop-in (the adapter's warning advises an option this signature lacks).
-        return None
 
     # ------------------------------------------------------------ state_dict
 

@@ -39,7 +39,7 @@ into ``torch.optim.Muon``.
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ..adapters.torch.muon import Muon as _Muon
+from . import _torch_muon as _T
 
 __all__ = ["Muon", "ADJUST_LR_FN", "FIXED", "NOT_USED", "PEER_ARGS"]
 
@@ -77,24 +77,18 @@ FIXED = {
 NOT_USED = {
     "conv_mode": "2-D parameters only: no kernel to flatten or batch",
     "normalize_spatial": "2-D parameters only: no spatial taps",
-    "batched": "'auto' (same-shape matrices in one NS call where faster): speed only, same maths",
-    "mu_dtype": "momentum in the param's dtype (float32 for bf16/f16 params), the torch adapter's rule",
+    **_T.NOT_USED,
     "nonfinite": "None: no check, as torch.optim.Muon",
     **{k: "every parameter is a Muon matrix: nothing reaches the AdamW fallback"
        for k in ("fallback", "fallback_lr", "betas", "fallback_eps", "fallback_weight_decay", "min_dim_size",
                  "max_aspect_ratio")},
-    "low_precision_dtype": "the torch adapter updates each param in place, in its own dtype",
     "fallback_eps_root": "every parameter is a Muon matrix: nothing reaches the AdamW fallback",
 }
 
 
 def _adjust_lr_fn(value, where: str) -> str:
-    try:
-        return ADJUST_LR_FN[value]
-    except (KeyError, TypeError):
-        raise ValueError(f"Muon: adjust_lr_fn={value!r} is not supported ({where}); torch.optim.Muon takes "
-                         f"{list(ADJUST_LR_FN)} (None = 'original'). For 'rms_to_rms' or 'none' use "
-                         "xpopt.adapters.torch.Muon") from None
+    return _T.lr_rule(ADJUST_LR_FN, value, where, "torch.optim.Muon",
+                      "(None = 'original'). For 'rms_to_rms' or 'none' use xpopt.adapters.torch.Muon")
 
 
 def _drop_betas(group: dict) -> None:
@@ -104,7 +98,7 @@ def _drop_betas(group: dict) -> None:
     group.pop("betas", None)
 
 
-class Muon(_Muon):
+class Muon(_T.PeerMuon):
     """``torch.optim.Muon`` (torch 2.13) as xpopt's Muon: same signature, defaults, meanings and routing.
 
     Args (torch's): params (2-D tensors, ``(name, tensor)`` pairs or group
@@ -149,24 +143,18 @@ class Muon(_Muon):
         if not isinstance(param_group, dict):
             raise TypeError(f"Muon: param_group must be a dict, got {type(param_group).__name__}")
         g = len(self.param_groups)
-        params = param_group.get("params")
-        params = [params] if isinstance(params, torch.Tensor) else params
-        if params is not None and not isinstance(params, (set, str)):
-            params = list(params)
-            param_group["params"] = params
-            for p in params:
-                t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-                name = f"{p[0]!r} " if t is not p else ""
-                if isinstance(t, torch.Tensor) and t.is_complex():  # torch raises this at step()
-                    raise RuntimeError(
-                        f"Muon does not support complex parameters (parameter {name}in param group {g}): "
-                        "its Newton-Schulz runs in bfloat16, which has no complex type; "
-                        "xpopt.adapters.torch.Muon orthogonalises complex matrices")
-                if isinstance(t, torch.Tensor) and t.ndim != 2:
-                    raise ValueError(
-                        f"Muon only supports 2D parameters whereas we found a parameter {name}with size: "
-                        f"{t.size()} (param group {g}); as torch.optim.Muon, give the rest to another "
-                        "optimizer, or use xpopt.adapters.torch.Muon, which routes them to its AdamW fallback")
+        for name, _, t in _T.group_tensors(param_group):
+            name = "" if name is None else f"{name} "
+            if t.is_complex():  # torch raises this at step()
+                raise RuntimeError(
+                    f"Muon does not support complex parameters (parameter {name}in param group {g}): "
+                    "its Newton-Schulz runs in bfloat16, which has no complex type; "
+                    "xpopt.adapters.torch.Muon orthogonalises complex matrices")
+            if t.ndim != 2:
+                raise ValueError(
+                    f"Muon only supports 2D parameters whereas we found a parameter {name}with size: "
+                    f"{t.size()} (param group {g}); as torch.optim.Muon, give the rest to another "
+                    "optimizer, or use xpopt.adapters.torch.Muon, which routes them to its AdamW fallback")
         if param_group.get("use_fallback") or param_group.get("use_muon", True) is not True:
             raise ValueError(
                 f"Muon: param group {g} sets use_fallback / use_muon; torch.optim.Muon has no fallback and "
@@ -184,8 +172,3 @@ class Muon(_Muon):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             _drop_betas(group)
-
-    def _warn_emulated_bf16(self) -> None:
-        # torch.optim.Muon runs Newton-Schulz in bfloat16 on every device, emulated or not, without
-        # a warning; so does its drop-in (the adapter's warning advises an option this signature lacks).
-        return None
